@@ -1,0 +1,42 @@
+# tritonmoe: `make test` and `make reproduce` bootstrap their own virtual environment.
+# Without an NVIDIA GPU the venv gets torch's CPU build (never the multi-GB CUDA build)
+# and the kernels run through Triton's CPU interpreter.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# torch's CPU build (its wheel is cached on the project's machines); triton 3.6 as on the lent GPUs
+CPU_TORCH := torch==2.13.0 triton==3.6.0
+PYTEST_WORKERS ?= auto
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test reproduce clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ -n "$(HAS_GPU)" ]; then \
+	  echo "GPU found: installing torch with CUDA"; $(PY) -m pip install -q torch; \
+	else \
+	  echo "no GPU: installing torch's CPU build ($(CPU_TORCH))"; $(PY) -m pip install -q $(CPU_TORCH); \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed  ## create the virtual environment
+
+test: $(VENV)/.installed  ## run the test suite (GPU if visible, else the CPU interpreter)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
+
+reproduce: test  ## everything that exists so far: the tests (experiments, figures, paper: not yet)
+	@echo
+	@echo "make reproduce ran the test suite only. The experiments, figures and paper are not"
+	@echo "built by this repository yet (open issues #4-#6); nothing else was produced."
+
+clean:  ## remove the virtual environment and caches (never results/)
+	rm -rf $(VENV) .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,72 @@
+"""Shared fixtures: the device under test, dtypes and tolerances, poisoned allocations.
+
+The same suite runs on the CPU (Triton interpreter, CI) and on a CUDA GPU: ``--device``
+picks one (default: cuda when visible, else cpu).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tritonmoe  # noqa: F401  (sets TRITON_INTERPRET=1 when no GPU is visible)
+
+# One tolerance per dtype for ||out - ref|| / ||ref|| (reference in float64).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Routing: tokens whose ranked selection scores are closer than this are near-ties that
+# float32 rounding (~1e-7 here) may order either way; ids are compared exactly elsewhere.
+ROUTE_MARGIN = 1e-6
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=None, help="cpu (Triton interpreter) or cuda; default: cuda if visible")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    name = request.config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--device cuda asked for, but no CUDA device is visible", returncode=2)
+    return torch.device(name)
+
+
+def dtypes_for(device: torch.device):
+    """Float dtypes the kernels are tested in: bf16 only on the GPU (the interpreter's bf16 tl.dot is wrong)."""
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere in ``out`` gives inf (never passes)."""
+    if out.shape != ref.shape:
+        raise AssertionError(f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    if torch.isnan(out).any():
+        return float("inf")
+    out, ref = out.double().cpu(), ref.double().cpu()
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close(out, ref, dtype, what=""):
+    err = rel_err(out, ref)
+    assert err <= TOLERANCE[dtype], f"{what} relative error {err:.3g} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make torch.empty / empty_like return poison (NaN, or -7 for integers), so a kernel
+    that leaves an output element unwritten fails its comparison."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+    yield
+
+
+def random_topk_ids(T: int, k: int, E: int, device, generator=None) -> torch.Tensor:
+    """(T, k) int32 ids, k distinct experts per token, uniformly random."""
+    if T == 0:
+        return torch.empty(0, k, dtype=torch.int32, device=device)
+    scores = torch.rand(T, E, generator=generator)
+    return scores.topk(k, dim=1).indices.to(torch.int32).to(device)

@@ -1,0 +1,146 @@
+"""tritonmoe.fused_experts (fused and unfused) vs reference.fused_experts."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tritonmoe
+from tritonmoe import reference
+from conftest import assert_close, dtypes_for, random_topk_ids
+from helpers import EK, TOKENS
+
+H, F = 40, 24  # not multiples of any block size
+
+
+def make_inputs(T, k, E, device, dtype, *, H=H, F=F, ids=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(dtype).to(device)
+    w13 = (torch.randn(E, 2 * F, H, generator=g) / H ** 0.5).to(dtype).to(device)
+    w2 = (torch.randn(E, H, F, generator=g) / F ** 0.5).to(dtype).to(device)
+    ids = random_topk_ids(T, k, E, device, g) if ids is None else ids.to(device)
+    weights = torch.rand(T, k, generator=g).to(device)
+    return x, w13, w2, weights, ids
+
+
+def check(x, w13, w2, weights, ids, *, fused=True, **kw):
+    out = tritonmoe.fused_experts(x, w13, w2, weights, ids, fused=fused, **kw)
+    ref = reference.fused_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
+    assert out.dtype == x.dtype and out.device == x.device
+    assert_close(out, ref, x.dtype, f"fused={fused}")
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("E,k", EK)
+def test_grid_fused_fp32(E, k, T, device, poison):
+    check(*make_inputs(T, k, E, device, torch.float32, seed=E + k + T))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("T", [1, 17, 300])
+@pytest.mark.parametrize("E,k", [(1, 1), (8, 2), (64, 8)])
+def test_grid_dtypes(E, k, T, fused, device, poison):
+    for dtype in dtypes_for(device):
+        check(*make_inputs(T, k, E, device, dtype, seed=7), fused=fused)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_larger_odd_shapes(fused, device, poison):
+    # H, F spanning several N- and K-blocks, neither a multiple of 16
+    for dtype in dtypes_for(device):
+        check(*make_inputs(45, 2, 8, device, dtype, H=200, F=136), fused=fused)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_all_tokens_one_expert(fused, device, poison):
+    ids = torch.full((150, 1), 3, dtype=torch.int32)
+    check(*make_inputs(150, 1, 8, device, torch.float32, ids=ids), fused=fused)
+
+
+def test_most_experts_empty(device, poison):
+    # E = 256, every token on two of experts {0, 17, 255}
+    ids = torch.tensor([[0, 17], [255, 0], [17, 255]], dtype=torch.int32).repeat(30, 1)
+    check(*make_inputs(90, 2, 256, device, torch.float32, ids=ids))
+
+
+def test_one_token_per_expert(device, poison):
+    ids = torch.arange(64, dtype=torch.int32).view(64, 1)
+    check(*make_inputs(64, 1, 64, device, torch.float32, ids=ids))
+
+
+def test_int64_ids_and_bf16_weights(device, poison):
+    x, w13, w2, weights, ids = make_inputs(20, 2, 8, device, torch.float32)
+    check(x, w13, w2, weights.to(torch.bfloat16).float(), ids.long())
+
+
+def test_non_contiguous_inputs(device, poison):
+    x, w13, w2, weights, ids = make_inputs(33, 2, 8, device, torch.float16)
+    x_nc = torch.cat([x, x], 1)[:, ::2]                          # strided columns
+    w13_nc = w13.transpose(1, 2).contiguous().transpose(1, 2)    # column-major per expert
+    w2_nc = w2.transpose(0, 1).contiguous().transpose(0, 1)      # experts not outermost
+    assert not (x_nc.is_contiguous() or w13_nc.is_contiguous() or w2_nc.is_contiguous())
+    check(x_nc, w13_nc, w2_nc, weights.T.contiguous().T, ids.T.contiguous().T)
+
+
+def test_empty_batch(device):
+    x, w13, w2, weights, ids = make_inputs(0, 2, 8, device, torch.float32)
+    out = tritonmoe.fused_experts(x, w13, w2, weights, ids)
+    assert out.shape == (0, H) and out.device == x.device
+
+
+def test_deterministic(device):
+    args = make_inputs(64, 8, 64, device, torch.float16)
+    assert torch.equal(tritonmoe.fused_experts(*args), tritonmoe.fused_experts(*args))
+
+
+def _bad(device, **changes):
+    x, w13, w2, weights, ids = make_inputs(4, 2, 8, device, torch.float32)
+    args = dict(hidden_states=x, w13=w13, w2=w2, topk_weights=weights, topk_ids=ids)
+    args.update({k: (v(args) if callable(v) else v) for k, v in changes.items()})
+    return tritonmoe.fused_experts(args.pop("hidden_states"), args.pop("w13"), args.pop("w2"),
+                                   args.pop("topk_weights"), args.pop("topk_ids"))
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(hidden_states=lambda a: a["hidden_states"][0]), ValueError, "hidden_states"),
+    (dict(hidden_states=lambda a: a["hidden_states"].long()), TypeError, "hidden_states"),
+    (dict(hidden_states=lambda a: a["hidden_states"][:, :-1]), ValueError, "H="),
+    (dict(w13=lambda a: a["w13"][:, :-1]), ValueError, "2\\*F"),
+    (dict(w13=lambda a: a["w13"].half()), TypeError, "w13"),
+    (dict(w2=lambda a: a["w2"][:, :, :-1]), ValueError, "w2"),
+    (dict(w2=lambda a: a["w2"][:-1]), ValueError, "w2"),
+    (dict(topk_ids=lambda a: a["topk_ids"][:-1]), ValueError, "topk_ids"),
+    (dict(topk_ids=lambda a: a["topk_ids"].float()), TypeError, "topk_ids"),
+    (dict(topk_weights=lambda a: a["topk_weights"][:, :1]), ValueError, "topk_weights"),
+    (dict(topk_ids=lambda a: a["topk_ids"][:, :0], topk_weights=lambda a: a["topk_weights"][:, :0]),
+     ValueError, "top_k"),
+    (dict(topk_ids=lambda a: torch.zeros(4, 9, dtype=torch.int32, device=a["topk_ids"].device),
+          topk_weights=lambda a: torch.ones(4, 9, device=a["topk_ids"].device)), ValueError, "top_k"),
+])
+def test_bad_input(changes, error, match, device):
+    with pytest.raises(error, match=match):
+        _bad(device, **changes)
+
+
+@pytest.mark.parametrize("bad_id", [8, -1])
+def test_out_of_range_ids(bad_id, device):
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match="topk_ids"):
+            _bad(device, topk_ids=lambda a: a["topk_ids"] * 0 + bad_id)
+        return
+    # On the GPU the check is a device-side assertion (no host sync): it ends the CUDA
+    # context, so it runs in a child process, which must fail with the message.
+    code = ("import torch, tritonmoe; x = torch.randn(4, 40, device='cuda'); "
+            "w13 = torch.randn(8, 48, 40, device='cuda'); w2 = torch.randn(8, 40, 24, device='cuda'); "
+            f"ids = torch.full((4, 2), {bad_id}, dtype=torch.int32, device='cuda'); "
+            "tritonmoe.fused_experts(x, w13, w2, torch.rand(4, 2, device='cuda'), ids); torch.cuda.synchronize()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "topk_ids has an expert id outside" in proc.stderr + proc.stdout
+
+
+def test_device_mismatch(device):
+    if device.type != "cuda":
+        pytest.skip("needs a GPU and the CPU side by side")
+    with pytest.raises(ValueError, match="w13"):
+        _bad(device, w13=lambda a: a["w13"].cpu())

@@ -1,0 +1,73 @@
+"""The GPU-built schedule vs reference.build_schedule: integer metadata compared exactly."""
+import pytest
+import torch
+
+import tritonmoe
+from tritonmoe import reference
+from tritonmoe.schedule import max_blocks
+from conftest import random_topk_ids
+from helpers import EK, TOKENS
+
+
+def expected_block_map(counts, offsets, block_m):
+    experts, rows = [], []
+    for e, c in enumerate(counts.tolist()):
+        for b in range(-(-c // block_m)):
+            experts.append(e)
+            rows.append(int(offsets[e]) + b * block_m)
+    return experts, rows
+
+
+def check_schedule(ids, E, block_m):
+    T, k = ids.shape
+    s = tritonmoe.build_schedule(ids, E, block_m)
+    counts, offsets, sorted_slots, positions = reference.build_schedule(ids.cpu(), E)
+    assert s.max_blocks == max_blocks(T * k, E, block_m)
+    assert torch.equal(s.expert_counts.cpu().long(), counts)
+    assert torch.equal(s.expert_offsets.cpu().long()[: E + 1], offsets)
+    assert int(s.expert_offsets[E + 1]) == T * k and int(s.num_invalid) == 0
+    assert torch.equal(s.sorted_slots.cpu().long(), sorted_slots)
+    assert torch.equal(s.slot_positions.cpu().long(), positions)
+    experts, rows = expected_block_map(counts, offsets, block_m)
+    n = len(experts)
+    assert int(s.num_blocks) == n <= s.max_blocks
+    assert s.block_expert.cpu().tolist() == experts + [-1] * (s.max_blocks - n)
+    assert s.block_row_start.cpu()[:n].tolist() == rows
+    return s
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("E,k", EK)
+def test_schedule_random(E, k, T, block_m, device, poison):
+    g = torch.Generator().manual_seed(E * 7 + k * 3 + T)
+    check_schedule(random_topk_ids(T, k, E, device, g), E, block_m)
+
+
+@pytest.mark.parametrize("T", [1, 300, 2500])
+def test_schedule_all_on_one_expert(T, device, poison):
+    # every slot on expert 5 (k = 1): one expert, many blocks; 2500 slots span several chunks
+    ids = torch.full((T, 1), 5, dtype=torch.int32, device=device)
+    check_schedule(ids, 8, 16)
+
+
+def test_schedule_one_token_per_expert(device, poison):
+    ids = torch.arange(256, dtype=torch.int32, device=device).flip(0).view(256, 1)
+    s = check_schedule(ids, 256, 16)
+    assert int(s.num_blocks) == 256
+
+
+def test_schedule_most_experts_empty(device, poison):
+    # E = 256, only experts 3, 200 and 255 used, 2 choices per token over 1200 tokens (3 chunks)
+    g = torch.Generator().manual_seed(1)
+    pick = torch.tensor([3, 200, 255])
+    first = torch.randint(0, 3, (1200,), generator=g)
+    ids = torch.stack([pick[first], pick[(first + 1) % 3]], 1).to(torch.int32).to(device)
+    check_schedule(ids, 256, 32)
+
+
+def test_schedule_counts_sum_to_slots(device):
+    g = torch.Generator().manual_seed(2)
+    s = tritonmoe.build_schedule(random_topk_ids(77, 8, 64, device, g), 64, 16)
+    assert int(s.expert_counts.sum()) == 77 * 8
+    assert torch.equal(s.sorted_slots[s.slot_positions.long()].cpu(), torch.arange(77 * 8, dtype=torch.int32))

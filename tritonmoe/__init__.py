@@ -1,0 +1,32 @@
+"""tritonmoe: the Mixture-of-Experts forward pass in pure Triton.
+
+    weights, ids = tritonmoe.route(router_logits, tritonmoe.specs.MIXTRAL_8X7B)
+    out = tritonmoe.fused_experts(x, w13, w2, weights, ids)
+
+Stages (each callable on its own): ``route`` -> ``build_schedule`` -> ``gate_up_silu``
+(fused) or ``permute`` + ``grouped_gemm`` x2 + ``silu_mul`` (unfused) -> ``grouped_gemm``
+(down) -> ``combine``. ``tritonmoe.reference`` holds the PyTorch oracle of each.
+
+Without a visible CUDA device, kernels run through Triton's CPU interpreter: importing
+tritonmoe then sets TRITON_INTERPRET=1 unless it is already set.
+"""
+import os as _os
+
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import reference, specs  # noqa: E402
+from .configs import TileConfig, get_tiles  # noqa: E402
+from .functional import fused_experts  # noqa: E402
+from .gemm import gate_up_silu, grouped_gemm, silu_mul  # noqa: E402
+from .layer import MoELayer  # noqa: E402
+from .permute import combine, permute  # noqa: E402
+from .route import route  # noqa: E402
+from .schedule import Schedule, build_schedule  # noqa: E402
+from .specs import ModelSpec  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["route", "fused_experts", "MoELayer", "ModelSpec", "specs", "reference", "build_schedule", "Schedule",
+           "gate_up_silu", "grouped_gemm", "silu_mul", "permute", "combine", "TileConfig", "get_tiles"]

@@ -1,0 +1,101 @@
+"""Tile configurations: data, not run-time autotuning.
+
+Tuned tiles live in ``tritonmoe/configs/<device>.json`` (written by the tuning
+experiment, which names its source results file). A file maps a problem key
+``"E=<E>,N=<N>,K=<K>,dtype=<dtype>"`` to ``{"<M bucket>": {"block_m": ..., ...}}`` for
+the two GEMMs. The nearest M bucket at or below the call's tokens per expert wins;
+with no file or no entry, a heuristic default is used (and said once in the log).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ._utils import interpreting
+
+__all__ = ["TileConfig", "get_tiles", "device_key"]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+log = logging.getLogger("tritonmoe")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int = 64        # rows per M-block; the schedule uses it, so both GEMMs share it
+    block_n: int = 64
+    block_k: int = 64
+    group_m: int = 8         # M-blocks that sweep N together (L2 reuse)
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TileConfig.{name} must be a positive int, got {value!r}")
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {value}")
+
+
+def device_key(device: torch.device) -> str:
+    """File name stem for a device, e.g. ``NVIDIA_H100_80GB_HBM3``; ``interpreter`` on the CPU."""
+    if device.type != "cuda":
+        return "interpreter"
+    return torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
+
+
+def problem_key(E: int, N: int, K: int, dtype: torch.dtype) -> str:
+    return f"E={E},N={N},K={K},dtype={str(dtype).replace('torch.', '')}"
+
+
+@functools.lru_cache(maxsize=None)
+def _load(device_name: str) -> dict:
+    path = CONFIG_DIR / f"{device_name}.json"
+    if not path.exists():
+        log.info("tritonmoe: no tuned tiles for %s (%s); using defaults", device_name, path)
+        return {}
+    return json.loads(path.read_text())["configs"]
+
+
+def _default_block_m(tokens_per_expert: float) -> int:
+    # One M-block per expert while experts are small, so each weight tile streams once.
+    for bm in (16, 32, 64):
+        if tokens_per_expert <= bm:
+            return bm
+    return 128
+
+
+def default_tiles(tokens_per_expert: float, interpreter: bool) -> tuple[TileConfig, TileConfig]:
+    """(gate_up, down) tiles when nothing tuned applies."""
+    if interpreter:
+        # The interpreter's cost is per program and per op, not per element: few, small tiles.
+        bm = 16 if tokens_per_expert <= 16 else 32
+        t = TileConfig(block_m=bm, block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=1)
+        return t, t
+    bm = _default_block_m(tokens_per_expert)
+    warps = 4 if bm <= 64 else 8
+    gate_up = TileConfig(block_m=bm, block_n=64 if bm <= 64 else 128, block_k=64, group_m=8, num_warps=warps,
+                         num_stages=4 if bm <= 64 else 3)
+    down = TileConfig(block_m=bm, block_n=64 if bm <= 32 else 128, block_k=64, group_m=8, num_warps=warps,
+                      num_stages=4 if bm <= 64 else 3)
+    return gate_up, down
+
+
+def get_tiles(num_tokens: int, top_k: int, E: int, F: int, H: int, dtype: torch.dtype,
+              device: torch.device) -> tuple[TileConfig, TileConfig]:
+    """(gate_up, down) tiles for a call; both share block_m (one schedule serves both GEMMs)."""
+    tokens_per_expert = num_tokens * top_k / E
+    table = {} if interpreting() or device.type != "cuda" else _load(device_key(device))
+    entry = table.get(problem_key(E, F, H, dtype))
+    if entry:
+        buckets = sorted(int(m) for m in entry)
+        below = [m for m in buckets if m <= num_tokens]
+        chosen = entry[str(below[-1] if below else buckets[0])]
+        return TileConfig(**chosen["gate_up"]), TileConfig(**chosen["down"])
+    return default_tiles(tokens_per_expert, interpreting() or device.type != "cuda")

@@ -1,0 +1,93 @@
+"""The MoE forward pass: validate the arguments, then chain the stages.
+
+route (tritonmoe.route) -> build_schedule -> [fused] gate_up_silu -> grouped_gemm (down,
+weighted, scattered to slots) -> combine. The unfused pipeline (``fused=False``, the
+preprint's ablation) replaces the first GEMM by permute -> gate GEMM -> up GEMM -> silu_mul.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._utils import SUPPORTED_DTYPES, check_tensor, interpreting
+from .configs import get_tiles
+from .gemm import gate_up_silu, grouped_gemm, silu_mul
+from .permute import combine, permute
+from .schedule import build_schedule
+
+__all__ = ["fused_experts"]
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_args(hidden_states, w13, w2, topk_weights, topk_ids):
+    check_tensor("hidden_states", hidden_states, ndim=2, dtypes=SUPPORTED_DTYPES)
+    dev, dtype = hidden_states.device, hidden_states.dtype
+    check_tensor("w13", w13, ndim=3, dtypes=SUPPORTED_DTYPES, device=dev)
+    check_tensor("w2", w2, ndim=3, dtypes=SUPPORTED_DTYPES, device=dev)
+    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=WEIGHT_DTYPES, device=dev)
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but hidden_states has {dtype}; they must match")
+    T, H = hidden_states.shape
+    E, two_f, h13 = w13.shape
+    if h13 != H:
+        raise ValueError(f"w13 has hidden size {h13} (dim 2) but hidden_states has H={H}")
+    if two_f % 2 or two_f == 0:
+        raise ValueError(f"w13 dim 1 must be 2*F (gate rows then up rows), got {two_f}")
+    F = two_f // 2
+    if tuple(w2.shape) != (E, H, F):
+        raise ValueError(f"w2 must have shape (E, H, F) = {(E, H, F)} to match w13 {tuple(w13.shape)} and "
+                         f"hidden_states, got {tuple(w2.shape)}")
+    if topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids has {topk_ids.shape[0]} tokens but hidden_states has T={T}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} != topk_ids shape "
+                         f"{tuple(topk_ids.shape)}")
+    k = topk_ids.shape[1]
+    if not 1 <= k <= E:
+        raise ValueError(f"top_k (topk_ids dim 1) must be in [1, E={E}], got {k}")
+    if dev.type == "cpu" and T:
+        # On the CPU this check is free; on the GPU the schedule asserts on the device instead.
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= E:
+            raise ValueError(f"topk_ids has expert ids in [{lo}, {hi}], outside [0, E={E})")
+    return T, H, E, F, k
+
+
+def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, *, fused: bool = True, tiles=None) -> torch.Tensor:
+    """Routed experts of an MoE layer: (T, H) -> (T, H).
+
+    ``out[t] = sum_j topk_weights[t, j] * W2[e] (silu(Wg[e] x_t) * Wu[e] x_t)``, ``e = topk_ids[t, j]``.
+
+    Args:
+        hidden_states: (T, H) float16/bfloat16/float32, any strides.
+        w13: (E, 2F, H), same dtype: rows [0, F) gate, [F, 2F) up (transformers' ``gate_up_proj``).
+        w2: (E, H, F), same dtype (transformers' ``down_proj``).
+        topk_weights: (T, k) floating; used in float32.
+        topk_ids: (T, k) int32/int64 in [0, E). Checked on the CPU before running; on a GPU an
+            out-of-range id trips a device-side assertion in the schedule (no host sync).
+        fused: False runs the unfused pipeline (permute, gate GEMM, up GEMM, activation).
+        tiles: optional ``(gate_up, down)`` ``TileConfig`` pair overriding the tuned tables.
+    """
+    T, H, E, F, k = _check_args(hidden_states, w13, w2, topk_weights, topk_ids)
+    if T == 0:
+        return hidden_states.new_empty(0, H)
+    weights = topk_weights.to(torch.float32).contiguous()
+    ids = topk_ids.to(torch.int32).contiguous()
+    gate_up_tiles, down_tiles = tiles if tiles is not None else get_tiles(T, k, E, F, H, hidden_states.dtype,
+                                                                          hidden_states.device)
+    if gate_up_tiles.block_m != down_tiles.block_m:
+        raise ValueError("tiles: gate_up and down must share block_m (one schedule serves both GEMMs)")
+    sched = build_schedule(ids, E, gate_up_tiles.block_m)
+    if fused:
+        inter = gate_up_silu(hidden_states, w13, sched, gate_up_tiles)
+    else:
+        x_sorted = permute(hidden_states, sched)
+        gate = grouped_gemm(x_sorted, w13, sched, gate_up_tiles, n_offset=0, n=F)
+        up = grouped_gemm(x_sorted, w13, sched, gate_up_tiles, n_offset=F, n=F)
+        inter = silu_mul(gate, up)
+    slot_rows = grouped_gemm(inter, w2, sched, down_tiles, topk_weights=weights)
+    return combine(slot_rows, k)

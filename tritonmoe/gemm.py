@@ -1,0 +1,163 @@
+"""Stages 3-4 -- block-scheduled grouped GEMMs over the expert-sorted rows.
+
+Each program takes one M-block of the schedule (one expert, up to BLOCK_M sorted rows)
+and one BLOCK_N slice of the output columns.
+
+* ``gate_up_silu``: the fused first GEMM. Rows [0, F) of ``w13[e]`` (gate) and [F, 2F)
+  (up) are multiplied against the same input tiles into two fp32 accumulators, and
+  ``silu(gate) * up`` is formed in registers: the gate and up outputs never reach memory.
+  Input rows are gathered from token order through the schedule (no permuted copy).
+* ``grouped_gemm``: one projection ``a[rows] @ w[e, n_offset:n_offset+N, :]^T``. The
+  unfused pipeline uses it for gate and for up; both pipelines use it for the down
+  projection, where the epilogue multiplies by the routing weight and writes each row to
+  its slot (token order), ready for ``tritonmoe.combine``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import dot_precision
+from .schedule import Schedule
+
+__all__ = ["gate_up_silu", "grouped_gemm", "silu_mul"]
+
+
+@triton.jit
+def _expert_gemm_kernel(
+    # pointers
+    a_ptr, w_ptr, out_ptr, sorted_slots_ptr, topk_weights_ptr, block_expert_ptr, block_row_ptr,
+    expert_offsets_ptr,
+    # sizes
+    N, K, TOP_K, n_offset, up_offset, max_blocks,
+    # strides
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    # meta-parameters
+    GATHER_A: tl.constexpr,          # a is in token order: row of sorted row i is sorted_slots[i] // TOP_K
+    GATE_UP_SILU: tl.constexpr,      # also multiply rows up_offset + n, and keep silu(gate) * up
+    SCATTER_WEIGHTED: tl.constexpr,  # scale by the slot's routing weight, write at the slot's row
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Program -> (M-block, N-block): GROUP_M M-blocks sweep N together, so their input rows
+    # stay in L2; consecutive M-blocks of one expert also share its weight tiles.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(max_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    # The schedule: this M-block's expert (-1: unused block of the upper-bound grid) and rows.
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    row_start = tl.load(block_row_ptr + pid_m)
+    row_end = tl.load(expert_offsets_ptr + expert + 1)
+    offs_m = row_start + tl.arange(0, BLOCK_M)                                                  # [BM]
+    mask_m = offs_m < row_end
+    if GATHER_A or SCATTER_WEIGHTED:
+        slots = tl.load(sorted_slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)          # [BM]
+    if GATHER_A:
+        a_rows = slots // TOP_K
+    else:
+        a_rows = offs_m.to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                            # [BN]
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)                                                              # [BK]
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak                  # [BM, BK]
+    # int64 before the expert stride: DeepSeek-V3's w13 has 7.5e9 elements.
+    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + (n_offset + offs_n[None, :]).to(tl.int64) * stride_wn
+              + offs_k[:, None] * stride_wk)                                                    # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATE_UP_SILU:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if GATE_UP_SILU:
+            # the same input tile against the up rows (up_offset * stride_wn < one expert: int32 is safe)
+            w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if GATE_UP_SILU:
+        acc = acc * tl.sigmoid(acc) * acc_up                                                    # SiLU(g) * u
+    if SCATTER_WEIGHTED:
+        acc = acc * tl.load(topk_weights_ptr + slots, mask=mask_m, other=0.0)[:, None]
+        out_rows = slots
+    else:
+        out_rows = offs_m.to(tl.int64)
+    out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offset: int, gather_a: bool,
+            gate_up_silu: bool, topk_weights):
+    if sched.max_blocks == 0:
+        return out
+    weighted = topk_weights is not None
+    _expert_gemm_kernel[(sched.max_blocks * triton.cdiv(n, tiles.block_n),)](
+        a, w, out, sched.sorted_slots, topk_weights if weighted else out, sched.block_expert,
+        sched.block_row_start, sched.expert_offsets,
+        n, w.shape[2], sched.top_k, n_offset, up_offset, sched.max_blocks,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        GATHER_A=gather_a, GATE_UP_SILU=gate_up_silu, SCATTER_WEIGHTED=weighted,
+        BLOCK_M=sched.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+        DOT_PRECISION=dot_precision(a.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return out
+
+
+def gate_up_silu(hidden_states: torch.Tensor, w13: torch.Tensor, sched: Schedule, tiles) -> torch.Tensor:
+    """Fused first GEMM: (T, H) tokens, (E, 2F, H) w13 -> (T*k, F) ``silu(gate) * up`` in sorted order.
+
+    Input rows are gathered through the schedule. Rows of the result past the valid slots
+    (out-of-range ids) are left unwritten.
+    """
+    S, F = sched.num_tokens * sched.top_k, w13.shape[1] // 2
+    out = torch.empty(S, F, dtype=hidden_states.dtype, device=hidden_states.device)
+    return _launch(hidden_states, w13, out, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True,
+                   gate_up_silu=True, topk_weights=None)
+
+
+def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sched: Schedule, tiles, *, n_offset: int = 0,
+                 n: int | None = None, gather_a: bool = False,
+                 topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One projection per M-block: ``a[rows] @ w[e, n_offset:n_offset+n, :]^T``.
+
+    ``a`` is (T, K) in token order with ``gather_a`` (rows picked through the schedule),
+    else (T*k, K) in sorted order. With ``topk_weights`` (contiguous float32 (T, k)) each
+    output row is multiplied by its routing weight and written at its slot (token order,
+    (T*k, n), ready for ``combine``); otherwise rows stay in sorted order.
+    """
+    S = sched.num_tokens * sched.top_k
+    n = w.shape[1] - n_offset if n is None else n
+    out = torch.empty(S, n, dtype=a.dtype, device=a.device)
+    return _launch(a, w, out, sched, tiles, n=n, n_offset=n_offset, up_offset=0, gather_a=gather_a,
+                   gate_up_silu=False, topk_weights=topk_weights)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Unfused activation: ``silu(gate) * up`` elementwise, computed in fp32."""
+    out = torch.empty_like(gate)
+    numel = gate.numel()
+    if numel:
+        block = 1024
+        _silu_mul_kernel[(triton.cdiv(numel, block),)](gate, up, out, numel, BLOCK=block)
+    return out

@@ -1,0 +1,149 @@
+"""Stage 1 -- routing: gating, top-k and renormalisation fused in one kernel.
+
+(T, E) router logits -> float32 (T, k) weights and int32 (T, k) expert ids, in the
+order of selection. The schedule (``tritonmoe.schedule``) comes next.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import check_tensor, next_pow2, SUPPORTED_DTYPES
+from .specs import ModelSpec
+
+__all__ = ["route"]
+
+
+@triton.jit
+def _argmax_available(select, available, offs_e, E_PAD: tl.constexpr):
+    """Per row, the largest ``select`` among ``available`` columns, ties to the lowest column."""
+    cand = tl.where(available, select, float("-inf"))                      # [BT, E_PAD]
+    best = tl.max(cand, axis=1)                                             # [BT]
+    hit = available & (cand == best[:, None])
+    return tl.min(tl.where(hit, offs_e[None, :], E_PAD), axis=1)           # [BT]
+
+
+@triton.jit
+def _route_kernel(
+    # pointers
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+    # sizes and strides
+    T, E, stride_lt, stride_le, scale,
+    # meta-parameters
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, GROUP_SCORE_TOPK: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)                          # [BT]
+    offs_e = tl.arange(0, E_PAD)                                            # [E_PAD]
+    mask_t = offs_t < T
+    mask_e = offs_e < E
+    x = tl.load(logits_ptr + offs_t[:, None] * stride_lt + offs_e[None, :] * stride_le,
+                mask=mask_t[:, None] & mask_e[None, :], other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        scores = tl.sigmoid(x)
+    else:
+        row_max = tl.max(x, axis=1)
+        p = tl.where(mask_e[None, :], tl.exp(x - row_max[:, None]), 0.0)
+        scores = p / tl.sum(p, axis=1)[:, None]                             # [BT, E_PAD]
+    select = scores
+    if HAS_BIAS:
+        select = select + tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
+    # NaN never wins a selection, so ids stay in range; the NaN stays in the weights.
+    select = tl.where(select != select, float("-inf"), select)
+    available = mask_e[None, :] & (offs_t[:, None] >= 0)                    # [BT, E_PAD]
+
+    if N_GROUP > 1:
+        # Group-limited selection (DeepSeek-V3): keep the TOPK_GROUP groups whose top
+        # GROUP_SCORE_TOPK selection scores sum highest.
+        group_of = offs_e // GROUP_SIZE
+        offs_g = tl.arange(0, G_PAD)
+        group_score = tl.full((BLOCK_T, G_PAD), float("-inf"), tl.float32)
+        for g in tl.static_range(N_GROUP):
+            in_group = available & (group_of[None, :] == g)
+            total = tl.zeros((BLOCK_T,), tl.float32)
+            for _ in tl.static_range(GROUP_SCORE_TOPK):
+                i = _argmax_available(select, in_group, offs_e, E_PAD)
+                total += tl.sum(tl.where(offs_e[None, :] == i[:, None], select, 0.0), axis=1)
+                in_group = in_group & (offs_e[None, :] != i[:, None])
+            group_score = tl.where(offs_g[None, :] == g, total[:, None], group_score)
+        group_score = tl.where(group_score != group_score, float("-inf"), group_score)
+        group_free = (offs_g[None, :] < N_GROUP) & (offs_t[:, None] >= 0)
+        eligible = offs_t[:, None] < 0                                       # all False, [BT, E_PAD]
+        for _ in tl.static_range(TOPK_GROUP):
+            gi = _argmax_available(group_score, group_free, offs_g, G_PAD)
+            group_free = group_free & (offs_g[None, :] != gi[:, None])
+            eligible = eligible | (group_of[None, :] == gi[:, None])
+        available = available & eligible
+
+    offs_k = tl.arange(0, K_PAD)
+    top_w = tl.zeros((BLOCK_T, K_PAD), tl.float32)
+    top_i = tl.zeros((BLOCK_T, K_PAD), tl.int32)
+    for j in tl.static_range(TOP_K):
+        i = _argmax_available(select, available, offs_e, E_PAD)
+        w = tl.sum(tl.where(offs_e[None, :] == i[:, None], scores, 0.0), axis=1)
+        available = available & (offs_e[None, :] != i[:, None])
+        top_w = tl.where(offs_k[None, :] == j, w[:, None], top_w)
+        top_i = tl.where(offs_k[None, :] == j, i[:, None].to(tl.int32), top_i)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(top_w, axis=1)[:, None]
+    top_w = top_w * scale
+    out_mask = mask_t[:, None] & (offs_k[None, :] < TOP_K)
+    out_offs = offs_t[:, None] * TOP_K + offs_k[None, :]
+    tl.store(weights_ptr + out_offs, top_w, mask=out_mask)
+    tl.store(ids_ptr + out_offs, top_i, mask=out_mask)
+
+
+def route(router_logits: torch.Tensor, spec: ModelSpec, *, correction_bias: torch.Tensor | None = None):
+    """Route tokens to experts as ``spec``'s model does.
+
+    Args:
+        router_logits: (T, E) float16/bfloat16/float32, any strides.
+        spec: a ``ModelSpec``; its routing fields are used.
+        correction_bias: (E,) DeepSeek-V3's ``e_score_correction_bias``: required when
+            ``spec.uses_correction_bias``, refused otherwise.
+
+    Returns:
+        ``(topk_weights, topk_ids)``: float32 (T, k) and int32 (T, k), largest selection
+        first, ties to the lowest expert id. Non-finite logits: NaN never selects an
+        expert (ids stay valid) but leaves the token's weights NaN, so its output is NaN;
+        -inf is a probability of 0; +inf under softmax gives NaN weights.
+    """
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec must be a tritonmoe.ModelSpec, got {type(spec).__name__}")
+    check_tensor("router_logits", router_logits, ndim=2, dtypes=SUPPORTED_DTYPES)
+    T, E = router_logits.shape
+    if E != spec.num_experts:
+        raise ValueError(f"router_logits has {E} experts (dim 1) but spec {spec.name!r} has "
+                         f"num_experts={spec.num_experts}")
+    if spec.uses_correction_bias:
+        if correction_bias is None:
+            raise ValueError(f"correction_bias is required: spec {spec.name!r} selects on scores + "
+                             "e_score_correction_bias")
+        check_tensor("correction_bias", correction_bias, ndim=1, dtypes=SUPPORTED_DTYPES,
+                     device=router_logits.device)
+        if correction_bias.shape[0] != E:
+            raise ValueError(f"correction_bias has {correction_bias.shape[0]} entries, expected E={E}")
+        correction_bias = correction_bias.contiguous()
+    elif correction_bias is not None:
+        raise ValueError(f"correction_bias given, but spec {spec.name!r} does not use one "
+                         "(uses_correction_bias=False)")
+    k = spec.top_k
+    weights = torch.empty(T, k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(T, k, dtype=torch.int32, device=router_logits.device)
+    if T == 0:
+        return weights, ids
+    e_pad = next_pow2(E)
+    # Keep the [BLOCK_T, E_PAD] tile near 4K elements: one program per token for E=256.
+    block_t = max(1, min(next_pow2(T), 4096 // e_pad, 64))
+    _route_kernel[(triton.cdiv(T, block_t),)](
+        router_logits, correction_bias if correction_bias is not None else weights, weights, ids,
+        T, E, router_logits.stride(0), router_logits.stride(1), float(spec.routed_scaling_factor),
+        TOP_K=k, K_PAD=next_pow2(k), SIGMOID=spec.scoring == "sigmoid", RENORMALIZE=spec.renormalize,
+        HAS_BIAS=correction_bias is not None, N_GROUP=spec.n_group, G_PAD=next_pow2(spec.n_group),
+        TOPK_GROUP=spec.topk_group, GROUP_SIZE=spec.group_size, GROUP_SCORE_TOPK=spec.group_score_topk,
+        BLOCK_T=block_t, E_PAD=e_pad,
+    )
+    return weights, ids

@@ -1,0 +1,176 @@
+"""Stage 2 -- the schedule: which rows each GEMM program multiplies by which expert.
+
+Built on the GPU from ``topk_ids`` with no host synchronisation (so a whole forward
+can be captured in a CUDA graph), in three small launches, deterministic and stable:
+
+1. ``_histogram_kernel``: per chunk of BLOCK_S slots, how many go to each expert.
+2. ``_scan_kernel`` (one program): expert counts and offsets, each chunk's base position
+   per expert, and the M-block map: block b -> (expert, first sorted row).
+3. ``_scatter_kernel``: per chunk, give each slot its row in the expert-sorted order
+   (the chunk's base row for its expert plus its rank among the chunk's earlier slots of
+   that expert), and write the inverse map.
+
+A *slot* is one (token, choice) pair, ``slot = t * k + j``. Slots are sorted by expert,
+and by slot within an expert. Activations are never padded: an expert's last M-block
+simply masks rows past the expert's end. The grid of the GEMMs is a host-side upper
+bound on the number of M-blocks; programs past ``num_blocks`` (read on the device) exit.
+The GEMMs (``tritonmoe.gemm``) come next.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import cdiv, next_pow2
+
+__all__ = ["Schedule", "build_schedule", "max_blocks"]
+
+
+@dataclass
+class Schedule:
+    """The expert-sorted order of the T*k slots and the M-block map of the grouped GEMMs."""
+
+    num_tokens: int               # T
+    top_k: int                    # k
+    num_experts: int              # E
+    block_m: int                  # rows per GEMM M-block (every expert uses the same)
+    max_blocks: int               # host-side upper bound on M-blocks: the GEMMs' grid size in M
+    expert_counts: torch.Tensor   # (E,) int32: slots routed to each expert
+    expert_offsets: torch.Tensor  # (E+2,) int32: first sorted row of each expert; [E] = valid slots,
+                                  # slots with out-of-range ids sort after them, [E+1] = T*k
+    sorted_slots: torch.Tensor    # (T*k,) int32: the slot at each sorted row
+    slot_positions: torch.Tensor  # (T*k,) int32: the sorted row of each slot (inverse of sorted_slots)
+    block_expert: torch.Tensor    # (max_blocks,) int32: expert of each M-block; -1 past num_blocks
+    block_row_start: torch.Tensor  # (max_blocks,) int32: first sorted row of each M-block
+    num_blocks: torch.Tensor      # (1,) int32: M-blocks in use
+    num_invalid: torch.Tensor     # (1,) int32: slots whose expert id was out of [0, E)
+
+    def __post_init__(self):
+        for name in ("expert_counts", "expert_offsets", "sorted_slots", "slot_positions", "block_expert",
+                     "block_row_start", "num_blocks", "num_invalid"):
+            assert getattr(self, name).dtype == torch.int32, name
+
+
+def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on sum_e cdiv(count_e, block_m) when the counts add up to num_slots."""
+    if num_slots == 0:
+        return 0
+    return cdiv(num_slots, block_m) + min(num_experts, num_slots) - 1
+
+
+@triton.jit
+def _bin_of(ids_ptr, offs_s, S, E):
+    """Histogram bin of each slot: its expert, E for an out-of-range id, E+1 past the end."""
+    ids = tl.load(ids_ptr + offs_s, mask=offs_s < S, other=0)
+    bins = tl.where((ids >= 0) & (ids < E), ids, E)
+    return tl.where(offs_s < S, bins, E + 1)
+
+
+# debug=True keeps this one kernel's device_assert on (Triton drops asserts otherwise): an
+# out-of-range expert id stops the program on the GPU with this message, at no host sync.
+@triton.jit(debug=True)
+def _histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK_S: tl.constexpr, NBINS: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_s = pid.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)             # [BS]
+    bins = _bin_of(ids_ptr, offs_s, S, E)
+    tl.device_assert(bins != E, "tritonmoe: topk_ids has an expert id outside [0, num_experts)")
+    hist = tl.histogram(bins, NBINS)                                         # [NBINS]
+    tl.store(hist_ptr + pid * NBINS + tl.arange(0, NBINS), hist)
+
+
+@triton.jit
+def _scan_kernel(
+    hist_ptr, base_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, num_blocks_ptr,
+    num_invalid_ptr, num_chunks, E, max_blocks,
+    BLOCK_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    offs_bin = tl.arange(0, NBINS)
+    # Slots per bin over all chunks.
+    totals = tl.zeros((NBINS,), tl.int32)
+    for c in range(num_chunks):
+        totals += tl.load(hist_ptr + c * NBINS + offs_bin)
+    starts = tl.cumsum(totals, axis=0) - totals                              # exclusive: first row per bin
+    tl.store(counts_ptr + offs_bin, totals, mask=offs_bin < E)
+    tl.store(offsets_ptr + offs_bin, starts, mask=offs_bin <= E + 1)
+    tl.store(num_invalid_ptr + offs_bin * 0, totals, mask=offs_bin == E)
+    # Base per (chunk, bin): the sorted row of the chunk's first slot in that bin.
+    running = starts
+    for c in range(num_chunks):
+        tl.store(base_ptr + c * NBINS + offs_bin, running)
+        running += tl.load(hist_ptr + c * NBINS + offs_bin)
+    # M-block map. Only real experts get blocks.
+    nblk = tl.where(offs_bin < E, (totals + BLOCK_M - 1) // BLOCK_M, 0)      # [NBINS]
+    blk_end = tl.cumsum(nblk, axis=0)
+    blk_start = blk_end - nblk
+    used = tl.sum(nblk, axis=0)
+    tl.store(num_blocks_ptr + offs_bin * 0, blk_end, mask=offs_bin == NBINS - 1)
+    for b0 in range(0, max_blocks, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)                                  # [BB]
+        # expert of block b: the number of experts whose blocks end at or before b
+        expert = tl.sum((blk_end[None, :] <= offs_b[:, None]).to(tl.int32), axis=1)
+        is_e = offs_bin[None, :] == expert[:, None]                          # [BB, NBINS]
+        row = tl.sum(tl.where(is_e, starts[None, :] + (offs_b[:, None] - blk_start[None, :]) * BLOCK_M, 0),
+                     axis=1)
+        live = offs_b < used
+        tl.store(block_expert_ptr + offs_b, tl.where(live, expert, -1), mask=offs_b < max_blocks)
+        tl.store(block_row_ptr + offs_b, tl.where(live, row, 0), mask=offs_b < max_blocks)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, base_ptr, sorted_slots_ptr, slot_pos_ptr, S, E,
+                    BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, NBINS: tl.constexpr):
+    pid = tl.program_id(0)
+    next_row = tl.load(base_ptr + pid * NBINS + tl.arange(0, NBINS))        # [NBINS] next free row per bin
+    local = tl.arange(0, SUB_S)
+    before = local[None, :] < local[:, None]                                 # [SUB, SUB]: j precedes i
+    chunk_start = pid.to(tl.int64) * BLOCK_S
+    for s0 in range(0, tl.minimum(BLOCK_S, S - chunk_start), SUB_S):
+        offs_s = chunk_start + s0 + local                                    # [SUB]
+        bins = _bin_of(ids_ptr, offs_s, S, E)
+        # rank among the earlier slots of this sub-block with the same bin (keeps the order stable)
+        rank = tl.sum(((bins[None, :] == bins[:, None]) & before).to(tl.int32), axis=1)
+        row = tl.gather(next_row, bins, 0) + rank
+        valid = bins <= E
+        tl.store(sorted_slots_ptr + row, offs_s.to(tl.int32), mask=valid)
+        tl.store(slot_pos_ptr + offs_s, row, mask=valid)
+        next_row += tl.histogram(bins, NBINS)
+
+
+def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Schedule:
+    """Build the schedule for int32 (T, k) ``topk_ids`` on their device, without host sync.
+
+    Out-of-range ids are counted in ``num_invalid`` and given no GEMM block, so no kernel
+    reads or writes out of bounds; ``tritonmoe.fused_experts`` turns them into an error.
+    """
+    T, k = topk_ids.shape
+    ids = topk_ids.contiguous()
+    S = T * k
+    dev = ids.device
+    nbins = next_pow2(num_experts + 2)
+    block_s = min(1024, max(16, next_pow2(S)))
+    num_chunks = cdiv(S, block_s) if S else 0
+    nmax = max_blocks(S, num_experts, block_m)
+    i32 = dict(dtype=torch.int32, device=dev)
+    sched = Schedule(
+        num_tokens=T, top_k=k, num_experts=num_experts, block_m=block_m, max_blocks=nmax,
+        expert_counts=torch.empty(num_experts, **i32), expert_offsets=torch.empty(num_experts + 2, **i32),
+        sorted_slots=torch.empty(S, **i32), slot_positions=torch.empty(S, **i32),
+        block_expert=torch.empty(nmax, **i32), block_row_start=torch.empty(nmax, **i32),
+        num_blocks=torch.empty(1, **i32), num_invalid=torch.empty(1, **i32),
+    )
+    if S == 0:
+        sched.expert_counts.zero_(); sched.expert_offsets.zero_(); sched.num_blocks.zero_()
+        sched.num_invalid.zero_()
+        return sched
+    hist = torch.empty(num_chunks, nbins, **i32)
+    base = torch.empty(num_chunks, nbins, **i32)
+    _histogram_kernel[(num_chunks,)](ids, hist, S, num_experts, BLOCK_S=block_s, NBINS=nbins)
+    _scan_kernel[(1,)](hist, base, sched.expert_counts, sched.expert_offsets, sched.block_expert,
+                       sched.block_row_start, sched.num_blocks, sched.num_invalid, num_chunks, num_experts,
+                       nmax, BLOCK_M=block_m, NBINS=nbins, BLOCK_B=max(16, min(64, 8192 // nbins)))
+    _scatter_kernel[(num_chunks,)](ids, base, sched.sorted_slots, sched.slot_positions, S, num_experts,
+                                   BLOCK_S=block_s, SUB_S=min(64, block_s), NBINS=nbins)
+    return sched
