@@ -11,7 +11,7 @@ CPU_TORCH := torch==2.13.0 triton==3.6.0
 PYTEST_WORKERS ?= auto
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test reproduce clean
+.PHONY: help venv test reproduce gpu-carry clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,13 @@ reproduce: test  ## everything that exists so far: the tests (experiments, figur
 	@echo
 	@echo "make reproduce ran the test suite only. The experiments, figures and paper are not"
 	@echo "built by this repository yet (open issues #4-#6); nothing else was produced."
+
+gpu-carry:  ## stage what a lent GPU machine (no internet) needs: pytest wheels, Megablocks sdists
+	mkdir -p .carry && rm -rf .carry/baselines && cp -r ../shared/baselines .carry/baselines
+	rm -rf .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  pytest pluggy iniconfig pygments packaging pytest-xdist execnet hydra-core==1.3.8 omegaconf==2.3.1 PyYAML
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # hydra's pin ships no wheel
 
 clean:  ## remove the virtual environment and caches (never results/)
 	rm -rf $(VENV) .pytest_cache

@@ -11,11 +11,18 @@ Without a visible CUDA device, kernels run through Triton's CPU interpreter: imp
 tritonmoe then sets TRITON_INTERPRET=1 unless it is already set.
 """
 import os as _os
+import sys as _sys
 
 import torch as _torch
 
-if not _torch.cuda.is_available():
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
+if not _torch.cuda.is_available() and _os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if "triton" in _sys.modules:
+        # triton's own @jit library functions (tl.sigmoid, tl.max, ...) were already built for
+        # compilation; the interpreter cannot call them.
+        raise ImportError("no GPU is visible, so tritonmoe runs through Triton's interpreter, but triton was "
+                          "imported first without TRITON_INTERPRET=1: import tritonmoe before triton, or set "
+                          "TRITON_INTERPRET=1 in the environment")
+    _os.environ["TRITON_INTERPRET"] = "1"
 
 from . import reference, specs  # noqa: E402
 from .configs import TileConfig, get_tiles  # noqa: E402

@@ -1,0 +1,13 @@
+"""``python -m experiments [experiment=latency] [model=mixtral_8x7b] [profile=gpu|smoke] [overrides]``."""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from .run import run
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

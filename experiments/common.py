@@ -1,0 +1,194 @@
+"""Shared pieces of the experiments: provenance, timing, ceilings, floors, raw-result files."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import tritonmoe  # before triton: without a GPU it switches on the interpreter
+import triton
+import triton.language as tl
+from tritonmoe.specs import ModelSpec, get_spec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance
+# ---------------------------------------------------------------------------------------------
+
+def _git(*args) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(device: torch.device, seed: int) -> dict:
+    """Where and with what a row was measured."""
+    info = {
+        "device": device_name(device),
+        "driver": "none",
+        "cuda": torch.version.cuda or "none",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "tritonmoe": tritonmoe.__version__,
+        "python": platform.python_version(),
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed,
+    }
+    if device.type == "cuda":
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            pass
+    return info
+
+
+def device_name(device: torch.device) -> str:
+    """``NVIDIA_H100_80GB_HBM3``-style folder name; ``cpu-interpreter`` without a GPU."""
+    if device.type != "cuda":
+        return "cpu-interpreter"
+    return torch.cuda.get_device_name(device).replace(" ", "_")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------
+
+def model_spec(name: str, shrink=None) -> ModelSpec:
+    """The model's spec, or a tiny copy with the same routing for the smoke profile."""
+    spec = get_spec(name)
+    if not shrink:
+        return spec
+    E = min(spec.num_experts, shrink["max_experts"])
+    return spec.replace(hidden_size=shrink["hidden_size"], intermediate_size=shrink["intermediate_size"],
+                        num_experts=E, top_k=min(spec.top_k, E),
+                        shared_intermediate_size=shrink["shared_intermediate_size"] if spec.has_shared_expert else 0)
+
+
+def floor_terms(spec: ModelSpec, T: int, distinct_experts: int, dtype_bytes: int = 2) -> dict:
+    """Bytes that must move (weights of the experts the routing touches, activations in and
+    out) and FLOPs that must be done (2 T k 3 H F) by one routed-expert forward."""
+    H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
+    return {
+        "bytes": distinct_experts * 3 * H * F * dtype_bytes + 2 * T * H * dtype_bytes,
+        "flops": 2 * T * k * 3 * H * F,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def time_ms(fn, device: torch.device, warmup_ms: float, rep_ms: float) -> list[float]:
+    """Per-call times in ms: device events through triton's do_bench on a GPU (which also
+    clears L2 between calls); host clock on the CPU interpreter."""
+    if device.type == "cuda":
+        return list(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all"))
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return [(time.perf_counter() - t0) * 1e3]
+
+
+def time_graph_ms(fn, device: torch.device, warmup_ms: float, rep_ms: float) -> list[float]:
+    """The same call captured once in a CUDA graph and timed as replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, device, warmup_ms, rep_ms)
+
+
+def quantiles(times: list[float]) -> dict:
+    if len(times) == 1:
+        return {"ms_p20": times[0], "ms_p50": times[0], "ms_p80": times[0], "repeats": 1}
+    q = statistics.quantiles(times, n=10)
+    return {"ms_p20": q[1], "ms_p50": statistics.median(times), "ms_p80": q[7], "repeats": len(times)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ceilings, measured in the same run
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # each program reads ITERS blocks and writes one number: bytes read >> bytes written
+    base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for i in range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+def measure_ceilings(device: torch.device, warmup_ms: float, rep_ms: float) -> dict:
+    """HBM read bandwidth (bytes/s, a 4 GiB read) and dense bf16 matmul rate (FLOP/s, 8192^3)."""
+    if device.type != "cuda":
+        return {"hbm_read_Bps": float("nan"), "bf16_flops": float("nan")}
+    n = 1 << 31                                                  # 2^31 bf16 = 4 GiB
+    x = torch.randn(n, device=device, dtype=torch.bfloat16)
+    block, iters = 4096, 8
+    grid = (triton.cdiv(n, block * iters),)
+    out = torch.empty(grid[0], device=device)
+    read_ms = statistics.median(time_ms(lambda: _read_kernel[grid](x, out, n, BLOCK=block, ITERS=iters),
+                                        device, warmup_ms, rep_ms))
+    del x, out
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm_ms = statistics.median(time_ms(lambda: a @ b, device, warmup_ms, rep_ms))
+    del a, b
+    torch.cuda.empty_cache()
+    return {"hbm_read_Bps": n * 2 / (read_ms * 1e-3), "bf16_flops": 2 * 8192 ** 3 / (mm_ms * 1e-3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw result files
+# ---------------------------------------------------------------------------------------------
+
+def results_dir(cfg, device: torch.device) -> Path:
+    sub = cfg.profile.results_dir or device_name(device)
+    return REPO / cfg.results_root / sub  # an absolute results_root stays absolute
+
+
+def write_rows(path: Path, rows: list[dict], key_fields: tuple[str, ...]) -> None:
+    """Replace the rows whose key this run measured again; keep the others; sorted, one JSON a line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new_keys = {tuple(r[f] for f in key_fields) for r in rows}
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if tuple(row.get(f) for f in key_fields) not in new_keys:
+                    kept.append(row)
+    all_rows = sorted(kept + rows, key=lambda r: tuple(str(r.get(f)) for f in key_fields))
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in all_rows))
+
+
+class Progress:
+    """One line per step with an ETA, for long sweeps."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.done, self.what, self.start = total, 0, what, time.time()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        elapsed = time.time() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"[{self.done}/{self.total}] {self.what} {label}  elapsed {elapsed:.0f}s, ETA {eta:.0f}s", flush=True)

@@ -1,0 +1,141 @@
+"""The implementations the benchmarks compare, each one MoE layer forward of the routed
+experts *including* the router matmul and the model's routing, from the same inputs.
+
+Every ``make_<impl>(problem)`` returns a zero-argument callable producing (T, H), or raises
+``Unavailable`` with the reason (e.g. Megablocks not installed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F_
+
+import tritonmoe
+from tritonmoe.specs import ModelSpec
+
+
+class Unavailable(RuntimeError):
+    """This implementation cannot run here (the reason is recorded in the results)."""
+
+
+@dataclass
+class Problem:
+    spec: ModelSpec
+    x: torch.Tensor              # (T, H)
+    router_weight: torch.Tensor  # (E, H)
+    bias: torch.Tensor | None    # (E,) float32 correction bias (DeepSeek-V3)
+    w13: torch.Tensor            # (E, 2F, H)
+    w2: torch.Tensor             # (E, H, F)
+
+    def router_logits(self) -> torch.Tensor:
+        dtype = torch.float32 if self.spec.router_fp32 else self.x.dtype
+        return self.x.to(dtype) @ self.router_weight.to(dtype).T
+
+
+def torch_route(logits: torch.Tensor, spec: ModelSpec, bias):
+    """The model's routing in PyTorch ops, as Hugging Face transformers writes it (topk-based)."""
+    logits = logits.float()
+    scores = torch.softmax(logits, -1) if spec.scoring == "softmax" else torch.sigmoid(logits)
+    select = scores if bias is None else scores + bias
+    if spec.n_group > 1:
+        T = select.shape[0]
+        group_scores = select.view(T, spec.n_group, -1).topk(spec.group_score_topk, -1).values.sum(-1)
+        kept = group_scores.topk(spec.topk_group, -1).indices
+        mask = torch.zeros(T, spec.n_group, dtype=torch.bool, device=select.device).scatter_(1, kept, True)
+        select = select.masked_fill(~mask.repeat_interleave(spec.group_size, 1), float("-inf"))
+    ids = select.topk(spec.top_k, -1).indices
+    weights = scores.gather(1, ids)
+    if spec.renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * spec.routed_scaling_factor, ids
+
+
+def make_tritonmoe_fused(p: Problem, fused: bool = True):
+    def forward():
+        weights, ids = tritonmoe.route(p.router_logits(), p.spec, correction_bias=p.bias)
+        return tritonmoe.fused_experts(p.x, p.w13, p.w2, weights, ids, fused=fused)
+    return forward
+
+
+def make_tritonmoe_unfused(p: Problem):
+    return make_tritonmoe_fused(p, fused=False)
+
+
+def make_torch_loop(p: Problem):
+    """Per-expert loop, as transformers' "eager" experts: one gather, three matmuls, one index_add per hit expert."""
+    F = p.spec.intermediate_size
+
+    def forward():
+        weights, ids = torch_route(p.router_logits(), p.spec, p.bias)
+        out = torch.zeros_like(p.x, dtype=torch.float32)
+        hit = torch.bincount(ids.flatten(), minlength=p.spec.num_experts).nonzero().flatten().tolist()
+        for e in hit:
+            tok, j = torch.where(ids == e)
+            h = p.x[tok] @ p.w13[e].T
+            y = (F_.silu(h[:, :F]) * h[:, F:]) @ p.w2[e].T
+            out.index_add_(0, tok, y.float() * weights[tok, j, None])
+        return out.to(p.x.dtype)
+    return forward
+
+
+def make_torch_grouped_mm(p: Problem):
+    """softmax-top-k -> argsort -> gather -> torch._grouped_mm (w13) -> silu*up -> torch._grouped_mm (w2)
+    -> weighted index_add_ (what transformers' "grouped_mm" experts do)."""
+    if not hasattr(torch, "_grouped_mm"):
+        raise Unavailable(f"torch {torch.__version__} has no torch._grouped_mm")
+    if p.x.device.type != "cuda" or p.x.dtype != torch.bfloat16:
+        raise Unavailable("torch._grouped_mm runs bf16 on CUDA")
+    E, F, k = p.spec.num_experts, p.spec.intermediate_size, p.spec.top_k
+    w13_t, w2_t = p.w13.transpose(1, 2), p.w2.transpose(1, 2)   # (E, H, 2F), (E, F, H) views
+
+    def forward():
+        weights, ids = torch_route(p.router_logits(), p.spec, p.bias)
+        flat = ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        tok = order // k
+        offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+        h = torch._grouped_mm(p.x[tok], w13_t, offs=offs)
+        y = torch._grouped_mm(F_.silu(h[:, :F]) * h[:, F:], w2_t, offs=offs)
+        out = torch.zeros(p.x.shape, dtype=torch.float32, device=p.x.device)
+        out.index_add_(0, tok, y.float() * weights.flatten()[order, None])
+        return out.to(p.x.dtype)
+    return forward
+
+
+def make_megablocks(p: Problem):
+    """Megablocks dMoE experts (mlp_type="glu", mlp_impl="grouped"), fed the model's routing from
+    torch ops (its own router is plain softmax-top-k and cannot express DeepSeek-V3's)."""
+    try:
+        from megablocks.layers.arguments import Arguments
+        from megablocks.layers.dmoe import dMoE
+    except ImportError as err:
+        raise Unavailable(f"megablocks is not installed ({err}); see experiments/README.md") from None
+    if p.x.device.type != "cuda":
+        raise Unavailable("megablocks runs on CUDA only")
+    s = p.spec
+    E, F, H = s.num_experts, s.intermediate_size, s.hidden_size
+    args = Arguments(hidden_size=H, ffn_hidden_size=F, moe_num_experts=E, moe_top_k=s.top_k, mlp_type="glu",
+                     mlp_impl="grouped", bf16=p.x.dtype == torch.bfloat16, fp16=p.x.dtype == torch.float16,
+                     bias=False, return_bias=False, activation_fn=F_.silu, device=p.x.device,
+                     init_method=lambda w: w, output_layer_init_method=lambda w: w)
+    layer = dMoE(args).eval()
+    with torch.no_grad():
+        mlp = layer.experts.mlp
+        mlp.w1.copy_(p.w13[:, :F].reshape(E * F, H))
+        mlp.v1.copy_(p.w13[:, F:].reshape(E * F, H))
+        mlp.w2.copy_(p.w2.transpose(1, 2).reshape(E * F, H))
+
+    def forward():
+        weights, ids = torch_route(p.router_logits(), s, p.bias)
+        return layer.experts(p.x, None, weights.to(p.x.dtype), ids)
+    return forward
+
+
+IMPLS = {
+    "tritonmoe_fused": make_tritonmoe_fused,
+    "tritonmoe_unfused": make_tritonmoe_unfused,
+    "torch_loop": make_torch_loop,
+    "torch_grouped_mm": make_torch_grouped_mm,
+    "megablocks": make_megablocks,
+}
