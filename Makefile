@@ -38,7 +38,7 @@ reproduce: test  ## everything that exists so far: the tests (experiments, figur
 	@echo "built by this repository yet (open issues #4-#6); nothing else was produced."
 
 gpu-carry:  ## stage what a lent GPU machine (no internet) needs: pytest wheels, Megablocks sdists
-	mkdir -p .carry && rm -rf .carry/baselines && cp -r ../shared/baselines .carry/baselines
+	mkdir -p .carry && rm -rf .carry/baselines && cp -r ../shared/baselines .carry/baselines  # the sdists
 	rm -rf .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 	  pytest pluggy iniconfig pygments packaging pytest-xdist execnet hydra-core==1.3.8 omegaconf==2.3.1 PyYAML
