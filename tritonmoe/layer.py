@@ -73,14 +73,18 @@ class MoELayer(nn.Module):
         weights, ids = route(self.router_logits(x), self.spec, correction_bias=self.e_score_correction_bias)
         out = fused_experts(x, self.w13, self.w2, weights, ids, fused=self.fused)
         if self.spec.has_shared_expert:
-            # The shared expert is one more expert every token visits, with weight 1 or its gate.
-            if self.shared_gate_weight is not None:
-                gate = torch.sigmoid((x @ self.shared_gate_weight.T).float())
-            else:
-                gate = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
-            zeros = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
-            out = out + fused_experts(x, self.shared_w13, self.shared_w2, gate, zeros, fused=self.fused)
+            out = out + self.shared_expert(x)
         return out.reshape(hidden_states.shape)
+
+    def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, H) -> (T, H): the shared expert, one more expert every token visits, with weight 1
+        or its sigmoid gate (Qwen2-MoE)."""
+        if self.shared_gate_weight is not None:
+            gate = torch.sigmoid((x @ self.shared_gate_weight.T).float())
+        else:
+            gate = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
+        zeros = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
+        return fused_experts(x, self.shared_w13, self.shared_w2, gate, zeros, fused=self.fused)
 
     def extra_repr(self) -> str:
         s = self.spec
