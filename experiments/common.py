@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -40,8 +41,10 @@ def provenance(device: torch.device, seed: int) -> dict:
         "triton": triton.__version__,
         "tritonmoe": tritonmoe.__version__,
         "python": platform.python_version(),
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # a copy of the tree without .git (the lent GPU machine) names its commit in the environment
+        "commit": _git("rev-parse", "HEAD") if (REPO / ".git").exists() else os.environ.get("TRITONMOE_COMMIT", "unknown"),
+        "dirty": (bool(_git("status", "--porcelain", "--untracked-files=no")) if (REPO / ".git").exists()
+                  else os.environ.get("TRITONMOE_DIRTY", "unknown")),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
     }

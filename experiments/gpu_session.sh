@@ -1,34 +1,58 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (no internet there), from the repository root:
-#   experiments/gpu_session.sh tests   # the test suite on CUDA -> $OUT/junit_cuda.xml
-#   experiments/gpu_session.sh bench   # Megablocks build + the latency grid for the three models
-#   experiments/gpu_session.sh all
-# Prepare on a machine with internet first (both paths are git-ignored and travel as carry):
-#   make gpu-carry   # .whl/ (pytest wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
+#   experiments/gpu_session.sh [STAGE ...]     stages: tests tune bench (default: all three)
+#     tests  the test suite on CUDA                         -> $OUT/pytest_cuda.txt, junit_cuda.xml
+#     tune   tile tuning per model (experiment=tune)        -> results/<GPU>/tune.jsonl, tritonmoe/configs/
+#     bench  Megablocks + the latency grid (experiment=latency) -> results/<GPU>/latency.jsonl
+#   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
+# Prepare on a machine with internet first (git-ignored, sent as carry):
+#   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
+# Megablocks wheels built by an earlier call come back as $OUT/mbwheels.tar; unpacked into
+# .carry/mbwheels/ they are installed instead of building again (~3 minutes).
+# Environment: MODELS (comma list), TOKENS (Hydra list, e.g. [1,64]), TEST_TIMEOUT (s),
+# TRITONMOE_COMMIT (the commit, for provenance: the tree sent here has no .git).
 set -uo pipefail
-stage=${1:-all}
+stages=" ${*:-tests tune bench} "
 OUT=${OUT:-results/_gpu_session}
+MODELS=${MODELS:-mixtral_8x7b,qwen2_57b_a14b,deepseek_v3}
 mkdir -p "$OUT" /tmp/site
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 fi
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+overrides=()
+[[ -n ${TOKENS:-} ]] && overrides+=("profile.tokens=$TOKENS")
 
-if [[ $stage == tests || $stage == all ]]; then
-  python3 -m pytest -n 8 -q tests --device cuda --junitxml "$OUT/junit_cuda.xml" -p no:cacheprovider 2>&1 \
-    | tail -30 | tee "$OUT/pytest_cuda.txt"
+mb_pid=
+if [[ $stages == *" bench "* ]]; then
+  if ls .carry/mbwheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/mbwheels/*.whl
+  elif [[ -d .carry/baselines ]]; then
+    echo "building Megablocks in the background (about 3 minutes) ..."
+    ( bash .carry/baselines/build_megablocks.sh /tmp/mbwheels >"$OUT/megablocks_build.log" 2>&1 \
+        && tar cf "$OUT/mbwheels.tar" -C /tmp/mbwheels . ) &
+    mb_pid=$!
+  fi
 fi
 
-if [[ $stage == bench || $stage == all ]]; then
-  if [[ -d .carry/baselines ]]; then
-    echo "building Megablocks (about 3 minutes) ..."
-    bash .carry/baselines/build_megablocks.sh /tmp/mbwheels >"$OUT/megablocks_build.log" 2>&1 \
-      && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mbwheels/*.whl \
+if [[ $stages == *" tests "* ]]; then
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -n 8 -q tests --device cuda --junitxml "$OUT/junit_cuda.xml" \
+    -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/pytest_cuda.txt"
+fi
+
+if [[ $stages == *" tune "* ]]; then
+  python3 -m experiments -m experiment=tune profile=gpu model="$MODELS" "${overrides[@]}" 2>&1 \
+    | tee "$OUT/tune.log" | grep -v "^ *$"
+fi
+
+if [[ $stages == *" bench "* ]]; then
+  if [[ -n $mb_pid ]]; then
+    wait "$mb_pid" && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mbwheels/*.whl \
       || echo "Megablocks build failed: see $OUT/megablocks_build.log (its rows will say unavailable)"
   fi
-  python3 -m experiments -m experiment=latency profile=gpu model=mixtral_8x7b,qwen2_57b_a14b,deepseek_v3 \
-    2>&1 | tee "$OUT/latency.log" | grep -v "^\[" 
-  cp results/*/latency*.json* "$OUT/" 2>/dev/null
+  python3 -m experiments -m experiment=latency profile=gpu model="$MODELS" "${overrides[@]}" 2>&1 \
+    | tee "$OUT/latency.log" | grep -v "^\["
 fi
+tar czf "$OUT/results.tgz" results tritonmoe/configs 2>/dev/null
 echo "files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

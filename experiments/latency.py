@@ -2,6 +2,7 @@
 routing), the same inputs and weights, checked against tritonmoe.reference before timing."""
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import torch
@@ -43,12 +44,18 @@ def check(p: Problem, out: torch.Tensor) -> float:
     return (diff.norm() / ref[clear].norm().clamp_min(1e-30)).item()
 
 
+def num_steps(cfg) -> int:
+    return len(list(cfg.profile.get("tokens") or cfg.experiment.tokens)) * len(cfg.experiment.impls)
+
+
 def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
     rows = []
     impls = list(cfg.experiment.impls)
     tokens = list(cfg.profile.get("tokens") or cfg.experiment.tokens)
+    # one set of weights for the whole sweep; the first T rows of the tokens for each T
+    big = make_problem(spec, max(tokens), dtype, device, seed)
     for T in tokens:
-        p = make_problem(spec, T, dtype, device, seed)
+        p = dataclasses.replace(big, x=big.x[:T])
         weights, ids = reference.route(p.router_logits(), spec, correction_bias=p.bias)
         distinct = int(torch.unique(ids).numel())
         terms = common.floor_terms(spec, T, distinct, torch.finfo(dtype).bits // 8)

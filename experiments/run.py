@@ -7,9 +7,9 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import common, latency
+from . import common, latency, tune
 
-EXPERIMENTS = {"latency": latency}
+EXPERIMENTS = {"latency": latency, "tune": tune}
 
 
 def run(cfg: DictConfig) -> None:
@@ -26,9 +26,7 @@ def run(cfg: DictConfig) -> None:
     ceilings = common.measure_ceilings(device, cfg.profile.warmup_ms, cfg.profile.rep_ms)
     if device.type != "cuda":  # the interpreter has no meaningful ceilings: nominal ones keep the columns filled
         ceilings = {"hbm_read_Bps": 1e9, "bf16_flops": 1e9}
-    tokens = list(cfg.profile.get("tokens") or cfg.experiment.tokens)
-    total = sum(1 for T in tokens for _ in cfg.experiment.impls)
-    progress = common.Progress(total, cfg.experiment.name)
+    progress = common.Progress(module.num_steps(cfg), cfg.experiment.name)
     rows = module.run(cfg, spec, device, dtype, cfg.seed, prov, ceilings, progress)
     out_dir = common.results_dir(cfg, device)
     path = out_dir / f"{cfg.experiment.name}.jsonl"

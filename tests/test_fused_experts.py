@@ -51,6 +51,16 @@ def test_larger_odd_shapes(fused, device, poison):
         check(*make_inputs(45, 2, 8, device, dtype, H=200, F=136), fused=fused)
 
 
+@pytest.mark.parametrize("split_k", [1, 4])
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_explicit_tiles(block_m, split_k, device, poison):
+    # tiles as a tuned table would give them, split-K on the down projection included
+    up = tritonmoe.TileConfig(block_m=block_m, block_n=32, block_k=32, group_m=2, num_stages=2)
+    down = tritonmoe.TileConfig(block_m=block_m, block_n=16, block_k=16, group_m=1, num_stages=2, split_k=split_k)
+    for dtype in dtypes_for(device):
+        check(*make_inputs(21, 2, 8, device, dtype, H=64, F=80), tiles=(up, down))
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_all_tokens_one_expert(fused, device, poison):
     ids = torch.full((150, 1), 3, dtype=torch.int32)

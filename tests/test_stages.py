@@ -76,3 +76,34 @@ def test_down_weighted_scatter_and_combine(device, dtype, poison):
     out = tritonmoe.combine(slot_rows, K_TOP)
     assert_close(out, ref_slots.view(T, K_TOP, H).sum(1), dtype, "combine")
     assert_close(out, reference.combine(ref_sorted, weights.cpu(), positions, K_TOP), dtype, "combine vs ref")
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("f, block_k", [(40, 32), (64, 16)])  # ragged last slice / whole BLOCK_Ks (EVEN_K)
+def test_down_split_k(device, dtype, poison, split_k, f, block_k):
+    x, _, _, ids, weights, _, s = _setup(device, dtype)
+    g = torch.Generator().manual_seed(1)
+    inter = torch.randn(T * K_TOP, f, generator=g).to(dtype).to(device)
+    w2 = (torch.randn(E, H, f, generator=g) / f ** 0.5).to(dtype).to(device)
+    tiles = TileConfig(block_m=16, block_n=32, block_k=block_k, group_m=2, num_warps=4, num_stages=2,
+                       split_k=split_k)
+    partials = tritonmoe.grouped_gemm(inter, w2, s, tiles, topk_weights=weights.contiguous())
+    assert partials.shape == (T * K_TOP * split_k, H) and partials.dtype == torch.float32
+    _, offsets, _, positions = _ref_schedule(ids)
+    ref = reference.combine(reference.down(inter.cpu(), w2.cpu(), offsets), weights.cpu(), positions, K_TOP)
+    out = tritonmoe.combine(partials, K_TOP * split_k, dtype=dtype)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, f"down split_k={split_k} + combine")
+
+
+def test_split_k_errors(device):
+    x, w13, w2, ids, weights, tiles, s = _setup(device, torch.float32)
+    split = TileConfig(block_m=16, block_n=32, block_k=32, split_k=2)
+    with pytest.raises(ValueError, match="split_k"):
+        tritonmoe.gate_up_silu(x, w13, s, split)
+    with pytest.raises(ValueError, match="split_k"):
+        tritonmoe.grouped_gemm(torch.randn(T * K_TOP, F, device=device), w2, s, split)
+    with pytest.raises(ValueError, match="top_k"):
+        tritonmoe.combine(torch.randn(7, H, device=device), 2)
+    with pytest.raises(ValueError, match="split_k"):
+        TileConfig(split_k=0)

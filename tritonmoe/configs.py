@@ -32,6 +32,7 @@ class TileConfig:
     group_m: int = 8         # M-blocks that sweep N together (L2 reuse)
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1         # down projection only: programs sharing one output tile's reduction
 
     def __post_init__(self):
         for name, value in asdict(self).items():

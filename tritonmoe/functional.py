@@ -90,4 +90,4 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         up = grouped_gemm(x_sorted, w13, sched, gate_up_tiles, n_offset=F, n=F)
         inter = silu_mul(gate, up)
     slot_rows = grouped_gemm(inter, w2, sched, down_tiles, topk_weights=weights)
-    return combine(slot_rows, k)
+    return combine(slot_rows, k * down_tiles.split_k, dtype=hidden_states.dtype)

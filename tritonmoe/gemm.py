@@ -24,13 +24,13 @@ from .schedule import Schedule
 __all__ = ["gate_up_silu", "grouped_gemm", "silu_mul"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_blocks"])  # it changes with T: no recompiles for its divisibility
 def _expert_gemm_kernel(
     # pointers
     a_ptr, w_ptr, out_ptr, sorted_slots_ptr, topk_weights_ptr, block_expert_ptr, block_row_ptr,
     expert_offsets_ptr,
     # sizes
-    N, K, TOP_K, n_offset, up_offset, max_blocks,
+    N, K, TOP_K, n_offset, up_offset, max_blocks, k_per_split,
     # strides
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
     # meta-parameters
@@ -38,11 +38,13 @@ def _expert_gemm_kernel(
     GATE_UP_SILU: tl.constexpr,      # also multiply rows up_offset + n, and keep silu(gate) * up
     SCATTER_WEIGHTED: tl.constexpr,  # scale by the slot's routing weight, write at the slot's row
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,            # every K slice is whole BLOCK_Ks: no K mask, so loads stay 16-byte wide
     DOT_PRECISION: tl.constexpr,
 ):
     # Program -> (M-block, N-block): GROUP_M M-blocks sweep N together, so their input rows
     # stay in L2; consecutive M-blocks of one expert also share its weight tiles.
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)  # split-K slice: [pid_k * k_per_split, ...) of the reduction
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_pid_n
     first_m = (pid // per_group) * GROUP_M
@@ -67,16 +69,18 @@ def _expert_gemm_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                            # [BN]
     mask_n = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
     offs_k = tl.arange(0, BLOCK_K)                                                              # [BK]
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak                  # [BM, BK]
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_start + offs_k[None, :]) * stride_ak      # [BM, BK]
     # int64 before the expert stride: DeepSeek-V3's w13 has 7.5e9 elements.
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + (n_offset + offs_n[None, :]).to(tl.int64) * stride_wn
-              + offs_k[:, None] * stride_wk)                                                    # [BK, BN]
+              + (k_start + offs_k[:, None]) * stride_wk)                                        # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATE_UP_SILU:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
+    for k0 in range(k_start, k_end, BLOCK_K):
+        mask_k = (offs_k < k_end - k0) | EVEN_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
@@ -91,7 +95,9 @@ def _expert_gemm_kernel(
         acc = acc * tl.sigmoid(acc) * acc_up                                                    # SiLU(g) * u
     if SCATTER_WEIGHTED:
         acc = acc * tl.load(topk_weights_ptr + slots, mask=mask_m, other=0.0)[:, None]
-        out_rows = slots
+        # split-K partials of one slot sit side by side (rows slot * splits + pid_k), and
+        # combine sums them with the slot's k choices: no atomics, a fixed order.
+        out_rows = slots * tl.num_programs(1) + pid_k
     else:
         out_rows = offs_m.to(tl.int64)
     out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -108,18 +114,22 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr):
 
 
 def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offset: int, gather_a: bool,
-            gate_up_silu: bool, topk_weights):
+            gate_up_silu: bool, topk_weights, split_k: int = 1):
     if sched.max_blocks == 0:
         return out
     weighted = topk_weights is not None
-    _expert_gemm_kernel[(sched.max_blocks * triton.cdiv(n, tiles.block_n),)](
+    K = w.shape[2]
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), tiles.block_k) * tiles.block_k
+    grid = (sched.max_blocks * triton.cdiv(n, tiles.block_n), split_k)
+    _expert_gemm_kernel[grid](
         a, w, out, sched.sorted_slots, topk_weights if weighted else out, sched.block_expert,
         sched.block_row_start, sched.expert_offsets,
-        n, w.shape[2], sched.top_k, n_offset, up_offset, sched.max_blocks,
+        n, K, sched.top_k, n_offset, up_offset, sched.max_blocks, k_per_split,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         GATHER_A=gather_a, GATE_UP_SILU=gate_up_silu, SCATTER_WEIGHTED=weighted,
         BLOCK_M=sched.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-        DOT_PRECISION=dot_precision(a.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        EVEN_K=K % tiles.block_k == 0, DOT_PRECISION=dot_precision(a.dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
 
@@ -130,6 +140,9 @@ def gate_up_silu(hidden_states: torch.Tensor, w13: torch.Tensor, sched: Schedule
     Input rows are gathered through the schedule. Rows of the result past the valid slots
     (out-of-range ids) are left unwritten.
     """
+    if tiles.split_k != 1:
+        raise ValueError(f"tiles: the fused gate+up GEMM has no split-K (its SiLU needs whole sums), got "
+                         f"split_k={tiles.split_k}")
     S, F = sched.num_tokens * sched.top_k, w13.shape[1] // 2
     out = torch.empty(S, F, dtype=hidden_states.dtype, device=hidden_states.device)
     return _launch(hidden_states, w13, out, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True,
@@ -145,12 +158,21 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sched: Schedule, tiles, *, n_
     else (T*k, K) in sorted order. With ``topk_weights`` (contiguous float32 (T, k)) each
     output row is multiplied by its routing weight and written at its slot (token order,
     (T*k, n), ready for ``combine``); otherwise rows stay in sorted order.
+
+    ``tiles.split_k`` > 1 (weighted only) splits the reduction over K into that many programs
+    per output tile, for calls with too few tiles to fill the GPU (decode). Their float32
+    partials land side by side, rows ``slot * split_k + s`` of a (T*k*split_k, n) result, and
+    ``combine(result, k * split_k)`` adds them up in a fixed order.
     """
     S = sched.num_tokens * sched.top_k
     n = w.shape[1] - n_offset if n is None else n
-    out = torch.empty(S, n, dtype=a.dtype, device=a.device)
+    split_k = tiles.split_k
+    if split_k != 1 and topk_weights is None:
+        raise ValueError(f"tiles: split_k={split_k} needs topk_weights (partials are summed by combine)")
+    dtype = torch.float32 if split_k > 1 else a.dtype
+    out = torch.empty(S * split_k, n, dtype=dtype, device=a.device)
     return _launch(a, w, out, sched, tiles, n=n, n_offset=n_offset, up_offset=0, gather_a=gather_a,
-                   gate_up_silu=False, topk_weights=topk_weights)
+                   gate_up_silu=False, topk_weights=topk_weights, split_k=split_k)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

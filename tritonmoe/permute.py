@@ -56,11 +56,18 @@ def permute(hidden_states: torch.Tensor, sched: Schedule) -> torch.Tensor:
     return out
 
 
-def combine(slot_rows: torch.Tensor, top_k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(T*k, H) weighted rows in slot order (slot = t*k + j) -> (T, H) token sums."""
+def combine(slot_rows: torch.Tensor, top_k: int, out: torch.Tensor | None = None, *,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(T*k, H) weighted rows in slot order (slot = t*k + j) -> (T, H) token sums.
+
+    The result has ``dtype`` (default: that of ``slot_rows``) unless ``out`` is given.
+    """
     S, H = slot_rows.shape
+    if top_k < 1 or S % top_k:
+        raise ValueError(f"combine: slot_rows has {S} rows, not a multiple of top_k={top_k}")
     T = S // top_k
-    out = torch.empty(T, H, dtype=slot_rows.dtype, device=slot_rows.device) if out is None else out
+    if out is None:
+        out = torch.empty(T, H, dtype=dtype or slot_rows.dtype, device=slot_rows.device)
     if T:
         block_t, block_h = 4, min(1024, next_pow2(H))
         _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](

@@ -1,0 +1,288 @@
+"""Tile tuning: for each T of the grid, time candidate tiles of the two GEMMs on the model's
+real shapes and routing, keep the fastest that computes the right thing, and write the
+table the package reads (``tritonmoe/configs/<device>.json``).
+
+Per (model, T) and per candidate block_m (it fixes the schedule, so both GEMMs share it):
+1. coarse: every (block_n, block_k, num_warps) of the space at 4 stages;
+2. refine around the best: num_stages, group_m, and split_k for the down projection.
+"gate_up" times ``gate_up_silu``; "down" times the weighted down projection plus
+``combine`` (so split-K pays for summing its partials). Every candidate's output is
+compared with the default tiles' output first; a mismatch is recorded as "wrong" and never
+chosen. Compilation dominates a naive sweep, so a process pool compiles all candidates
+into Triton's on-disk cache on a tiny problem of the same specialisation first.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import statistics
+import time
+from dataclasses import asdict, replace
+
+import torch
+
+import tritonmoe
+from tritonmoe import TileConfig, build_schedule, combine, gate_up_silu, grouped_gemm
+from tritonmoe.configs import CONFIG_DIR, default_tiles, device_key, problem_key
+from . import common
+from .latency import make_problem
+
+KEY = ("experiment", "model", "dtype", "T", "kernel", "config")
+SMEM_BYTES = 200 * 1024  # stay under Hopper's 227 KB per block with room for the epilogue
+
+
+def _smem(kernel: str, t: TileConfig, elem: int = 2) -> int:
+    b_tiles = 2 if kernel == "gate_up" else 1
+    return t.num_stages * (t.block_m * t.block_k + b_tiles * t.block_k * t.block_n) * elem
+
+
+def _fits(kernel: str, t: TileConfig) -> bool:
+    # fp32 accumulators per thread: more than ~128 registers of them spills
+    accs = (2 if kernel == "gate_up" else 1) * t.block_m * t.block_n / (32 * t.num_warps)
+    return _smem(kernel, t) <= SMEM_BYTES and accs <= 128
+
+
+def block_m_candidates(tokens_per_expert: float) -> list[int]:
+    """16..128 within 2x of the mean tokens per expert; only wgmma-sized blocks once compute-bound."""
+    p2 = 1 << max(0, int(-(-tokens_per_expert // 1)) - 1).bit_length()
+    bms = [bm for bm in (16, 32, 64, 128) if p2 // 2 <= bm <= 2 * p2] or [16 if p2 < 16 else 128]
+    if tokens_per_expert >= 256:
+        bms = [bm for bm in bms if bm >= 64]
+    return bms
+
+
+def coarse(kernel: str, block_m: int, space) -> list[TileConfig]:
+    out = []
+    for bn in space.block_n:
+        for bk in space.block_k:
+            for w in space.num_warps:
+                t = TileConfig(block_m=block_m, block_n=bn, block_k=bk, group_m=8, num_warps=w, num_stages=4)
+                if not _fits(kernel, t):
+                    t = replace(t, num_stages=3)
+                if _fits(kernel, t):
+                    out.append(t)
+    return out
+
+
+def refine(kernel: str, best: TileConfig, space, split_useful: bool) -> list[TileConfig]:
+    out = [replace(best, num_stages=s) for s in space.num_stages if s != best.num_stages]
+    out += [replace(best, group_m=g) for g in space.group_m if g != best.group_m]
+    if kernel == "down" and split_useful:
+        out += [replace(best, split_k=s) for s in space.split_k if s != best.split_k]
+    return [t for t in out if _fits(kernel, t)]
+
+
+def all_candidates(spec, tokens, space) -> set[tuple[str, TileConfig]]:
+    """Everything coarse() and refine() could ask for: the set the pool precompiles."""
+    found = set()
+    for T in tokens:
+        for bm in block_m_candidates(T * spec.top_k / spec.num_experts):
+            for kernel in ("gate_up", "down"):
+                for t in coarse(kernel, bm, space):
+                    found.add((kernel, t))
+                    for r in refine(kernel, t, space, True):
+                        found.add((kernel, r))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Precompilation: Triton's disk cache is shared by processes; compiling is per CPU core.
+# ---------------------------------------------------------------------------------------------
+
+def _compile_worker(args) -> int:
+    items, dtype_name = args
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    dev = torch.device("cuda")
+    # same divisibility as the real shapes (multiples of 16), so the same specialisation
+    T, E, k, H, F = 64, 8, 2, 256, 256
+    x = torch.randn(T, H, device=dev, dtype=dtype)
+    w13 = torch.randn(E, 2 * F, H, device=dev, dtype=dtype)
+    w2 = torch.randn(E, H, F, device=dev, dtype=dtype)
+    ids = torch.randint(0, E, (T, k), device=dev, dtype=torch.int32)
+    wts = torch.rand(T, k, device=dev)
+    inter = torch.randn(T * k, F, device=dev, dtype=dtype)
+    failed = 0
+    for kernel, t in items:
+        try:
+            sched = build_schedule(ids, E, t.block_m)
+            if kernel == "gate_up":
+                gate_up_silu(x, w13, sched, t)
+            else:
+                grouped_gemm(inter, w2, sched, t, topk_weights=wts)
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - a config that fails to compile is reported when timed
+            failed += 1
+    return failed
+
+
+def precompile(items, dtype: torch.dtype, workers: int) -> None:
+    # split_k is a run-time argument: 1 and >1 differ only in the output dtype
+    items = sorted({(k, replace(t, split_k=min(t.split_k, 2))) for k, t in items}, key=lambda kt: (kt[0], str(kt[1])))
+    chunks = [(items[i::workers], str(dtype).replace("torch.", "")) for i in range(workers)]
+    start = time.time()
+    print(f"compiling {len(items)} kernel variants in {workers} processes ...", flush=True)
+    with mp.get_context("spawn").Pool(workers) as pool:
+        failed = sum(pool.map(_compile_worker, chunks))
+    print(f"  compiled in {time.time() - start:.0f} s ({failed} failed)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+class _Bench:
+    """The two GEMM stages of one (model, T) on fixed inputs, for any tiles."""
+
+    def __init__(self, p, spec, T, dtype, warmup_ms, rep_ms):
+        self.p, self.spec, self.T = p, spec, T
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+        logits = p.router_logits()
+        self.weights, self.ids = tritonmoe.route(logits, spec, correction_bias=p.bias)
+        g = torch.Generator(device=p.x.device).manual_seed(T)
+        self.inter = (torch.randn(T * spec.top_k, spec.intermediate_size, generator=g, device=p.x.device) * 0.5
+                      ).to(dtype)
+        self._sched = {}
+        self._expected = {}
+
+    def sched(self, block_m):
+        if block_m not in self._sched:
+            self._sched[block_m] = build_schedule(self.ids, self.spec.num_experts, block_m)
+        return self._sched[block_m]
+
+    def fn(self, kernel, t: TileConfig):
+        s, p = self.sched(t.block_m), self.p
+        if kernel == "gate_up":
+            return lambda: gate_up_silu(p.x, p.w13, s, t)
+        k = self.spec.top_k * t.split_k
+        return lambda: combine(grouped_gemm(self.inter, p.w2, s, t, topk_weights=self.weights), k, dtype=p.x.dtype)
+
+    def expected(self, kernel, block_m):
+        """The default tiles' output: gate_up in sorted order depends on block_m only through the schedule."""
+        key = (kernel, block_m)
+        if key not in self._expected:
+            gate_up_t, down_t = default_tiles(self.T * self.spec.top_k / self.spec.num_experts, False)
+            t = replace(gate_up_t if kernel == "gate_up" else down_t, block_m=block_m)
+            self._expected[key] = self.fn(kernel, t)()
+        return self._expected[key]
+
+    def measure(self, kernel, t: TileConfig) -> dict:
+        try:
+            fn = self.fn(kernel, t)
+            err = _rel(fn(), self.expected(kernel, t.block_m))
+            if not err <= 1e-2:
+                return {"status": "wrong", "rel_err": err}
+            times = common.time_ms(fn, self.p.x.device, self.warmup_ms, self.rep_ms)
+        except Exception as why:  # noqa: BLE001 - e.g. out of resources: recorded, never chosen
+            return {"status": "error", "reason": f"{type(why).__name__}: {str(why)[:200]}"}
+        return {"status": "ok", "rel_err": err, **common.quantiles(times)}
+
+
+def num_steps(cfg) -> int:
+    return len(list(cfg.profile.get("tokens") or cfg.experiment.tokens))
+
+
+def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
+    # On the CPU (profile=smoke) the sweep only proves itself: interpreter times, no table written.
+    gpu = device.type == "cuda"
+    space = cfg.experiment.space
+    tokens = list(cfg.profile.get("tokens") or cfg.experiment.tokens)
+    if gpu and cfg.experiment.precompile_workers:
+        precompile(all_candidates(spec, tokens, space), dtype, cfg.experiment.precompile_workers)
+    deadline = time.time() + 60 * cfg.experiment.max_minutes
+    big = make_problem(spec, max(tokens), dtype, device, seed)
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if gpu else 1
+    rows, chosen = [], {}
+    for T in tokens:
+        if time.time() > deadline:
+            progress.step(f"T={T}: skipped (experiment.max_minutes={cfg.experiment.max_minutes} reached)")
+            continue
+        p = replace(big, x=big.x[:T])
+        bench = _Bench(p, spec, T, dtype, cfg.experiment.warmup_ms, cfg.experiment.rep_ms)
+        tpe = T * spec.top_k / spec.num_experts
+        base = dict(experiment="tune", model=spec.name, dtype=str(dtype).replace("torch.", ""), T=T,
+                    tokens_per_expert=tpe, **prov)
+        best_pair = None
+        for bm in block_m_candidates(tpe):
+            best = {}
+            for kernel in ("gate_up", "down"):
+                measured = []
+                for stage in ("coarse", "refine"):
+                    if stage == "coarse":
+                        configs = coarse(kernel, bm, space)
+                    else:
+                        ok = [m for m in measured if m[1]["status"] == "ok"]
+                        if not ok:
+                            break
+                        top = min(ok, key=lambda m: m[1]["ms_p50"])[0]
+                        # split-K pays where the down projection has fewer tiles than ~2 waves
+                        tiles = -(-T * spec.top_k // bm) * -(-spec.hidden_size // top.block_n)
+                        configs = refine(kernel, top, space, tiles < 2 * num_sms)
+                    for t in configs:
+                        r = bench.measure(kernel, t)
+                        measured.append((t, r))
+                        rows.append({**base, "kernel": kernel, "config": _cfg_str(t), "stage": stage,
+                                     "tiles": asdict(t), **r})
+                ok = [m for m in measured if m[1]["status"] == "ok"]
+                if ok:
+                    best[kernel] = min(ok, key=lambda m: m[1]["ms_p50"])
+            if len(best) == 2:
+                total = best["gate_up"][1]["ms_p50"] + best["down"][1]["ms_p50"]
+                if best_pair is None or total < best_pair[0]:
+                    best_pair = (total, best["gate_up"], best["down"])
+        if best_pair is not None:
+            total, (gt, gr), (dt, dr) = best_pair
+            default_ms = _default_total(bench, tpe)
+            chosen[T] = {"gate_up": asdict(gt), "down": asdict(dt), "gate_up_ms": gr["ms_p50"],
+                         "down_ms": dr["ms_p50"], "default_ms": default_ms}
+            progress.step(f"T={T}: {total:.3f} ms (defaults {default_ms:.3f}) gate_up {_cfg_str(gt)} | "
+                          f"down {_cfg_str(dt)}")
+        else:
+            progress.step(f"T={T}: no working config")
+        del bench, p
+        torch.cuda.empty_cache()
+    if chosen and gpu and cfg.experiment.write_configs:
+        _write_table(spec, dtype, device, chosen, prov)
+    return rows
+
+
+def _default_total(bench, tpe) -> float:
+    gate_up_t, down_t = default_tiles(tpe, False)
+    return sum(statistics.median(common.time_ms(bench.fn(k, t), bench.p.x.device, bench.warmup_ms, bench.rep_ms))
+               for k, t in (("gate_up", gate_up_t), ("down", down_t)))
+
+
+def _cfg_str(t: TileConfig) -> str:
+    return (f"m{t.block_m}n{t.block_n}k{t.block_k}g{t.group_m}w{t.num_warps}s{t.num_stages}"
+            + (f"sk{t.split_k}" if t.split_k > 1 else ""))
+
+
+def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:
+    path = CONFIG_DIR / f"{device_key(device)}.json"
+    table = json.loads(path.read_text()) if path.exists() else {"configs": {}, "sources": {}}
+    key = problem_key(spec.num_experts, spec.intermediate_size, spec.hidden_size, dtype)
+    table["configs"][key] = {str(T): {"gate_up": c["gate_up"], "down": c["down"]} for T, c in sorted(chosen.items())}
+    table["sources"][key] = {"model": spec.name, "results": f"results/{common.device_name(device)}/tune.jsonl",
+                             "commit": prov["commit"], "date": prov["date"],
+                             "ms": {str(T): {k: round(c[k], 4) for k in ("gate_up_ms", "down_ms", "default_ms")}
+                                    for T, c in sorted(chosen.items())}}
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"tuned tiles for {key} -> {path.relative_to(common.REPO)}")
+
+
+def summary(rows: list[dict]) -> str:
+    lines = [f"{'model':16s} {'T':>5s} {'kernel':8s} {'best ms':>8s} {'config':28s} {'tried':>5s}"]
+    for key in sorted({(r["model"], r["T"], r["kernel"]) for r in rows}):
+        ok = [r for r in rows if (r["model"], r["T"], r["kernel"]) == key and r["status"] == "ok"]
+        tried = sum(1 for r in rows if (r["model"], r["T"], r["kernel"]) == key)
+        if ok:
+            b = min(ok, key=lambda r: r["ms_p50"])
+            lines.append(f"{key[0]:16s} {key[1]:5d} {key[2]:8s} {b['ms_p50']:8.4f} {b['config']:28s} {tried:5d}")
+    return "\n".join(lines)
