@@ -9,7 +9,8 @@
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
 # Megablocks wheels built by an earlier call come back as $OUT/mbwheels.tar; unpacked into
 # .carry/mbwheels/ they are installed instead of building again (~3 minutes).
-# Environment: MODELS (comma list), TOKENS (Hydra list, e.g. [1,64]), TEST_TIMEOUT (s),
+# Environment: MODELS (comma list), TOKENS (Hydra list, e.g. [1,64]), TEST_TIMEOUT (s), TUNE_MINUTES,
+# BUILD_MEGABLOCKS=1 (build it in the background even without the bench stage),
 # TRITONMOE_COMMIT (the commit, for provenance: the tree sent here has no .git).
 set -uo pipefail
 stages=" ${*:-tests tune bench} "
@@ -25,7 +26,7 @@ overrides=()
 [[ -n ${TOKENS:-} ]] && overrides+=("profile.tokens=$TOKENS")
 
 mb_pid=
-if [[ $stages == *" bench "* ]]; then
+if [[ $stages == *" bench "* || -n ${BUILD_MEGABLOCKS:-} ]]; then
   if ls .carry/mbwheels/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/mbwheels/*.whl
   elif [[ -d .carry/baselines ]]; then
@@ -42,7 +43,8 @@ if [[ $stages == *" tests "* ]]; then
 fi
 
 if [[ $stages == *" tune "* ]]; then
-  python3 -m experiments -m experiment=tune profile=gpu model="$MODELS" "${overrides[@]}" 2>&1 \
+  python3 -m experiments -m experiment=tune profile=gpu model="$MODELS" "${overrides[@]}" \
+    ${TUNE_MINUTES:+experiment.max_minutes=$TUNE_MINUTES} 2>&1 \
     | tee "$OUT/tune.log" | grep -v "^ *$"
 fi
 
@@ -54,5 +56,6 @@ if [[ $stages == *" bench "* ]]; then
   python3 -m experiments -m experiment=latency profile=gpu model="$MODELS" "${overrides[@]}" 2>&1 \
     | tee "$OUT/latency.log" | grep -v "^\["
 fi
+[[ -n $mb_pid ]] && wait "$mb_pid"
 tar czf "$OUT/results.tgz" results tritonmoe/configs 2>/dev/null
 echo "files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
