@@ -38,8 +38,10 @@ if [[ $stages == *" bench "* || -n ${BUILD_MEGABLOCKS:-} ]]; then
 fi
 
 if [[ $stages == *" tests "* ]]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -n 8 -q tests --device cuda --junitxml "$OUT/junit_cuda.xml" \
-    -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/pytest_cuda.txt"
+  # SIGINT at the limit: pytest still prints its summary of what failed
+  timeout -s INT "${TEST_TIMEOUT:-300}" python3 -m pytest -n 8 -q -rfE --tb=short tests --device cuda \
+    --junitxml "$OUT/junit_cuda.xml" -p no:cacheprovider -W ignore::pytest.PytestWarning >"$OUT/pytest_cuda.txt" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_cuda.txt" | tail -40
 fi
 
 if [[ $stages == *" tune "* ]]; then
