@@ -41,7 +41,8 @@ gpu-carry:  ## stage what a lent GPU machine (no internet) needs: pytest wheels,
 	mkdir -p .carry && rm -rf .carry/baselines && cp -r ../shared/baselines .carry/baselines  # the sdists
 	rm -rf .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-	  pytest pluggy iniconfig pygments packaging pytest-xdist execnet hydra-core==1.3.8 omegaconf==2.3.1 PyYAML
+	  pytest pluggy iniconfig pygments packaging pytest-xdist execnet hydra-core==1.3.8 omegaconf==2.3.1 PyYAML \
+	  'numpy<2.4'  # the interpreter-run tests (gloo ranks, smoke) need numpy < 2.4 there too
 	$(PYTHON) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # hydra's pin ships no wheel
 
 clean:  ## remove the virtual environment and caches (never results/)
