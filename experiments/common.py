@@ -41,10 +41,11 @@ def provenance(device: torch.device, seed: int) -> dict:
         "triton": triton.__version__,
         "tritonmoe": tritonmoe.__version__,
         "python": platform.python_version(),
-        # a copy of the tree without .git (the lent GPU machine) names its commit in the environment
-        "commit": _git("rev-parse", "HEAD") if (REPO / ".git").exists() else os.environ.get("TRITONMOE_COMMIT", "unknown"),
-        "dirty": (bool(_git("status", "--porcelain", "--untracked-files=no")) if (REPO / ".git").exists()
-                  else os.environ.get("TRITONMOE_DIRTY", "unknown")),
+        # A copied tree (the lent GPU machine) names its commit in the environment: its .git,
+        # if any, may be a stale snapshot.
+        "commit": os.environ.get("TRITONMOE_COMMIT") or _git("rev-parse", "HEAD"),
+        "dirty": (os.environ["TRITONMOE_DIRTY"] == "true" if "TRITONMOE_DIRTY" in os.environ
+                  else bool(_git("status", "--porcelain", "--untracked-files=no"))),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
     }

@@ -37,27 +37,32 @@ if [[ $stages == *" bench "* || -n ${BUILD_MEGABLOCKS:-} ]]; then
   fi
 fi
 
-if [[ $stages == *" tests "* ]]; then
-  # SIGINT at the limit: pytest still prints its summary of what failed
-  timeout -s INT "${TEST_TIMEOUT:-300}" python3 -m pytest -n 8 -q -rfE --tb=short tests --device cuda \
+stage_tests() {
+  # SIGINT at the limit: pytest still prints its summary of what failed. Stop before the
+  # call's limit (SESSION_SECONDS, default 570) so the files still get packed.
+  limit=$(( ${SESSION_SECONDS:-570} - SECONDS - 20 )); (( limit > ${TEST_TIMEOUT:-400} )) && limit=${TEST_TIMEOUT:-400}
+  echo "tests: up to $limit s"
+  timeout -s INT "$limit" python3 -m pytest -n 16 -q -rfE --tb=short tests --device cuda \
     --junitxml "$OUT/junit_cuda.xml" -p no:cacheprovider -W ignore::pytest.PytestWarning >"$OUT/pytest_cuda.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_cuda.txt" | tail -40
-fi
+}
 
-if [[ $stages == *" tune "* ]]; then
+stage_tune() {
   python3 -m experiments -m experiment=tune profile=gpu model="$MODELS" "${overrides[@]}" \
     ${TUNE_MINUTES:+experiment.max_minutes=$TUNE_MINUTES} 2>&1 \
     | tee "$OUT/tune.log" | grep -v "^ *$"
-fi
+}
 
-if [[ $stages == *" bench "* ]]; then
+stage_bench() {
   if [[ -n $mb_pid ]]; then
     wait "$mb_pid" && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mbwheels/*.whl \
       || echo "Megablocks build failed: see $OUT/megablocks_build.log (its rows will say unavailable)"
   fi
   python3 -m experiments -m experiment=latency profile=gpu model="$MODELS" "${overrides[@]}" 2>&1 \
     | tee "$OUT/latency.log" | grep -v "^\["
-fi
+}
+
+for stage in $stages; do "stage_$stage"; done
 [[ -n $mb_pid ]] && wait "$mb_pid"
 tar czf "$OUT/results.tgz" results tritonmoe/configs 2>/dev/null
 echo "files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
