@@ -11,7 +11,8 @@
 # .carry/mbwheels/ they are installed instead of building again (~3 minutes).
 # Environment: MODELS (comma list), TOKENS (Hydra list, e.g. [1,64]), TEST_TIMEOUT (s), TUNE_MINUTES,
 # BUILD_MEGABLOCKS=1 (build it in the background even without the bench stage),
-# TRITONMOE_COMMIT (the commit, for provenance: the tree sent here has no .git).
+# HYDRA_ARGS (more overrides, space-separated), SESSION_SECONDS (deadline for the tests stage),
+# TRITONMOE_COMMIT (the commit, for provenance: the tree sent here has no trustworthy .git).
 set -uo pipefail
 stages=" ${*:-tests tune bench} "
 OUT=${OUT:-results/_gpu_session}
@@ -24,6 +25,7 @@ fi
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 overrides=()
 [[ -n ${TOKENS:-} ]] && overrides+=("profile.tokens=$TOKENS")
+read -ra extra <<<"${HYDRA_ARGS:-}"; overrides+=("${extra[@]}")
 
 mb_pid=
 if [[ $stages == *" bench "* || -n ${BUILD_MEGABLOCKS:-} ]]; then
