@@ -32,15 +32,20 @@ def make_problem(spec, T, dtype, device, seed) -> Problem:
     return Problem(spec, randn(T, H), randn(E, H, scale=H ** -0.5), bias, w13, w2)
 
 
-def check(p: Problem, out: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| over tokens whose routing is not a float32 near-tie."""
+def expected(p: Problem):
+    """The float64 reference output and the tokens whose routing is not a float32 near-tie."""
     logits = p.router_logits()
     ref_w, ref_ids = reference.route(logits, p.spec, correction_bias=p.bias)
     ref = reference.fused_experts(p.x, p.w13, p.w2, ref_w, ref_ids)
     clear = reference.selection_margin(logits, p.spec, correction_bias=p.bias) > ROUTE_MARGIN
-    diff = (out.double() - ref)[clear]
+    return ref, clear
+
+
+def check(out: torch.Tensor, ref: torch.Tensor, clear: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| over the clear tokens; inf if anything is NaN."""
     if torch.isnan(out).any():
         return float("inf")
+    diff = (out.double() - ref)[clear]
     return (diff.norm() / ref[clear].norm().clamp_min(1e-30)).item()
 
 
@@ -58,6 +63,7 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
         p = dataclasses.replace(big, x=big.x[:T])
         weights, ids = reference.route(p.router_logits(), spec, correction_bias=p.bias)
         distinct = int(torch.unique(ids).numel())
+        ref = expected(p)  # once per T, shared by every implementation
         terms = common.floor_terms(spec, T, distinct, torch.finfo(dtype).bits // 8)
         floor_ms = max(terms["bytes"] / ceilings["hbm_read_Bps"], terms["flops"] / ceilings["bf16_flops"]) * 1e3
         for impl in impls:
@@ -68,17 +74,17 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
                 row = dict(experiment="latency", model=spec.name, dtype=str(dtype).replace("torch.", ""), T=T,
                            impl=impl, mode=mode, distinct_experts=distinct, floor_ms=floor_ms, **terms,
                            **ceilings, **prov)
-                row.update(_measure(cfg, p, impl, mode, T, device, dtype, terms, floor_ms))
+                row.update(_measure(cfg, p, ref, impl, mode, T, device, dtype, terms, floor_ms))
                 rows.append(row)
                 progress.step(f"{spec.name} T={T} {impl} {mode}: {row['status']}"
                               + (f" {row['ms_p50']:.3f} ms" if row["status"] == "ok" else ""))
-        del p
+        del p, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def _measure(cfg, p, impl, mode, T, device, dtype, terms, floor_ms) -> dict:
+def _measure(cfg, p, ref, impl, mode, T, device, dtype, terms, floor_ms) -> dict:
     if impl == "torch_loop" and T > cfg.experiment.torch_loop_max_tokens:
         return {"status": "skipped", "reason": f"T > torch_loop_max_tokens={cfg.experiment.torch_loop_max_tokens}"}
     try:
@@ -86,7 +92,7 @@ def _measure(cfg, p, impl, mode, T, device, dtype, terms, floor_ms) -> dict:
     except Unavailable as why:
         return {"status": "unavailable", "reason": str(why)}
     with torch.no_grad():
-        err = check(p, fn())
+        err = check(fn(), *ref)
         if not err <= CHECK_TOL[dtype]:
             return {"status": "wrong", "rel_err": err, "reason": f"rel_err {err:.3g} > {CHECK_TOL[dtype]}"}
         timer = common.time_graph_ms if mode == "cuda_graph" else common.time_ms
