@@ -23,6 +23,7 @@ import torch
 
 import tritonmoe
 from tritonmoe import TileConfig, build_schedule, combine, gate_up_silu, grouped_gemm
+from tritonmoe import configs
 from tritonmoe.configs import CONFIG_DIR, default_tiles, device_key, problem_key
 from . import common
 from .latency import make_problem
@@ -274,6 +275,8 @@ def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:
                                     for T, c in sorted(chosen.items())}}
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    configs._load.cache_clear()  # later calls in this process see the new table
+    configs._tiles.cache_clear()
     print(f"tuned tiles for {key} -> {path.relative_to(common.REPO)}")
 
 

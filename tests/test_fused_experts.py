@@ -132,18 +132,20 @@ def test_bad_input(changes, error, match, device):
         _bad(device, **changes)
 
 
+@pytest.mark.parametrize("T", [4, 700])  # one schedule chunk (one launch) / several (three launches)
 @pytest.mark.parametrize("bad_id", [8, -1])
-def test_out_of_range_ids(bad_id, device):
+def test_out_of_range_ids(bad_id, T, device):
     if device.type == "cpu":
         with pytest.raises(ValueError, match="topk_ids"):
             _bad(device, topk_ids=lambda a: a["topk_ids"] * 0 + bad_id)
         return
     # On the GPU the check is a device-side assertion (no host sync): it ends the CUDA
     # context, so it runs in a child process, which must fail with the message.
-    code = ("import torch, tritonmoe; x = torch.randn(4, 40, device='cuda'); "
+    code = (f"import torch, tritonmoe; T = {T}; x = torch.randn(T, 40, device='cuda'); "
             "w13 = torch.randn(8, 48, 40, device='cuda'); w2 = torch.randn(8, 40, 24, device='cuda'); "
-            f"ids = torch.full((4, 2), {bad_id}, dtype=torch.int32, device='cuda'); "
-            "tritonmoe.fused_experts(x, w13, w2, torch.rand(4, 2, device='cuda'), ids); torch.cuda.synchronize()")
+            "ids = torch.randint(0, 8, (T, 2), dtype=torch.int32, device='cuda'); "
+            f"ids[T - 1, 1] = {bad_id}; "
+            "tritonmoe.fused_experts(x, w13, w2, torch.rand(T, 2, device='cuda'), ids); torch.cuda.synchronize()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "topk_ids has an expert id outside" in proc.stderr + proc.stdout

@@ -48,7 +48,12 @@ def device_key(device: torch.device) -> str:
     """File name stem for a device, e.g. ``NVIDIA_H100_80GB_HBM3``; ``interpreter`` on the CPU."""
     if device.type != "cuda":
         return "interpreter"
-    return torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
+    return _cuda_device_key(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_key(index: int) -> str:
+    return torch.cuda.get_device_name(index).replace(" ", "_").replace("/", "_")
 
 
 def problem_key(E: int, N: int, K: int, dtype: torch.dtype) -> str:
@@ -91,12 +96,18 @@ def default_tiles(tokens_per_expert: float, interpreter: bool) -> tuple[TileConf
 def get_tiles(num_tokens: int, top_k: int, E: int, F: int, H: int, dtype: torch.dtype,
               device: torch.device) -> tuple[TileConfig, TileConfig]:
     """(gate_up, down) tiles for a call; both share block_m (one schedule serves both GEMMs)."""
-    tokens_per_expert = num_tokens * top_k / E
-    table = {} if interpreting() or device.type != "cuda" else _load(device_key(device))
+    cpu = interpreting() or device.type != "cuda"
+    # cached: this runs on every forward, and small-T forwards are bound by host time
+    return _tiles(num_tokens, top_k, E, F, H, dtype, "interpreter" if cpu else device_key(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _tiles(num_tokens: int, top_k: int, E: int, F: int, H: int, dtype: torch.dtype, device_name: str):
+    table = {} if device_name == "interpreter" else _load(device_name)
     entry = table.get(problem_key(E, F, H, dtype))
     if entry:
         buckets = sorted(int(m) for m in entry)
         below = [m for m in buckets if m <= num_tokens]
         chosen = entry[str(below[-1] if below else buckets[0])]
         return TileConfig(**chosen["gate_up"]), TileConfig(**chosen["down"])
-    return default_tiles(tokens_per_expert, interpreting() or device.type != "cuda")
+    return default_tiles(num_tokens * top_k / E, device_name == "interpreter")

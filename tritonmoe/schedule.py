@@ -1,7 +1,8 @@
 """Stage 2 -- the schedule: which rows each GEMM program multiplies by which expert.
 
 Built on the GPU from ``topk_ids`` with no host synchronisation (so a whole forward
-can be captured in a CUDA graph), in three small launches, deterministic and stable:
+can be captured in a CUDA graph), deterministic and stable. Up to 1024 slots (one chunk)
+it is one launch, ``_schedule_one_chunk_kernel``; above, three:
 
 1. ``_histogram_kernel``: per chunk of BLOCK_S slots, how many go to each expert.
 2. ``_scan_kernel`` (one program): expert counts and offsets, each chunk's base position
@@ -69,39 +70,22 @@ def _bin_of(ids_ptr, offs_s, S, E):
     return tl.where(offs_s < S, bins, E + 1)
 
 
-# debug=True keeps this one kernel's device_assert on (Triton drops asserts otherwise): an
-# out-of-range expert id stops the program on the GPU with this message, at no host sync.
-@triton.jit(debug=True)
-def _histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK_S: tl.constexpr, NBINS: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_s = pid.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)             # [BS]
+@triton.jit
+def _chunk_histogram(ids_ptr, chunk_start, S, E, BLOCK_S: tl.constexpr, NBINS: tl.constexpr):
+    """Slots per bin in one chunk. An out-of-range expert id stops the program on the GPU
+    (device_assert, compiled in by the callers' debug=True) at no host sync."""
+    offs_s = chunk_start + tl.arange(0, BLOCK_S)                              # [BS]
     bins = _bin_of(ids_ptr, offs_s, S, E)
     tl.device_assert(bins != E, "tritonmoe: topk_ids has an expert id outside [0, num_experts)")
-    hist = tl.histogram(bins, NBINS)                                         # [NBINS]
-    tl.store(hist_ptr + pid * NBINS + tl.arange(0, NBINS), hist)
+    return tl.histogram(bins, NBINS)                                         # [NBINS]
 
 
 @triton.jit
-def _scan_kernel(
-    hist_ptr, base_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, num_blocks_ptr,
-    num_invalid_ptr, num_chunks, E, max_blocks,
-    BLOCK_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_B: tl.constexpr,
-):
+def _block_map(totals, starts, block_expert_ptr, block_row_ptr, num_blocks_ptr, E, max_blocks,
+               BLOCK_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """M-block b -> (expert, first sorted row), from the slots per bin and their first rows.
+    Only real experts get blocks; blocks past the used ones get expert -1."""
     offs_bin = tl.arange(0, NBINS)
-    # Slots per bin over all chunks.
-    totals = tl.zeros((NBINS,), tl.int32)
-    for c in range(num_chunks):
-        totals += tl.load(hist_ptr + c * NBINS + offs_bin)
-    starts = tl.cumsum(totals, axis=0) - totals                              # exclusive: first row per bin
-    tl.store(counts_ptr + offs_bin, totals, mask=offs_bin < E)
-    tl.store(offsets_ptr + offs_bin, starts, mask=offs_bin <= E + 1)
-    tl.store(num_invalid_ptr + offs_bin * 0, totals, mask=offs_bin == E)
-    # Base per (chunk, bin): the sorted row of the chunk's first slot in that bin.
-    running = starts
-    for c in range(num_chunks):
-        tl.store(base_ptr + c * NBINS + offs_bin, running)
-        running += tl.load(hist_ptr + c * NBINS + offs_bin)
-    # M-block map. Only real experts get blocks.
     nblk = tl.where(offs_bin < E, (totals + BLOCK_M - 1) // BLOCK_M, 0)      # [NBINS]
     blk_end = tl.cumsum(nblk, axis=0)
     blk_start = blk_end - nblk
@@ -120,23 +104,83 @@ def _scan_kernel(
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, base_ptr, sorted_slots_ptr, slot_pos_ptr, S, E,
-                    BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, NBINS: tl.constexpr):
-    pid = tl.program_id(0)
-    next_row = tl.load(base_ptr + pid * NBINS + tl.arange(0, NBINS))        # [NBINS] next free row per bin
+def _store_totals(totals, starts, counts_ptr, offsets_ptr, num_invalid_ptr, E, NBINS: tl.constexpr):
+    offs_bin = tl.arange(0, NBINS)
+    tl.store(counts_ptr + offs_bin, totals, mask=offs_bin < E)
+    tl.store(offsets_ptr + offs_bin, starts, mask=offs_bin <= E + 1)
+    tl.store(num_invalid_ptr + offs_bin * 0, totals, mask=offs_bin == E)
+
+
+@triton.jit
+def _scatter_chunk(ids_ptr, next_row, sorted_slots_ptr, slot_pos_ptr, chunk_start, S, E,
+                   BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, NBINS: tl.constexpr):
+    """Give each slot of the chunk its sorted row: ``next_row[bin]`` (the chunk's first row per
+    bin) plus its rank among the chunk's earlier slots of that bin (stable)."""
     local = tl.arange(0, SUB_S)
     before = local[None, :] < local[:, None]                                 # [SUB, SUB]: j precedes i
-    chunk_start = pid.to(tl.int64) * BLOCK_S
     for s0 in range(0, tl.minimum(BLOCK_S, S - chunk_start), SUB_S):
         offs_s = chunk_start + s0 + local                                    # [SUB]
         bins = _bin_of(ids_ptr, offs_s, S, E)
-        # rank among the earlier slots of this sub-block with the same bin (keeps the order stable)
         rank = tl.sum(((bins[None, :] == bins[:, None]) & before).to(tl.int32), axis=1)
         row = tl.gather(next_row, bins, 0) + rank
         valid = bins <= E
         tl.store(sorted_slots_ptr + row, offs_s.to(tl.int32), mask=valid)
         tl.store(slot_pos_ptr + offs_s, row, mask=valid)
         next_row += tl.histogram(bins, NBINS)
+
+
+# debug=True keeps the device_assert of _chunk_histogram (Triton drops asserts otherwise).
+@triton.jit(debug=True)
+def _histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK_S: tl.constexpr, NBINS: tl.constexpr):
+    pid = tl.program_id(0)
+    hist = _chunk_histogram(ids_ptr, pid.to(tl.int64) * BLOCK_S, S, E, BLOCK_S, NBINS)
+    tl.store(hist_ptr + pid * NBINS + tl.arange(0, NBINS), hist)
+
+
+@triton.jit
+def _scan_kernel(
+    hist_ptr, base_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, num_blocks_ptr,
+    num_invalid_ptr, num_chunks, E, max_blocks,
+    BLOCK_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    offs_bin = tl.arange(0, NBINS)
+    # Slots per bin over all chunks.
+    totals = tl.zeros((NBINS,), tl.int32)
+    for c in range(num_chunks):
+        totals += tl.load(hist_ptr + c * NBINS + offs_bin)
+    starts = tl.cumsum(totals, axis=0) - totals                              # exclusive: first row per bin
+    _store_totals(totals, starts, counts_ptr, offsets_ptr, num_invalid_ptr, E, NBINS)
+    # Base per (chunk, bin): the sorted row of the chunk's first slot in that bin.
+    running = starts
+    for c in range(num_chunks):
+        tl.store(base_ptr + c * NBINS + offs_bin, running)
+        running += tl.load(hist_ptr + c * NBINS + offs_bin)
+    _block_map(totals, starts, block_expert_ptr, block_row_ptr, num_blocks_ptr, E, max_blocks,
+               BLOCK_M, NBINS, BLOCK_B)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, base_ptr, sorted_slots_ptr, slot_pos_ptr, S, E,
+                    BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, NBINS: tl.constexpr):
+    pid = tl.program_id(0)
+    next_row = tl.load(base_ptr + pid * NBINS + tl.arange(0, NBINS))        # [NBINS] next free row per bin
+    _scatter_chunk(ids_ptr, next_row, sorted_slots_ptr, slot_pos_ptr, pid.to(tl.int64) * BLOCK_S, S, E,
+                   BLOCK_S, SUB_S, NBINS)
+
+
+# All of the above in one program when the slots fit one chunk (small T: launch-bound).
+@triton.jit(debug=True)
+def _schedule_one_chunk_kernel(
+    ids_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, num_blocks_ptr, num_invalid_ptr,
+    sorted_slots_ptr, slot_pos_ptr, S, E, max_blocks,
+    BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, BLOCK_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    totals = _chunk_histogram(ids_ptr, 0, S, E, BLOCK_S, NBINS)
+    starts = tl.cumsum(totals, axis=0) - totals
+    _store_totals(totals, starts, counts_ptr, offsets_ptr, num_invalid_ptr, E, NBINS)
+    _block_map(totals, starts, block_expert_ptr, block_row_ptr, num_blocks_ptr, E, max_blocks,
+               BLOCK_M, NBINS, BLOCK_B)
+    _scatter_chunk(ids_ptr, starts, sorted_slots_ptr, slot_pos_ptr, 0, S, E, BLOCK_S, SUB_S, NBINS)
 
 
 def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Schedule:
@@ -153,24 +197,34 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Sc
     block_s = min(1024, max(16, next_pow2(S)))
     num_chunks = cdiv(S, block_s) if S else 0
     nmax = max_blocks(S, num_experts, block_m)
-    i32 = dict(dtype=torch.int32, device=dev)
+    # One allocation for every buffer (small T is bound by host time); parts padded to
+    # 4 int32 so each view stays 16-byte aligned.
+    sizes = [num_experts, num_experts + 2, S, S, nmax, nmax, 1, 1]
+    if num_chunks > 1:
+        sizes += [num_chunks * nbins] * 2                                    # hist, base
+    padded = [cdiv(n, 4) * 4 for n in sizes]
+    parts = [p[:n] for p, n in zip(torch.empty(sum(padded), dtype=torch.int32, device=dev).split(padded), sizes)]
     sched = Schedule(
         num_tokens=T, top_k=k, num_experts=num_experts, block_m=block_m, max_blocks=nmax,
-        expert_counts=torch.empty(num_experts, **i32), expert_offsets=torch.empty(num_experts + 2, **i32),
-        sorted_slots=torch.empty(S, **i32), slot_positions=torch.empty(S, **i32),
-        block_expert=torch.empty(nmax, **i32), block_row_start=torch.empty(nmax, **i32),
-        num_blocks=torch.empty(1, **i32), num_invalid=torch.empty(1, **i32),
+        expert_counts=parts[0], expert_offsets=parts[1], sorted_slots=parts[2], slot_positions=parts[3],
+        block_expert=parts[4], block_row_start=parts[5], num_blocks=parts[6], num_invalid=parts[7],
     )
     if S == 0:
         sched.expert_counts.zero_(); sched.expert_offsets.zero_(); sched.num_blocks.zero_()
         sched.num_invalid.zero_()
         return sched
-    hist = torch.empty(num_chunks, nbins, **i32)
-    base = torch.empty(num_chunks, nbins, **i32)
+    block_b = max(16, min(64, 8192 // nbins))
+    if num_chunks == 1:
+        _schedule_one_chunk_kernel[(1,)](
+            ids, sched.expert_counts, sched.expert_offsets, sched.block_expert, sched.block_row_start,
+            sched.num_blocks, sched.num_invalid, sched.sorted_slots, sched.slot_positions, S, num_experts, nmax,
+            BLOCK_S=block_s, SUB_S=min(64, block_s), BLOCK_M=block_m, NBINS=nbins, BLOCK_B=block_b)
+        return sched
+    hist, base = parts[8].view(num_chunks, nbins), parts[9].view(num_chunks, nbins)
     _histogram_kernel[(num_chunks,)](ids, hist, S, num_experts, BLOCK_S=block_s, NBINS=nbins)
     _scan_kernel[(1,)](hist, base, sched.expert_counts, sched.expert_offsets, sched.block_expert,
                        sched.block_row_start, sched.num_blocks, sched.num_invalid, num_chunks, num_experts,
-                       nmax, BLOCK_M=block_m, NBINS=nbins, BLOCK_B=max(16, min(64, 8192 // nbins)))
+                       nmax, BLOCK_M=block_m, NBINS=nbins, BLOCK_B=block_b)
     _scatter_kernel[(num_chunks,)](ids, base, sched.sorted_slots, sched.slot_positions, S, num_experts,
                                    BLOCK_S=block_s, SUB_S=min(64, block_s), NBINS=nbins)
     return sched

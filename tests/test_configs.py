@@ -1,0 +1,51 @@
+"""Tile tables: validation, the M-bucket lookup, and the shipped tables themselves."""
+import json
+
+import pytest
+import torch
+
+from tritonmoe import TileConfig, configs
+from tritonmoe.specs import get_spec
+
+BENCHMARK_MODELS = ("mixtral_8x7b", "qwen2_57b_a14b", "deepseek_v3")
+
+
+def test_tile_config_validation():
+    for bad in (dict(block_m=24), dict(block_n=8), dict(num_warps=0), dict(split_k=0), dict(group_m=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TileConfig(**bad)
+
+
+def test_bucket_lookup(monkeypatch):
+    # the nearest tuned bucket at or below T; below the smallest, the smallest
+    table = {"E=8,N=32,K=64,dtype=float16": {
+        str(m): {"gate_up": dict(block_m=bm, block_n=32), "down": dict(block_m=bm, block_n=64, split_k=2)}
+        for m, bm in ((4, 16), (64, 32), (512, 128))}}
+    monkeypatch.setattr(configs, "_load", lambda name: table if name == "FAKE_GPU" else {})
+    configs._tiles.cache_clear()
+    try:
+        pick = lambda T: configs._tiles(T, 2, 8, 32, 64, torch.float16, "FAKE_GPU")  # noqa: E731
+        assert pick(1)[0].block_m == 16 and pick(63)[0].block_m == 16
+        assert pick(64)[0].block_m == 32 and pick(511)[1].block_n == 64 and pick(511)[1].split_k == 2
+        assert pick(10_000)[0].block_m == 128
+        # another problem: the defaults, one block_m for both GEMMs
+        up, down = configs._tiles(64, 2, 16, 32, 64, torch.float16, "FAKE_GPU")
+        assert up.block_m == down.block_m
+    finally:
+        configs._tiles.cache_clear()
+
+
+@pytest.mark.parametrize("path", sorted(configs.CONFIG_DIR.glob("*.json")), ids=lambda p: p.stem)
+def test_shipped_tables_are_valid(path):
+    table = json.loads(path.read_text())
+    assert table["configs"], "empty table"
+    for key, buckets in table["configs"].items():
+        assert key in table["sources"], f"{key}: no source results named"
+        for m, pair in buckets.items():
+            up, down = TileConfig(**pair["gate_up"]), TileConfig(**pair["down"])
+            assert up.block_m == down.block_m, f"{key} M={m}: the two GEMMs must share block_m"
+            assert up.split_k == 1, f"{key} M={m}: the fused gate+up has no split-K"
+    # the tables serve the models the benchmark runs
+    for spec in map(get_spec, BENCHMARK_MODELS):
+        key = configs.problem_key(spec.num_experts, spec.intermediate_size, spec.hidden_size, torch.bfloat16)
+        assert key in table["configs"], spec.name
