@@ -2,7 +2,7 @@
 
 ``python -m experiments.host_overhead`` on a CUDA machine. Tiny shapes keep each kernel's GPU
 time to a few microseconds, so the wall time of N back-to-back calls (one sync at the end)
-over N is the host time of a call. Writes ``results/<GPU>/host_overhead.json`` with provenance
+over N is the host time of a call. Appends a record to ``results/<GPU>/host_overhead.jsonl`` with provenance
 and prints a table.
 """
 from __future__ import annotations
@@ -79,9 +79,10 @@ def main() -> None:
     }
     results = {name: host_us(fn) for name, fn in stages.items()}
     prov = common.provenance(dev, 0)
-    out = common.REPO / "results" / common.device_name(dev) / "host_overhead.json"
+    out = common.REPO / "results" / common.device_name(dev) / "host_overhead.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"host_us": results, "shapes": dict(T=T, E=E, H=H, F=F, k=k), **prov}, indent=1) + "\n")
+    with open(out, "a") as f:  # one record per run: before/after comparisons stay in the file
+        f.write(json.dumps({"host_us": results, "shapes": dict(T=T, E=E, H=H, F=F, k=k), **prov}, sort_keys=True) + "\n")
     print(f"{'stage':32s} {'host us/call':>12s}")
     for name, us in results.items():
         print(f"{name:32s} {us:12.1f}")

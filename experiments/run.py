@@ -31,8 +31,10 @@ def run(cfg: DictConfig) -> None:
     out_dir = common.results_dir(cfg, device)
     path = out_dir / f"{cfg.experiment.name}.jsonl"
     common.write_rows(path, rows, module.KEY)
-    (out_dir / f"{cfg.experiment.name}.{spec.name}.provenance.json").write_text(
-        json.dumps({**prov, **ceilings, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1) + "\n")
+    # one record per run (rows are replaced by later runs; the record of each run stays)
+    with open(out_dir / "runs.jsonl", "a") as runs:
+        runs.write(json.dumps({"experiment": cfg.experiment.name, "model": spec.name, **prov, **ceilings,
+                               "config": OmegaConf.to_container(cfg, resolve=True)}, sort_keys=True) + "\n")
     print()
     print(module.summary(rows))
     shown = path.relative_to(common.REPO) if path.is_relative_to(common.REPO) else path
