@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._utils import SUPPORTED_DTYPES, check_tensor
-from .functional import INDEX_DTYPES, WEIGHT_DTYPES, fused_experts
+from .functional import check_routing, fused_experts
 from .layer import MoELayer
 from .permute import combine, permute
 from .route import route
@@ -83,27 +83,9 @@ def _check_num_experts(num_experts, world: int) -> int:
 
 
 def _check_routing(hidden_states, topk_weights, topk_ids, num_experts: int):
-    """Checks of the arguments every rank passes for its own tokens; no communication."""
-    check_tensor("hidden_states", hidden_states, ndim=2, dtypes=SUPPORTED_DTYPES)
-    dev = hidden_states.device
-    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=WEIGHT_DTYPES, device=dev)
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=dev)
-    T = hidden_states.shape[0]
-    if topk_ids.shape[0] != T:
-        raise ValueError(f"topk_ids has {topk_ids.shape[0]} tokens but hidden_states has T={T}")
-    if topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} != topk_ids shape "
-                         f"{tuple(topk_ids.shape)}")
-    k = topk_ids.shape[1]
-    if not 1 <= k <= num_experts:
-        raise ValueError(f"top_k (topk_ids dim 1) must be in [1, num_experts={num_experts}], got {k}")
-    if dev.type == "cpu" and T:
-        # Free on the CPU; on the GPU the schedule's histogram kernel asserts on the device instead.
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"topk_ids has expert ids in [{lo}, {hi}], outside [0, num_experts={num_experts}) "
-                             "(topk_ids are global expert ids)")
-    return T, hidden_states.shape[1], k
+    """Checks of the arguments every rank passes for its own tokens; no communication.
+    topk_ids are global expert ids."""
+    return check_routing(hidden_states, topk_weights, topk_ids, num_experts, experts_name="num_experts")
 
 
 def _check_experts(hidden_states, w13_local, w2_local, per_rank: int, num_experts: int, world: int):
@@ -259,6 +241,7 @@ class EPMoELayer(nn.Module):
     # The same code as the single-device layer, on this layer's (replicated) router.
     router_logits = MoELayer.router_logits
     reset_parameters = MoELayer.reset_parameters
+    _make_parameters = MoELayer._make_parameters
 
     def __init__(self, spec: ModelSpec, *, rank: int | None = None, world_size: int | None = None, group=None,
                  dtype: torch.dtype | None = None, device=None, fused: bool = True):
@@ -275,25 +258,13 @@ class EPMoELayer(nn.Module):
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}, "
                              f"world_size={world_size}")
-        E, H, F = spec.num_experts, spec.hidden_size, spec.intermediate_size
+        E = spec.num_experts
         if E % world_size:
             raise ValueError(f"spec.num_experts={E} is not divisible by world_size={world_size}: experts are "
                              "split contiguously, num_experts / world_size per rank")
         self.spec, self.fused, self.group, self.rank, self.world_size = spec, fused, group, rank, world_size
         self.expert_start, self.expert_end = expert_range(E, rank, world_size)
-        kw = dict(dtype=dtype, device=device)
-        self.router_weight = nn.Parameter(torch.empty(E, H, **kw))
-        if spec.uses_correction_bias:
-            self.register_buffer("e_score_correction_bias", torch.empty(E, dtype=torch.float32, device=device))
-        else:
-            self.e_score_correction_bias = None
-        self.w13 = nn.Parameter(torch.empty(E // world_size, 2 * F, H, **kw))
-        self.w2 = nn.Parameter(torch.empty(E // world_size, H, F, **kw))
-        if spec.has_shared_expert:
-            Fs = spec.shared_intermediate_size
-            self.shared_w13 = nn.Parameter(torch.empty(1, 2 * Fs, H, **kw))
-            self.shared_w2 = nn.Parameter(torch.empty(1, H, Fs, **kw))
-        self.shared_gate_weight = nn.Parameter(torch.empty(1, H, **kw)) if spec.shared_expert_gate else None
+        self._make_parameters(E // world_size, dtype, device)
         self.reset_parameters()
 
     @classmethod

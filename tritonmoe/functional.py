@@ -14,10 +14,36 @@ from .gemm import gate_up_silu, grouped_gemm, silu_mul
 from .permute import combine, permute
 from .schedule import build_schedule
 
-__all__ = ["fused_experts"]
+__all__ = ["fused_experts", "check_routing"]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_routing(hidden_states, topk_weights, topk_ids, num_experts: int, experts_name: str = "E"):
+    """Checks of the routing against the tokens and the expert count; returns (T, H, k).
+
+    Expert ids out of range are caught here on the CPU, where it is free; on the GPU the
+    schedule's histogram kernel asserts on the device instead (no host sync).
+    """
+    check_tensor("hidden_states", hidden_states, ndim=2, dtypes=SUPPORTED_DTYPES)
+    dev = hidden_states.device
+    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=WEIGHT_DTYPES, device=dev)
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    T = hidden_states.shape[0]
+    if topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids has {topk_ids.shape[0]} tokens but hidden_states has T={T}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} != topk_ids shape "
+                         f"{tuple(topk_ids.shape)}")
+    k = topk_ids.shape[1]
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"top_k (topk_ids dim 1) must be in [1, {experts_name}={num_experts}], got {k}")
+    if dev.type == "cpu" and T:
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"topk_ids has expert ids in [{lo}, {hi}], outside [0, {experts_name}={num_experts})")
+    return T, hidden_states.shape[1], k
 
 
 def _check_args(hidden_states, w13, w2, topk_weights, topk_ids):
@@ -25,12 +51,10 @@ def _check_args(hidden_states, w13, w2, topk_weights, topk_ids):
     dev, dtype = hidden_states.device, hidden_states.dtype
     check_tensor("w13", w13, ndim=3, dtypes=SUPPORTED_DTYPES, device=dev)
     check_tensor("w2", w2, ndim=3, dtypes=SUPPORTED_DTYPES, device=dev)
-    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=WEIGHT_DTYPES, device=dev)
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=dev)
     for name, t in (("w13", w13), ("w2", w2)):
         if t.dtype != dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but hidden_states has {dtype}; they must match")
-    T, H = hidden_states.shape
+    H = hidden_states.shape[1]
     E, two_f, h13 = w13.shape
     if h13 != H:
         raise ValueError(f"w13 has hidden size {h13} (dim 2) but hidden_states has H={H}")
@@ -40,19 +64,7 @@ def _check_args(hidden_states, w13, w2, topk_weights, topk_ids):
     if tuple(w2.shape) != (E, H, F):
         raise ValueError(f"w2 must have shape (E, H, F) = {(E, H, F)} to match w13 {tuple(w13.shape)} and "
                          f"hidden_states, got {tuple(w2.shape)}")
-    if topk_ids.shape[0] != T:
-        raise ValueError(f"topk_ids has {topk_ids.shape[0]} tokens but hidden_states has T={T}")
-    if topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} != topk_ids shape "
-                         f"{tuple(topk_ids.shape)}")
-    k = topk_ids.shape[1]
-    if not 1 <= k <= E:
-        raise ValueError(f"top_k (topk_ids dim 1) must be in [1, E={E}], got {k}")
-    if dev.type == "cpu" and T:
-        # On the CPU this check is free; on the GPU the schedule asserts on the device instead.
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        if lo < 0 or hi >= E:
-            raise ValueError(f"topk_ids has expert ids in [{lo}, {hi}], outside [0, E={E})")
+    T, H, k = check_routing(hidden_states, topk_weights, topk_ids, E)
     return T, H, E, F, k
 
 

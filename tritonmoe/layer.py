@@ -29,6 +29,12 @@ class MoELayer(nn.Module):
         if not isinstance(spec, ModelSpec):
             raise TypeError(f"spec must be a tritonmoe.ModelSpec, got {type(spec).__name__}")
         self.spec, self.fused = spec, fused
+        self._make_parameters(spec.num_experts, dtype, device)
+        self.reset_parameters()
+
+    def _make_parameters(self, local_experts: int, dtype, device):
+        """The parameters (uninitialised), with ``local_experts`` routed experts held here."""
+        spec = self.spec
         E, H, F = spec.num_experts, spec.hidden_size, spec.intermediate_size
         kw = dict(dtype=dtype, device=device)
         self.router_weight = nn.Parameter(torch.empty(E, H, **kw))
@@ -36,14 +42,13 @@ class MoELayer(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.empty(E, dtype=torch.float32, device=device))
         else:
             self.e_score_correction_bias = None
-        self.w13 = nn.Parameter(torch.empty(E, 2 * F, H, **kw))
-        self.w2 = nn.Parameter(torch.empty(E, H, F, **kw))
+        self.w13 = nn.Parameter(torch.empty(local_experts, 2 * F, H, **kw))
+        self.w2 = nn.Parameter(torch.empty(local_experts, H, F, **kw))
         if spec.has_shared_expert:
             Fs = spec.shared_intermediate_size
             self.shared_w13 = nn.Parameter(torch.empty(1, 2 * Fs, H, **kw))
             self.shared_w2 = nn.Parameter(torch.empty(1, H, Fs, **kw))
         self.shared_gate_weight = nn.Parameter(torch.empty(1, H, **kw)) if spec.shared_expert_gate else None
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None):
