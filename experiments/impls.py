@@ -1,7 +1,8 @@
 """The implementations the benchmarks compare, each one MoE layer forward of the routed
 experts *including* the router matmul and the model's routing, from the same inputs.
 
-Every ``make_<impl>(problem)`` returns a zero-argument callable producing (T, H), or raises
+``IMPLS[name](problem)`` returns a zero-argument callable producing (T, H) (router matmul,
+routing, experts); ``EXPERTS[name](problem)`` the experts alone given a routing. Either raises
 ``Unavailable`` with the reason (e.g. Megablocks not installed).
 """
 from __future__ import annotations
@@ -51,23 +52,22 @@ def torch_route(logits: torch.Tensor, spec: ModelSpec, bias):
     return weights * spec.routed_scaling_factor, ids
 
 
-def make_tritonmoe_fused(p: Problem, fused: bool = True):
-    def forward():
-        weights, ids = tritonmoe.route(p.router_logits(), p.spec, correction_bias=p.bias)
-        return tritonmoe.fused_experts(p.x, p.w13, p.w2, weights, ids, fused=fused)
-    return forward
+# Each implementation's experts, given the routing: ``EXPERTS[name](problem)`` returns
+# ``experts(topk_weights, topk_ids) -> (T, H)``. The skew experiment calls these directly.
+
+def tritonmoe_experts(p: Problem, fused: bool = True):
+    return lambda weights, ids: tritonmoe.fused_experts(p.x, p.w13, p.w2, weights, ids, fused=fused)
 
 
-def make_tritonmoe_unfused(p: Problem):
-    return make_tritonmoe_fused(p, fused=False)
+def tritonmoe_unfused_experts(p: Problem):
+    return tritonmoe_experts(p, fused=False)
 
 
-def make_torch_loop(p: Problem):
+def torch_loop_experts(p: Problem):
     """Per-expert loop, as transformers' "eager" experts: one gather, three matmuls, one index_add per hit expert."""
     F = p.spec.intermediate_size
 
-    def forward():
-        weights, ids = torch_route(p.router_logits(), p.spec, p.bias)
+    def experts(weights, ids):
         out = torch.zeros_like(p.x, dtype=torch.float32)
         hit = torch.bincount(ids.flatten(), minlength=p.spec.num_experts).nonzero().flatten().tolist()
         for e in hit:
@@ -76,12 +76,12 @@ def make_torch_loop(p: Problem):
             y = (F_.silu(h[:, :F]) * h[:, F:]) @ p.w2[e].T
             out.index_add_(0, tok, y.float() * weights[tok, j, None])
         return out.to(p.x.dtype)
-    return forward
+    return experts
 
 
-def make_torch_grouped_mm(p: Problem):
-    """softmax-top-k -> argsort -> gather -> torch._grouped_mm (w13) -> silu*up -> torch._grouped_mm (w2)
-    -> weighted index_add_ (what transformers' "grouped_mm" experts do)."""
+def torch_grouped_mm_experts(p: Problem):
+    """argsort -> gather -> torch._grouped_mm (w13) -> silu*up -> torch._grouped_mm (w2) -> weighted
+    index_add_ (what transformers' "grouped_mm" experts do)."""
     if not hasattr(torch, "_grouped_mm"):
         raise Unavailable(f"torch {torch.__version__} has no torch._grouped_mm")
     if p.x.device.type != "cuda" or p.x.dtype != torch.bfloat16:
@@ -89,9 +89,8 @@ def make_torch_grouped_mm(p: Problem):
     E, F, k = p.spec.num_experts, p.spec.intermediate_size, p.spec.top_k
     w13_t, w2_t = p.w13.transpose(1, 2), p.w2.transpose(1, 2)   # (E, H, 2F), (E, F, H) views
 
-    def forward():
-        weights, ids = torch_route(p.router_logits(), p.spec, p.bias)
-        flat = ids.flatten()
+    def experts(weights, ids):
+        flat = ids.flatten().long()
         order = torch.argsort(flat, stable=True)
         tok = order // k
         offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
@@ -100,10 +99,10 @@ def make_torch_grouped_mm(p: Problem):
         out = torch.zeros(p.x.shape, dtype=torch.float32, device=p.x.device)
         out.index_add_(0, tok, y.float() * weights.flatten()[order, None])
         return out.to(p.x.dtype)
-    return forward
+    return experts
 
 
-_MEGABLOCKS_LAYERS: dict = {}  # the benchmark reuses one set of weights for every T: build the copy once
+_MEGABLOCKS_LAYERS: dict = {}  # the benchmarks reuse one set of weights for every T: build the copy once
 
 
 def _megablocks_layer(p: Problem, Arguments, dMoE):
@@ -123,9 +122,9 @@ def _megablocks_layer(p: Problem, Arguments, dMoE):
     return layer.to(p.x.device)
 
 
-def make_megablocks(p: Problem):
-    """Megablocks dMoE experts (mlp_type="glu", mlp_impl="grouped"), fed the model's routing from
-    torch ops (its own router is plain softmax-top-k and cannot express DeepSeek-V3's)."""
+def megablocks_experts(p: Problem):
+    """Megablocks dMoE experts (mlp_type="glu", mlp_impl="grouped"), fed the given routing (its own
+    router is plain softmax-top-k and cannot express DeepSeek-V3's)."""
     try:
         from megablocks.layers.arguments import Arguments
         from megablocks.layers.dmoe import dMoE
@@ -133,23 +132,32 @@ def make_megablocks(p: Problem):
         raise Unavailable(f"megablocks is not installed ({err}); see experiments/README.md") from None
     if p.x.device.type != "cuda":
         raise Unavailable("megablocks runs on CUDA only")
-    s = p.spec
-    key = (s.name, p.w13.data_ptr(), p.w2.data_ptr())
+    key = (p.spec.name, p.spec.num_experts, p.w13.data_ptr(), p.w2.data_ptr())
     if key not in _MEGABLOCKS_LAYERS:
-        _MEGABLOCKS_LAYERS.clear()  # one model's copy at a time: DeepSeek-V3's is 22 GB
+        _MEGABLOCKS_LAYERS.clear()  # one copy at a time: DeepSeek-V3's is 22 GB
         _MEGABLOCKS_LAYERS[key] = _megablocks_layer(p, Arguments, dMoE)
     layer = _MEGABLOCKS_LAYERS[key]
-
-    def forward():
-        weights, ids = torch_route(p.router_logits(), s, p.bias)
-        return layer.experts(p.x, None, weights.to(p.x.dtype), ids)
-    return forward
+    return lambda weights, ids: layer.experts(p.x, None, weights.to(p.x.dtype), ids)
 
 
-IMPLS = {
-    "tritonmoe_fused": make_tritonmoe_fused,
-    "tritonmoe_unfused": make_tritonmoe_unfused,
-    "torch_loop": make_torch_loop,
-    "torch_grouped_mm": make_torch_grouped_mm,
-    "megablocks": make_megablocks,
+EXPERTS = {
+    "tritonmoe_fused": tritonmoe_experts,
+    "tritonmoe_unfused": tritonmoe_unfused_experts,
+    "torch_loop": torch_loop_experts,
+    "torch_grouped_mm": torch_grouped_mm_experts,
+    "megablocks": megablocks_experts,
 }
+
+
+def _forward(name: str):
+    """The whole layer forward of an implementation: router matmul, the model's routing (tritonmoe's
+    own kernel for tritonmoe, PyTorch ops for the others), then its experts."""
+    def make(p: Problem):
+        experts = EXPERTS[name](p)
+        if name.startswith("tritonmoe"):
+            return lambda: experts(*tritonmoe.route(p.router_logits(), p.spec, correction_bias=p.bias))
+        return lambda: experts(*torch_route(p.router_logits(), p.spec, p.bias))
+    return make
+
+
+IMPLS = {name: _forward(name) for name in EXPERTS}

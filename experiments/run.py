@@ -7,9 +7,9 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import common, latency, tune
+from . import common, latency, skew, tune
 
-EXPERIMENTS = {"latency": latency, "tune": tune}
+EXPERIMENTS = {"latency": latency, "tune": tune, "skew": skew}
 
 
 def run(cfg: DictConfig) -> None:

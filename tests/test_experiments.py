@@ -47,3 +47,17 @@ def test_import_order_error():
     proc = subprocess.run([sys.executable, "-c", "import triton, tritonmoe"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "import tritonmoe before triton" in proc.stderr
+
+
+def test_smoke_skew_runs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "experiments", "experiment=skew", "profile=smoke", f"results_root={tmp_path}",
+           "profile.tokens=[3]", "experiment.experts=[8]", "experiment.skews=[0,hot]",
+           f"hydra.run.dir={tmp_path}/hydra"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "smoke" / "skew.jsonl").read_text().splitlines()]
+    fused = {r["skew"]: r for r in rows if r["impl"] == "tritonmoe_fused"}
+    assert set(fused) == {"0", "hot"} and all(r["status"] == "ok" and r["rel_err"] < 1e-5 for r in fused.values())
+    assert fused["hot"]["max_count"] == 3 and fused["0"]["max_count"] < 3   # T=3, k=2, E=8: hot takes every token

@@ -1,0 +1,176 @@
+"""T6/T7 (issues #5, #7): latency under skewed routing, relative to uniform routing at the same (E, T).
+
+The routing is synthetic and exact: ``skewed_topk_ids`` gives every expert a prescribed number
+of slots (Zipf(s) over a random ranking of the experts, or one hot expert) and every token k
+distinct experts. Shapes: H from the model, and for each E the expert width F = E_model·F_model / E,
+so every E holds the same weight bytes as the model (H=4096 and E·F = 8·14336 for Mixtral).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tritonmoe import reference
+from . import common
+from .impls import EXPERTS, Problem, Unavailable
+
+KEY = ("experiment", "model", "dtype", "E", "T", "skew", "impl")
+CHECK_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+# ---------------------------------------------------------------------------------------------
+# The skew generator
+# ---------------------------------------------------------------------------------------------
+
+def expert_counts(T: int, k: int, E: int, skew) -> list[int]:
+    """Slots per expert (by popularity rank) summing to T*k, none above T (an expert is chosen at
+    most once per token). ``skew``: a Zipf exponent s >= 0 (share of rank r ∝ r^-s; s = 0 is
+    uniform), or "hot": one expert takes half of all slots, capped at T (all tokens), the rest
+    spread evenly."""
+    if not (1 <= k <= E):
+        raise ValueError(f"top_k must be in [1, E={E}], got {k}")
+    S = T * k
+    if skew == "hot":
+        if E == 1:
+            return [S]
+        hot = min(-(-S // 2), T)
+        return [hot] + _apportion(S - hot, [1.0] * (E - 1), T)
+    try:
+        s = float(skew)
+    except (TypeError, ValueError):
+        s = float("nan")
+    if s < 0 or math.isnan(s):
+        raise ValueError(f"skew must be a Zipf exponent >= 0 or 'hot', got {skew!r}")
+    return _apportion(S, [(r + 1) ** -s for r in range(E)], T)
+
+
+def _apportion(total: int, shares: list[float], cap: int) -> list[int]:
+    """Integers proportional to ``shares`` summing to ``total``, each <= cap (water-filling,
+    then largest remainders)."""
+    n = len(shares)
+    if total > n * cap:
+        raise ValueError(f"{total} slots cannot fit {n} experts of at most {cap}")
+    counts, free = [0.0] * n, list(range(n))
+    left = float(total)
+    while free:
+        weight = sum(shares[i] for i in free)
+        over = [i for i in free if shares[i] / weight * left > cap]
+        if not over:
+            for i in free:
+                counts[i] = shares[i] / weight * left
+            break
+        for i in over:
+            counts[i] = cap
+            free.remove(i)
+        left = total - sum(counts)
+    ints = [min(cap, math.floor(c)) for c in counts]
+    order = sorted(range(n), key=lambda i: (ints[i] - counts[i], i))  # largest remainder first
+    for i in order[: total - sum(ints)]:
+        ints[i] += 1
+    assert sum(ints) == total and max(ints) <= cap
+    return ints
+
+
+def skewed_topk_ids(T: int, k: int, E: int, skew, seed: int = 0) -> torch.Tensor:
+    """(T, k) int32 expert ids with exactly ``expert_counts(T, k, E, skew)`` slots per expert
+    (the ranking of expert ids is a seeded permutation) and k distinct experts per token."""
+    g = torch.Generator().manual_seed(seed)
+    counts = expert_counts(T, k, E, skew)
+    rank_to_expert = torch.randperm(E, generator=g)
+    # Lay the experts' slots out column-major over a (k, T) grid, most popular first: any run
+    # of <= T consecutive cells covers distinct tokens, so no token gets an expert twice.
+    flat = torch.repeat_interleave(rank_to_expert, torch.tensor(counts))
+    ids = flat.view(k, T).T.contiguous()
+    ids = ids[torch.randperm(T, generator=g)]                                  # tokens in random order
+    ids = torch.gather(ids, 1, torch.argsort(torch.rand(T, k, generator=g), 1))  # choices in random order
+    return ids.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment
+# ---------------------------------------------------------------------------------------------
+
+def num_steps(cfg) -> int:
+    e = cfg.experiment
+    experts = {min(E, cfg.profile.shrink["max_experts"]) for E in e.experts} if cfg.profile.shrink else e.experts
+    return len(experts) * len(_tokens(cfg)) * len(e.skews) * len(e.impls)
+
+
+def _tokens(cfg):
+    return list(cfg.profile.get("tokens") or cfg.experiment.tokens)
+
+
+def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
+    e = cfg.experiment
+    rows = []
+    H, weight_width = spec.hidden_size, spec.num_experts * spec.intermediate_size
+    experts = list(e.experts)
+    if cfg.profile.shrink:  # the smoke profile: at most shrink.max_experts
+        experts = sorted({min(E, cfg.profile.shrink["max_experts"]) for E in experts})
+    for E in experts:
+        k = min(int(e.top_k.get(str(E), e.top_k.default)), E)
+        F = max(16, weight_width // E)
+        sub = spec.replace(num_experts=E, top_k=k, intermediate_size=F, n_group=1, topk_group=1,
+                           uses_correction_bias=False, shared_intermediate_size=0, shared_expert_gate=False)
+        g = torch.Generator(device=device).manual_seed(seed)
+        w13 = torch.empty(E, 2 * F, H, device=device, dtype=dtype)
+        w2 = torch.empty(E, H, F, device=device, dtype=dtype)
+        for i in range(E):
+            w13[i] = (torch.randn(2 * F, H, generator=g, device=device) * H ** -0.5).to(dtype)
+            w2[i] = (torch.randn(H, F, generator=g, device=device) * F ** -0.5).to(dtype)
+        for T in _tokens(cfg):
+            x = (torch.randn(T, H, generator=g, device=device)).to(dtype)
+            for skew in e.skews:
+                ids = skewed_topk_ids(T, k, E, skew, seed=seed).to(device)
+                weights = torch.rand(T, k, generator=g, device=device)
+                weights = weights / weights.sum(1, keepdim=True)
+                p = Problem(sub, x, None, None, w13, w2)
+                ref = reference.fused_experts(x, w13, w2, weights, ids)
+                counts = torch.bincount(ids.flatten().long(), minlength=E)
+                terms = common.floor_terms(sub, T, int((counts > 0).sum()), torch.finfo(dtype).bits // 8)
+                floor_ms = max(terms["bytes"] / ceilings["hbm_read_Bps"], terms["flops"] / ceilings["bf16_flops"]) * 1e3
+                for impl in e.impls:
+                    row = dict(experiment="skew", model=spec.name, dtype=str(dtype).replace("torch.", ""), E=E, T=T,
+                               k=k, H=H, F=F, skew=str(skew), impl=impl, max_count=int(counts.max()),
+                               distinct_experts=int((counts > 0).sum()), floor_ms=floor_ms, **terms, **ceilings,
+                               **prov)
+                    row.update(_measure(cfg, p, impl, weights, ids, ref, device, dtype))
+                    rows.append(row)
+                    progress.step(f"E={E} T={T} skew={skew} {impl}: {row['status']}"
+                                  + (f" {row['ms_p50']:.3f} ms" if row["status"] == "ok" else ""))
+        del w13, w2
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _measure(cfg, p, impl, weights, ids, ref, device, dtype) -> dict:
+    try:
+        experts = EXPERTS[impl](p)
+        fn = lambda: experts(weights, ids)  # noqa: E731
+    except Unavailable as why:
+        return {"status": "unavailable", "reason": str(why)}
+    with torch.no_grad():
+        out = fn()
+        err = float("inf") if torch.isnan(out).any() else ((out.double() - ref).norm() / ref.norm()).item()
+        if not err <= CHECK_TOL[dtype]:
+            return {"status": "wrong", "rel_err": err}
+        q = common.quantiles(common.time_ms(fn, device, cfg.profile.warmup_ms, cfg.profile.rep_ms))
+    return {"status": "ok", "rel_err": err, **q, "spread_ms": q["ms_p80"] - q["ms_p20"]}
+
+
+def summary(rows: list[dict]) -> str:
+    """Latency under skew relative to uniform routing (s=0) at the same (E, T), per implementation."""
+    ok = {(r["E"], r["T"], r["skew"], r["impl"]): r["ms_p50"] for r in rows if r["status"] == "ok"}
+    impls = sorted({r["impl"] for r in rows})
+    skews = list(dict.fromkeys(r["skew"] for r in rows))
+    lines = [f"{'E':>4s} {'T':>5s} {'impl':18s} " + " ".join(f"{'s=' + s if s != 'hot' else 'hot':>8s}" for s in skews)
+             + "   (ms at s=0, then time / time at s=0)"]
+    for E, T in sorted({(r["E"], r["T"]) for r in rows}):
+        for impl in impls:
+            base = ok.get((E, T, skews[0], impl))
+            cells = [f"{ok[(E, T, s, impl)] / base if i else base:8.3f}" if base and (E, T, s, impl) in ok else f"{'-':>8s}"
+                     for i, s in enumerate(skews)]
+            lines.append(f"{E:4d} {T:5d} {impl:18s} " + " ".join(cells))
+    return "\n".join(lines)
