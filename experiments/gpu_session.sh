@@ -4,6 +4,7 @@
 #     tests  the test suite on CUDA                         -> $OUT/pytest_cuda.txt, junit_cuda.xml
 #     tune   tile tuning per model (experiment=tune)        -> results/<GPU>/tune.jsonl, tritonmoe/configs/
 #     bench  Megablocks + the latency grid (experiment=latency) -> results/<GPU>/latency.jsonl
+#     skew   Megablocks + T6/T7 (experiment=skew, model=mixtral_8x7b) -> results/<GPU>/skew.jsonl
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
@@ -14,7 +15,7 @@
 # HYDRA_ARGS (more overrides, space-separated), SESSION_SECONDS (deadline for the tests stage),
 # TRITONMOE_COMMIT (the commit, for provenance: the tree sent here has no trustworthy .git).
 set -uo pipefail
-stages=" ${*:-tests tune bench} "
+stages=" ${*:-tests tune bench} "   # skew runs only when named
 OUT=${OUT:-results/_gpu_session}
 MODELS=${MODELS:-mixtral_8x7b,qwen2_57b_a14b,deepseek_v3}
 mkdir -p "$OUT" /tmp/site
@@ -28,7 +29,7 @@ overrides=()
 read -ra extra <<<"${HYDRA_ARGS:-}"; overrides+=("${extra[@]}")
 
 mb_pid=
-if [[ $stages == *" bench "* || -n ${BUILD_MEGABLOCKS:-} ]]; then
+if [[ $stages == *" bench "* || $stages == *" skew "* || -n ${BUILD_MEGABLOCKS:-} ]]; then
   if ls .carry/mbwheels/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/mbwheels/*.whl
   elif [[ -d .carry/baselines ]]; then
@@ -59,9 +60,16 @@ stage_bench() {
   if [[ -n $mb_pid ]]; then
     wait "$mb_pid" && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mbwheels/*.whl \
       || echo "Megablocks build failed: see $OUT/megablocks_build.log (its rows will say unavailable)"
+    mb_pid=
   fi
   python3 -m experiments -m experiment=latency profile=gpu model="$MODELS" "${overrides[@]}" 2>&1 \
     | tee "$OUT/latency.log" | grep -v "^\["
+}
+
+stage_skew() {
+  if [[ -n $mb_pid ]]; then wait "$mb_pid" && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mbwheels/*.whl; mb_pid=; fi
+  python3 -m experiments experiment=skew profile=gpu model=mixtral_8x7b "${overrides[@]}" 2>&1 \
+    | tee "$OUT/skew.log" | grep -v "^\["
 }
 
 for stage in $stages; do "stage_$stage"; done
