@@ -156,3 +156,15 @@ def test_device_mismatch(device):
         pytest.skip("needs a GPU and the CPU side by side")
     with pytest.raises(ValueError, match="w13"):
         _bad(device, w13=lambda a: a["w13"].cpu())
+
+
+def test_bf16_refused_by_the_interpreter(device):
+    # the interpreter's bf16 tl.dot returns garbage: an error, never wrong numbers (GPUs run bf16)
+    if device.type != "cpu":
+        pytest.skip("bf16 is supported on the GPU (tested by the dtype grids)")
+    x, w13, w2, weights, ids = make_inputs(5, 2, 8, device, torch.bfloat16)
+    with pytest.raises(TypeError, match="hidden_states is bfloat16"):
+        tritonmoe.fused_experts(x, w13, w2, weights, ids)
+    sched = tritonmoe.build_schedule(ids.int(), 8, 16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        tritonmoe.gate_up_silu(x, w13, sched, tritonmoe.TileConfig(block_m=16))

@@ -24,7 +24,7 @@ if not _torch.cuda.is_available() and _os.environ.get("TRITON_INTERPRET", "0") i
                           "TRITON_INTERPRET=1 in the environment")
     _os.environ["TRITON_INTERPRET"] = "1"
 
-from . import reference, specs  # noqa: E402
+from . import ops, reference, specs  # noqa: E402  (ops registers torch.ops.tritonmoe.fused_experts)
 from .configs import TileConfig, get_tiles  # noqa: E402
 from .functional import fused_experts  # noqa: E402
 from .gemm import gate_up_silu, grouped_gemm, silu_mul  # noqa: E402
@@ -36,4 +36,4 @@ from .specs import ModelSpec  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["route", "fused_experts", "MoELayer", "ModelSpec", "specs", "reference", "build_schedule", "Schedule",
-           "gate_up_silu", "grouped_gemm", "silu_mul", "permute", "combine", "TileConfig", "get_tiles"]
+           "gate_up_silu", "grouped_gemm", "silu_mul", "permute", "combine", "TileConfig", "get_tiles", "ops"]

@@ -39,6 +39,14 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=N
         raise ValueError(f"{name} is on {t.device}; tritonmoe runs on CUDA devices and on the CPU interpreter")
 
 
+def check_matmul_dtype(name: str, dtype: torch.dtype) -> None:
+    """bfloat16 matmuls are wrong under Triton's CPU interpreter (tl.dot on bf16 tiles returns
+    garbage, seen with triton 3.6 and 3.9): refuse them there rather than return wrong numbers."""
+    if dtype == torch.bfloat16 and interpreting():
+        raise TypeError(f"{name} is bfloat16, which Triton's CPU interpreter multiplies wrongly; use float32 or "
+                        "float16 on the CPU (bfloat16 runs on the GPU)")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs keep float32 accuracy (IEEE), as torch.matmul does by default; the
     # 16-bit types ignore this.

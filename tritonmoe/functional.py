@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import SUPPORTED_DTYPES, check_tensor, interpreting
+from ._utils import SUPPORTED_DTYPES, check_matmul_dtype, check_tensor
 from .configs import get_tiles
 from .gemm import gate_up_silu, grouped_gemm, silu_mul
 from .permute import combine, permute
@@ -48,6 +48,7 @@ def check_routing(hidden_states, topk_weights, topk_ids, num_experts: int, exper
 
 def _check_args(hidden_states, w13, w2, topk_weights, topk_ids):
     check_tensor("hidden_states", hidden_states, ndim=2, dtypes=SUPPORTED_DTYPES)
+    check_matmul_dtype("hidden_states", hidden_states.dtype)
     dev, dtype = hidden_states.device, hidden_states.dtype
     check_tensor("w13", w13, ndim=3, dtypes=SUPPORTED_DTYPES, device=dev)
     check_tensor("w2", w2, ndim=3, dtypes=SUPPORTED_DTYPES, device=dev)

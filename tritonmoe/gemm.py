@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_precision
+from ._utils import check_matmul_dtype, dot_precision
 from .schedule import Schedule
 
 __all__ = ["gate_up_silu", "grouped_gemm", "silu_mul"]
@@ -115,6 +115,7 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr):
 
 def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offset: int, gather_a: bool,
             gate_up_silu: bool, topk_weights, split_k: int = 1):
+    check_matmul_dtype("a", a.dtype)
     if sched.max_blocks == 0:
         return out
     weighted = topk_weights is not None

@@ -1,0 +1,121 @@
+"""torch.ops.tritonmoe.fused_experts: same results as tritonmoe.fused_experts, a sound custom op
+(opcheck), and one torch.compile graph (fullgraph) for every token count."""
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import tritonmoe
+import tritonmoe.ops  # noqa: F401  (registers the op)
+from conftest import dtypes_for, random_topk_ids
+
+H, F, E, K = 32, 24, 4, 2
+op = torch.ops.tritonmoe.fused_experts
+
+
+def weights(device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    w13 = torch.randn(E, 2 * F, H, generator=g) / H ** 0.5
+    w2 = torch.randn(E, H, F, generator=g) / F ** 0.5
+    return w13.to(device, dtype), w2.to(device, dtype)
+
+
+def tokens(T, device, dtype=torch.float32, ids_dtype=torch.int32):
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, H, generator=g).to(device, dtype)
+    return x, torch.rand(T, K, generator=g).to(device), random_topk_ids(T, K, E, device, g).to(ids_dtype)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_op_matches_functional(fused, device):
+    for dtype in dtypes_for(device):
+        w13, w2 = weights(device, dtype)
+        for T in (0, 5):
+            x, w, ids = tokens(T, device, dtype)
+            out = op(x, w13, w2, w, ids, fused)
+            assert out.shape == (T, H) and out.dtype == dtype
+            torch.testing.assert_close(out, tritonmoe.fused_experts(x, w13, w2, w, ids, fused=fused))
+
+
+def test_opcheck(device):
+    """Schema (no mutation, no aliasing), fake tensor vs real output, autograd registration, AOT dispatch
+    with dynamic shapes -- on a plain, a non-contiguous (strided states, int64 ids) and an empty sample."""
+    w13, w2 = weights(device)
+    x, w, ids = tokens(6, device, ids_dtype=torch.int64)
+    samples = [tokens(5, device), (torch.randn(6, 2 * H, device=device)[:, ::2], w, ids), tokens(0, device)]
+    for x, w, ids in samples:
+        torch.library.opcheck(op, (x, w13, w2, w, ids))
+
+
+def _inductor_available():
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+        return True
+    except Exception:  # noqa: BLE001 -- any failure to find a C++ compiler means no CPU inductor
+        return False
+
+
+# torch 2.13's inductor calls its own deprecated torch.jit.script_method while compiling
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method:DeprecationWarning")
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_dynamic_tokens(backend, device):
+    """One graph around the op (fullgraph) and no recompile for a new token count (dynamic T)."""
+    if backend == "inductor" and device.type == "cpu" and not _inductor_available():
+        pytest.skip("inductor on the CPU needs a C++ compiler")
+    torch._dynamo.reset()
+    w13, w2 = weights(device)
+
+    def moe(x, w13, w2, w, ids):  # ops around the custom op, so inductor has something to fuse
+        return op(x * 2, w13, w2, w.softmax(-1), ids) + x
+
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(moe, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for T in (3, 7):
+            args = (tokens(T, device)[0], w13, w2, *tokens(T, device)[1:])
+            torch.testing.assert_close(compiled(*args), moe(*args))
+            frames.append(counter.frame_count)
+    assert frames[0] > 0 and frames[1] == frames[0], f"compiled frames after each token count: {frames}"
+
+
+def test_compile_default_dynamic(device):
+    """Default torch.compile: the second token count recompiles once as dynamic, later ones reuse it."""
+    torch._dynamo.reset()
+    w13, w2 = weights(device)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda x, w, ids: op(x, w13, w2, w, ids), fullgraph=True, backend=counter)
+    frames = []
+    for T in (3, 5, 9):
+        compiled(*tokens(T, device))
+        frames.append(counter.frame_count)
+    assert frames[2] == frames[1], f"compiled frames after each token count: {frames}"
+
+
+def test_fake_checks_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x, w, ids = torch.empty(5, H), torch.empty(5, K), torch.empty(5, K, dtype=torch.int32)
+        assert op(x, torch.empty(E, 2 * F, H), torch.empty(E, H, F), w, ids).shape == (5, H)
+        with pytest.raises(ValueError, match=r"w2 \(4, 32, 23\)"):
+            op(x, torch.empty(E, 2 * F, H), torch.empty(E, H, F - 1), w, ids)
+        with pytest.raises(ValueError, match="topk_ids must have 2 dimensions"):
+            op(x, torch.empty(E, 2 * F, H), torch.empty(E, H, F), w, ids[:, 0])
+
+
+def test_backward_is_refused(device):
+    """Inference only: a forward with grad-requiring weights runs; asking for the backward raises."""
+    w13, w2 = weights(device)
+    x, w, ids = tokens(3, device)
+    out = op(x, w13.requires_grad_(), w2, w, ids)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.sum().backward()
+
+
+def test_bfloat16_refused_by_interpreter():
+    if not tritonmoe._utils.interpreting():
+        pytest.skip("bfloat16 runs on the GPU")
+    w13, w2 = weights("cpu", torch.bfloat16)
+    x, w, ids = tokens(3, "cpu", torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16, which Triton's CPU interpreter multiplies wrongly"):
+        op(x, w13, w2, w, ids)

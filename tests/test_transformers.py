@@ -1,0 +1,178 @@
+"""experts_implementation="tritonmoe" in Hugging Face transformers vs its "eager" experts.
+
+Tiny models built from configs with random weights (no downloads). The router is the model's
+own in both runs, so the first MoE layer routes bit-identical inputs; later layers see inputs
+that differ by float32 rounding (~1e-7), which could flip only a near-tie: the routing of every
+layer is compared exactly first, so such a flip would be reported as such, not as an error.
+"""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", minversion="5", reason="needs transformers>=5 (pip install 'tritonmoe[hf]')")
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+import tritonmoe.integrations.transformers as hf  # noqa: E402
+from tritonmoe._utils import interpreting  # noqa: E402
+from conftest import TOLERANCE, dtypes_for, rel_err  # noqa: E402
+
+VOCAB = 64
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+              max_position_embeddings=64, tie_word_embeddings=False,
+              # larger than the default 0.02, so the experts' share of the logits is not negligible
+              initializer_range=0.15)
+FAMILIES = {
+    "mixtral": dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                      num_experts=6, num_experts_per_tok=2, norm_topk_prob=False),
+    "qwen3_moe": dict(intermediate_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=3,
+                      head_dim=16, norm_topk_prob=True),
+    "deepseek_v3": dict(intermediate_size=48, moe_intermediate_size=24, n_shared_experts=1, n_routed_experts=8,
+                        n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=0,
+                        routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=2),
+    "olmoe": dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2, eos_token_id=None, pad_token_id=None),
+    # transposed layout: gate_up_proj (E, H, 2F), down_proj (E, F, H)
+    "aria_text": dict(intermediate_size=24, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),
+}
+
+
+def tiny(family, device, dtype=torch.float32, impl="eager", **overrides):
+    cfg = AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family], **overrides})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, experts_implementation=impl).to(device, dtype).eval()
+
+
+def experts_modules(model):
+    return [m for m in model.modules() if hasattr(m, "is_transposed") and hasattr(m, "gate_up_proj")]
+
+
+@torch.no_grad()
+def run(model, ids):
+    """Logits, and per experts call its (states, ids, weights) inputs and output."""
+    calls = []
+
+    def hook(module, args, kwargs, out):
+        calls.append((*args, *kwargs.values(), out))
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in experts_modules(model)]
+    try:
+        return model(input_ids=ids, use_cache=False).logits, calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_matches_eager(family, device):
+    model = tiny(family, device)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1)).to(device)
+    ref, ref_calls = run(model, ids)
+    model.set_experts_implementation(hf.NAME)
+    assert hf.check_model(model) == len(experts_modules(model)) > 0
+    out, calls = run(model, ids)
+    assert len(calls) == len(ref_calls)
+    for layer, ((_, ids_t, _, y), (_, ids_r, _, y_ref)) in enumerate(zip(calls, ref_calls)):
+        assert torch.equal(ids_t, ids_r), f"layer {layer}: routing flipped on a near-tie; change the seed"
+        err = rel_err(y, y_ref)
+        assert err <= TOLERANCE[torch.float32], f"{family} experts of MoE layer {layer}: relative error {err:.3g}"
+        # the check has teeth: the experts move the residual stream by O(1) of it
+        assert y_ref.norm() > 0.05 * calls[layer][0].norm()
+    err = rel_err(out, ref)
+    assert err <= TOLERANCE[torch.float32], f"{family} logits: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "aria_text"])
+def test_low_precision(family, device):
+    """16-bit weights: each experts call against float32 eager experts on the same inputs."""
+    for dtype in dtypes_for(device)[1:]:
+        model = tiny(family, device, dtype, impl=hf.NAME)
+        logits, calls = run(model, torch.randint(0, VOCAB, (2, 9), device=device))
+        assert logits.dtype == dtype and torch.isfinite(logits).all()
+        experts = experts_modules(model)
+        for module, (x, ids, w, y) in zip(experts, calls):
+            assert y.dtype == dtype
+            ref_module = copy.deepcopy(module).float()  # its own copy of the config too
+            ref_module.config._experts_implementation = "eager"
+            err = rel_err(y, ref_module(x.float(), ids, w.float()))
+            assert err <= TOLERANCE[dtype], f"{family} {dtype}: relative error {err:.3g}"
+
+
+def test_from_pretrained(tmp_path, device):
+    tiny("mixtral", "cpu").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=hf.NAME).to(device).eval()
+    assert model.config._experts_implementation == hf.NAME
+    ids = torch.randint(0, VOCAB, (1, 6), device=device)
+    out, _ = run(model, ids)
+    model.set_experts_implementation("eager")
+    ref, _ = run(model, ids)
+    assert rel_err(out, ref) <= TOLERANCE[torch.float32]
+
+
+def test_compile_one_graph_for_all_lengths(device):
+    """fullgraph: no graph break at the experts; dynamic: a new length does not recompile."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    model = tiny("mixtral", device, impl=hf.NAME, num_hidden_layers=1)  # one layer: half the tracing
+    counter = CompileCounterWithBackend("aot_eager")  # inductor is covered on the op alone (test_ops)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for length in (5, 11):
+            ids = torch.randint(0, VOCAB, (2, length), device=device)
+            out = compiled(input_ids=ids, use_cache=False).logits
+            assert rel_err(out, model(input_ids=ids, use_cache=False).logits) <= TOLERANCE[torch.float32]
+            frames.append(counter.frame_count)
+    assert frames[0] > 0 and frames[1] == frames[0], f"compiled frames after each length: {frames}"
+
+
+def test_unsupported_activation_raises():
+    model = tiny("mixtral", "cpu", impl=hf.NAME, hidden_act="gelu")
+    with pytest.raises(NotImplementedError, match=r"activation GELUActivation \(config.hidden_act='gelu'\)"):
+        hf.check_model(model)
+    with pytest.raises(NotImplementedError, match="activation GELUActivation"):
+        model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_unsupported_family_raises():
+    """gpt-oss: biases, interleaved gate/up, clamped SwiGLU gate -- all named."""
+    cfg = AutoConfig.for_model("gpt_oss", **{**COMMON, "intermediate_size": 24, "num_local_experts": 4,
+                                             "num_experts_per_tok": 2, "head_dim": 16})
+    model = AutoModelForCausalLM.from_config(cfg, experts_implementation=hf.NAME).eval()
+    with pytest.raises(NotImplementedError) as info:
+        model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+    for what in ("GptOssExperts", "has_bias=True", "is_concatenated=False", "GptOssExperts._apply_gate"):
+        assert what in str(info.value)
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("has_gate", False, "has_gate=False"),
+    ("has_post_expert_norm", True, "has_post_expert_norm=True"),
+    ("_is_expert_parallel", True, "expert parallelism"),
+    ("dtype", torch.float64, "gate_up_proj dtype torch.float64"),
+    pytest.param("dtype", torch.bfloat16, "gate_up_proj dtype torch.bfloat16 under Triton's CPU interpreter",
+                 marks=pytest.mark.skipif(not interpreting(), reason="bfloat16 runs on the GPU")),
+])
+def test_unsupported_option_raises(option, value, named):
+    model = tiny("mixtral", "cpu", impl=hf.NAME)
+    experts = experts_modules(model)[0]
+    if option == "dtype":
+        experts.to(value)
+    else:
+        setattr(experts, option, value)
+    x = torch.randn(3, 32, dtype=experts.gate_up_proj.dtype)
+    with pytest.raises(NotImplementedError, match=named):
+        experts(x, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+    with pytest.raises(NotImplementedError, match=named):
+        hf.check_model(model)
+
+
+def test_registered():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    assert ALL_EXPERTS_FUNCTIONS[hf.NAME] is hf.experts_forward
+    hf.register("tritonmoe_alias")
+    try:
+        assert ALL_EXPERTS_FUNCTIONS["tritonmoe_alias"] is hf.experts_forward
+    finally:
+        type(ALL_EXPERTS_FUNCTIONS)._global_mapping.pop("tritonmoe_alias")
