@@ -32,10 +32,21 @@ venv: $(VENV)/.installed  ## create the virtual environment
 test: $(VENV)/.installed  ## run the test suite (GPU if visible, else the CPU interpreter)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
 
-reproduce: test  ## everything that exists so far: the tests (experiments, figures, paper: not yet)
+reproduce: test figures  ## everything that exists so far: the tests, then tables and figures from results/
 	@echo
-	@echo "make reproduce ran the test suite only. The experiments, figures and paper are not"
-	@echo "built by this repository yet (open issues #4-#6); nothing else was produced."
+	@echo "make reproduce ran the test suite and rebuilt the tables (paper/tables/) and figures"
+	@echo "(figures/) from the committed H100 results in results/. Not yet part of it: running the"
+	@echo "experiments (python -m experiments, see experiments/README.md; needs a GPU) and the paper"
+	@echo "(issue #6): nothing else was produced."
+
+# The notebooks' dependencies (pyproject's `experiments` extra), on top of the test environment.
+$(VENV)/.experiments: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e '.[experiments]'
+	@touch $@
+
+.PHONY: figures  # phony: a figures/ folder exists
+figures: $(VENV)/.experiments  ## run notebooks/[0-9]*.ipynb: results/ -> paper/tables/, figures/
+	$(PY) notebooks/run_all.py
 
 gpu-carry:  ## stage what a lent GPU machine (no internet) needs: pytest wheels, Megablocks sdists
 	mkdir -p .carry && rm -rf .carry/baselines && cp -r ../shared/baselines .carry/baselines  # the sdists

@@ -21,6 +21,41 @@ def pytest_addoption(parser):
     parser.addoption("--device", default=None, help="cpu (Triton interpreter) or cuda; default: cuda if visible")
 
 
+def pytest_configure(config):
+    """With --junitxml, write <report>.provenance.json beside it (JUnit has no place for it):
+    commit, date, device and versions, so a table of pass counts can say what was tested."""
+    path = getattr(config.option, "xmlpath", None)
+    if not path or hasattr(config, "workerinput"):  # once, in the xdist controller
+        return
+    import datetime
+    import json
+    import os
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    import triton
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+
+    name = config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = {
+        "commit": os.environ.get("TRITONMOE_COMMIT") or git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if "TRITONMOE_COMMIT" not in os.environ
+        else os.environ.get("TRITONMOE_DIRTY", "unknown"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if name == "cuda" else "cpu (Triton interpreter)",
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+    }
+    Path(path + ".provenance.json").parent.mkdir(parents=True, exist_ok=True)
+    Path(path + ".provenance.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
 @pytest.fixture(scope="session")
 def device(request) -> torch.device:
     name = request.config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
