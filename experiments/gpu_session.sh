@@ -5,6 +5,7 @@
 #     tune   tile tuning per model (experiment=tune)        -> results/<GPU>/tune.jsonl, tritonmoe/configs/
 #     bench  Megablocks + the latency grid (experiment=latency) -> results/<GPU>/latency.jsonl
 #     skew   Megablocks + T6/T7 (experiment=skew, model=mixtral_8x7b) -> results/<GPU>/skew.jsonl
+#     stages Megablocks + T3 per-stage times and launch counts (experiment=stages, Mixtral and DeepSeek-V3)
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
@@ -29,7 +30,7 @@ overrides=()
 read -ra extra <<<"${HYDRA_ARGS:-}"; overrides+=("${extra[@]}")
 
 mb_pid=
-if [[ $stages == *" bench "* || $stages == *" skew "* || -n ${BUILD_MEGABLOCKS:-} ]]; then
+if [[ $stages == *" bench "* || $stages == *" skew "* || $stages == *" stages "* || -n ${BUILD_MEGABLOCKS:-} ]]; then
   if ls .carry/mbwheels/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/mbwheels/*.whl
   elif [[ -d .carry/baselines ]]; then
@@ -70,6 +71,12 @@ stage_skew() {
   if [[ -n $mb_pid ]]; then wait "$mb_pid" && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mbwheels/*.whl; mb_pid=; fi
   python3 -m experiments experiment=skew profile=gpu model=mixtral_8x7b "${overrides[@]}" 2>&1 \
     | tee "$OUT/skew.log" | grep -v "^\["
+}
+
+stage_stages() {
+  if [[ -n $mb_pid ]]; then wait "$mb_pid" && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mbwheels/*.whl; mb_pid=; fi
+  python3 -m experiments -m experiment=stages profile=gpu model=mixtral_8x7b,deepseek_v3 "${overrides[@]}" 2>&1 \
+    | tee "$OUT/stages.log" | grep -v "^\["
 }
 
 for stage in $stages; do "stage_$stage"; done

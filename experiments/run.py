@@ -7,9 +7,9 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import common, latency, skew, tune
+from . import common, latency, skew, stages, tune
 
-EXPERIMENTS = {"latency": latency, "tune": tune, "skew": skew}
+EXPERIMENTS = {"latency": latency, "tune": tune, "skew": skew, "stages": stages}
 
 
 def run(cfg: DictConfig) -> None:

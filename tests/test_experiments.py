@@ -61,3 +61,17 @@ def test_smoke_skew_runs(tmp_path):
     fused = {r["skew"]: r for r in rows if r["impl"] == "tritonmoe_fused"}
     assert set(fused) == {"0", "hot"} and all(r["status"] == "ok" and r["rel_err"] < 1e-5 for r in fused.values())
     assert fused["hot"]["max_count"] == 3 and fused["0"]["max_count"] < 3   # T=3, k=2, E=8: hot takes every token
+
+
+def test_smoke_stages_runs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "experiments", "experiment=stages", "profile=smoke", f"results_root={tmp_path}",
+           "profile.tokens=[3]", "experiment.launch_impls=[tritonmoe_fused]", f"hydra.run.dir={tmp_path}/hydra"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "smoke" / "stages.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if r["stage"] != "launches per forward"]
+    assert len(timed) == 10 and all(r["ms_p50"] > 0 and r["bytes"] > 0 for r in timed)
+    fused_gemm = next(r for r in timed if r["stage"].startswith("gate+up"))
+    assert fused_gemm["flops"] == 2 * 3 * 2 * 2 * 64 * 32   # 2 S (2F) H with T=3, k=2, F=32, H=64 (smoke)
