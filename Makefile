@@ -11,7 +11,7 @@ CPU_TORCH := torch==2.13.0 triton==3.6.0
 PYTEST_WORKERS ?= auto
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test reproduce gpu-carry clean
+.PHONY: help venv test reproduce paper gpu-carry clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,12 +32,12 @@ venv: $(VENV)/.installed  ## create the virtual environment
 test: $(VENV)/.installed  ## run the test suite (GPU if visible, else the CPU interpreter)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
 
-reproduce: test figures  ## everything that exists so far: the tests, then tables and figures from results/
+reproduce: test figures paper  ## the tests, then tables, figures and the paper from the committed results/
 	@echo
-	@echo "make reproduce ran the test suite and rebuilt the tables (paper/tables/) and figures"
-	@echo "(figures/) from the committed H100 results in results/. Not yet part of it: running the"
-	@echo "experiments (python -m experiments, see experiments/README.md; needs a GPU) and the paper"
-	@echo "(issue #6): nothing else was produced."
+	@echo "make reproduce ran the test suite, rebuilt the tables (paper/tables/), the figures (figures/)"
+	@echo "and the quoted numbers (paper/generated/numbers.tex) from the committed H100 results in"
+	@echo "results/, and built the paper: paper/main.pdf. The experiments themselves were NOT rerun"
+	@echo "(python -m experiments, see experiments/README.md; they need a GPU)."
 
 # The notebooks' dependencies (pyproject's `experiments` extra), on top of the test environment.
 $(VENV)/.experiments: $(VENV)/.installed pyproject.toml
@@ -48,6 +48,11 @@ $(VENV)/.experiments: $(VENV)/.installed pyproject.toml
 figures: $(VENV)/.experiments  ## run notebooks/[0-9]*.ipynb: results/ -> paper/tables/, figures/
 	$(PY) notebooks/run_all.py
 
+# The paper: LaTeX only (latexmk, pdflatex, bibtex; Debian: latexmk texlive-latex-base
+# texlive-latex-recommended). Builds from what is committed; `make figures` regenerates its inputs.
+paper:  ## build paper/main.pdf from paper/main.tex, the tables, figures and generated numbers
+	cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex
+
 gpu-carry:  ## stage what a lent GPU machine (no internet) needs: pytest wheels, Megablocks sdists
 	mkdir -p .carry && rm -rf .carry/baselines && cp -r ../shared/baselines .carry/baselines  # the sdists
 	rm -rf .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -56,6 +61,7 @@ gpu-carry:  ## stage what a lent GPU machine (no internet) needs: pytest wheels,
 	  'numpy<2.4'  # the interpreter-run tests (gloo ranks, smoke) need numpy < 2.4 there too
 	$(PYTHON) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # hydra's pin ships no wheel
 
-clean:  ## remove the virtual environment and caches (never results/)
+clean:  ## remove the virtual environment, caches and LaTeX byproducts (never results/ or tables)
 	rm -rf $(VENV) .pytest_cache
+	cd paper && rm -f main.aux main.log main.bbl main.blg main.out main.toc main.fls main.fdb_latexmk main.synctex.gz main.pdf
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
