@@ -90,6 +90,11 @@ def floor_terms(spec: ModelSpec, T: int, distinct_experts: int, dtype_bytes: int
     }
 
 
+def floor_ms(terms: dict, ceilings: dict) -> float:
+    """The floor: max(bytes / HBM read bandwidth, FLOPs / bf16 matmul rate), in ms."""
+    return max(terms["bytes"] / ceilings["hbm_read_Bps"], terms["flops"] / ceilings["bf16_flops"]) * 1e3
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,14 @@ if [[ $stages == *" bench "* || $stages == *" skew "* || $stages == *" stages "*
   fi
 fi
 
+# Megablocks built in the background: wait for it and install it, once, before the first stage that times it.
+megablocks_ready() {
+  [[ -z $mb_pid ]] && return
+  wait "$mb_pid" && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mbwheels/*.whl \
+    || echo "Megablocks build failed: see $OUT/megablocks_build.log (its rows will say unavailable)"
+  mb_pid=
+}
+
 stage_tests() {
   # SIGINT at the limit: pytest still prints its summary of what failed. Stop before the
   # call's limit (SESSION_SECONDS, default 570) so the files still get packed.
@@ -58,23 +66,19 @@ stage_tune() {
 }
 
 stage_bench() {
-  if [[ -n $mb_pid ]]; then
-    wait "$mb_pid" && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mbwheels/*.whl \
-      || echo "Megablocks build failed: see $OUT/megablocks_build.log (its rows will say unavailable)"
-    mb_pid=
-  fi
+  megablocks_ready
   python3 -m experiments -m experiment=latency profile=gpu model="$MODELS" "${overrides[@]}" 2>&1 \
     | tee "$OUT/latency.log" | grep -v "^\["
 }
 
 stage_skew() {
-  if [[ -n $mb_pid ]]; then wait "$mb_pid" && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mbwheels/*.whl; mb_pid=; fi
+  megablocks_ready
   python3 -m experiments experiment=skew profile=gpu model=mixtral_8x7b "${overrides[@]}" 2>&1 \
     | tee "$OUT/skew.log" | grep -v "^\["
 }
 
 stage_stages() {
-  if [[ -n $mb_pid ]]; then wait "$mb_pid" && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mbwheels/*.whl; mb_pid=; fi
+  megablocks_ready
   python3 -m experiments -m experiment=stages profile=gpu model=mixtral_8x7b,deepseek_v3 "${overrides[@]}" 2>&1 \
     | tee "$OUT/stages.log" | grep -v "^\["
 }

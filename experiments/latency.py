@@ -41,12 +41,13 @@ def expected(p: Problem):
     return ref, clear
 
 
-def check(out: torch.Tensor, ref: torch.Tensor, clear: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| over the clear tokens; inf if anything is NaN."""
+def check(out: torch.Tensor, ref: torch.Tensor, clear: torch.Tensor | None = None) -> float:
+    """||out - ref|| / ||ref|| over the clear tokens (default: all); inf if anything is NaN."""
     if torch.isnan(out).any():
         return float("inf")
-    diff = (out.double() - ref)[clear]
-    return (diff.norm() / ref[clear].norm().clamp_min(1e-30)).item()
+    if clear is not None:
+        out, ref = out[clear], ref[clear]
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def num_steps(cfg) -> int:
@@ -65,7 +66,7 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
         distinct = int(torch.unique(ids).numel())
         ref = expected(p)  # once per T, shared by every implementation
         terms = common.floor_terms(spec, T, distinct, torch.finfo(dtype).bits // 8)
-        floor_ms = max(terms["bytes"] / ceilings["hbm_read_Bps"], terms["flops"] / ceilings["bf16_flops"]) * 1e3
+        floor_ms = common.floor_ms(terms, ceilings)
         for impl in impls:
             modes = ["eager"]
             if device.type == "cuda" and impl.startswith("tritonmoe_fused") and T <= cfg.experiment.cuda_graph_max_tokens:

@@ -14,9 +14,9 @@ import torch
 from tritonmoe import reference
 from . import common
 from .impls import EXPERTS, Problem, Unavailable
+from .latency import CHECK_TOL, check
 
 KEY = ("experiment", "model", "dtype", "E", "T", "skew", "impl")
-CHECK_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
                 ref = reference.fused_experts(x, w13, w2, weights, ids)
                 counts = torch.bincount(ids.flatten().long(), minlength=E)
                 terms = common.floor_terms(sub, T, int((counts > 0).sum()), torch.finfo(dtype).bits // 8)
-                floor_ms = max(terms["bytes"] / ceilings["hbm_read_Bps"], terms["flops"] / ceilings["bf16_flops"]) * 1e3
+                floor_ms = common.floor_ms(terms, ceilings)
                 for impl in e.impls:
                     row = dict(experiment="skew", model=spec.name, dtype=str(dtype).replace("torch.", ""), E=E, T=T,
                                k=k, H=H, F=F, skew=str(skew), impl=impl, max_count=int(counts.max()),
@@ -152,8 +152,7 @@ def _measure(cfg, p, impl, weights, ids, ref, device, dtype) -> dict:
     except Unavailable as why:
         return {"status": "unavailable", "reason": str(why)}
     with torch.no_grad():
-        out = fn()
-        err = float("inf") if torch.isnan(out).any() else ((out.double() - ref).norm() / ref.norm()).item()
+        err = check(fn(), ref)
         if not err <= CHECK_TOL[dtype]:
             return {"status": "wrong", "rel_err": err}
         q = common.quantiles(common.time_ms(fn, device, cfg.profile.warmup_ms, cfg.profile.rep_ms))

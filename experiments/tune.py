@@ -26,7 +26,7 @@ from tritonmoe import TileConfig, build_schedule, combine, gate_up_silu, grouped
 from tritonmoe import configs
 from tritonmoe.configs import CONFIG_DIR, default_tiles, device_key, problem_key
 from . import common
-from .latency import make_problem
+from .latency import check, make_problem
 
 KEY = ("experiment", "model", "dtype", "T", "kernel", "config")
 SMEM_BYTES = 200 * 1024  # stay under Hopper's 227 KB per block with room for the epilogue
@@ -132,12 +132,6 @@ def precompile(items, dtype: torch.dtype, workers: int) -> None:
 # Timing
 # ---------------------------------------------------------------------------------------------
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
 class _Bench:
     """The two GEMM stages of one (model, T) on fixed inputs, for any tiles."""
 
@@ -176,7 +170,7 @@ class _Bench:
     def measure(self, kernel, t: TileConfig) -> dict:
         try:
             fn = self.fn(kernel, t)
-            err = _rel(fn(), self.expected(kernel, t.block_m))
+            err = check(fn(), self.expected(kernel, t.block_m))
             if not err <= 1e-2:
                 return {"status": "wrong", "rel_err": err}
             times = common.time_ms(fn, self.p.x.device, self.warmup_ms, self.rep_ms)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._utils import SUPPORTED_DTYPES, check_tensor
-from .functional import check_routing, fused_experts
+from .functional import check_expert_weights, check_routing, fused_experts
 from .layer import MoELayer
 from .permute import combine, permute
 from .route import route
@@ -89,24 +89,8 @@ def _check_routing(hidden_states, topk_weights, topk_ids, num_experts: int):
 
 
 def _check_experts(hidden_states, w13_local, w2_local, per_rank: int, num_experts: int, world: int):
-    dev, dtype, H = hidden_states.device, hidden_states.dtype, hidden_states.shape[1]
-    check_tensor("w13_local", w13_local, ndim=3, dtypes=SUPPORTED_DTYPES, device=dev)
-    check_tensor("w2_local", w2_local, ndim=3, dtypes=SUPPORTED_DTYPES, device=dev)
-    for name, t in (("w13_local", w13_local), ("w2_local", w2_local)):
-        if t.dtype != dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but hidden_states has {dtype}; they must match")
-    e_loc, two_f, h13 = w13_local.shape
-    if e_loc != per_rank:
-        raise ValueError(f"w13_local holds {e_loc} experts (dim 0) but num_experts / world size = "
-                         f"{num_experts} / {world} = {per_rank}")
-    if h13 != H:
-        raise ValueError(f"w13_local has hidden size {h13} (dim 2) but hidden_states has H={H}")
-    if two_f % 2 or two_f == 0:
-        raise ValueError(f"w13_local dim 1 must be 2*F (gate rows then up rows), got {two_f}")
-    F = two_f // 2
-    if tuple(w2_local.shape) != (per_rank, H, F):
-        raise ValueError(f"w2_local must have shape (E/world, H, F) = {(per_rank, H, F)} to match w13_local "
-                         f"{tuple(w13_local.shape)} and hidden_states, got {tuple(w2_local.shape)}")
+    check_expert_weights(hidden_states, w13_local, w2_local, names=("w13_local", "w2_local"), dims="(E/world, H, F)",
+                         num_experts=per_rank, experts_note=f"num_experts / world size = {num_experts} / {world}")
 
 
 def _dispatch(hidden_states, topk_weights, topk_ids, num_experts: int, group) -> EPDispatch:

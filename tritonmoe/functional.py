@@ -14,7 +14,7 @@ from .gemm import gate_up_silu, grouped_gemm, silu_mul
 from .permute import combine, permute
 from .schedule import build_schedule
 
-__all__ = ["fused_experts", "check_routing"]
+__all__ = ["fused_experts", "check_routing", "check_expert_weights"]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -46,25 +46,37 @@ def check_routing(hidden_states, topk_weights, topk_ids, num_experts: int, exper
     return T, hidden_states.shape[1], k
 
 
+def check_expert_weights(hidden_states, w13, w2, *, names=("w13", "w2"), dims="(E, H, F)",
+                         num_experts: int | None = None, experts_note: str = ""):
+    """Checks of the expert weights against ``hidden_states`` (checked already); returns (E, F).
+
+    ``num_experts``, if given, is the number of experts ``w13`` must hold (``experts_note`` says why).
+    """
+    n13, n2 = names
+    dev, dtype, H = hidden_states.device, hidden_states.dtype, hidden_states.shape[1]
+    check_tensor(n13, w13, ndim=3, dtypes=SUPPORTED_DTYPES, device=dev)
+    check_tensor(n2, w2, ndim=3, dtypes=SUPPORTED_DTYPES, device=dev)
+    for name, t in ((n13, w13), (n2, w2)):
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but hidden_states has {dtype}; they must match")
+    E, two_f, h13 = w13.shape
+    if num_experts is not None and E != num_experts:
+        raise ValueError(f"{n13} holds {E} experts (dim 0) but {experts_note} = {num_experts}")
+    if h13 != H:
+        raise ValueError(f"{n13} has hidden size {h13} (dim 2) but hidden_states has H={H}")
+    if two_f % 2 or two_f == 0:
+        raise ValueError(f"{n13} dim 1 must be 2*F (gate rows then up rows), got {two_f}")
+    F = two_f // 2
+    if tuple(w2.shape) != (E, H, F):
+        raise ValueError(f"{n2} must have shape {dims} = {(E, H, F)} to match {n13} {tuple(w13.shape)} and "
+                         f"hidden_states, got {tuple(w2.shape)}")
+    return E, F
+
+
 def _check_args(hidden_states, w13, w2, topk_weights, topk_ids):
     check_tensor("hidden_states", hidden_states, ndim=2, dtypes=SUPPORTED_DTYPES)
     check_matmul_dtype("hidden_states", hidden_states.dtype)
-    dev, dtype = hidden_states.device, hidden_states.dtype
-    check_tensor("w13", w13, ndim=3, dtypes=SUPPORTED_DTYPES, device=dev)
-    check_tensor("w2", w2, ndim=3, dtypes=SUPPORTED_DTYPES, device=dev)
-    for name, t in (("w13", w13), ("w2", w2)):
-        if t.dtype != dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but hidden_states has {dtype}; they must match")
-    H = hidden_states.shape[1]
-    E, two_f, h13 = w13.shape
-    if h13 != H:
-        raise ValueError(f"w13 has hidden size {h13} (dim 2) but hidden_states has H={H}")
-    if two_f % 2 or two_f == 0:
-        raise ValueError(f"w13 dim 1 must be 2*F (gate rows then up rows), got {two_f}")
-    F = two_f // 2
-    if tuple(w2.shape) != (E, H, F):
-        raise ValueError(f"w2 must have shape (E, H, F) = {(E, H, F)} to match w13 {tuple(w13.shape)} and "
-                         f"hidden_states, got {tuple(w2.shape)}")
+    E, F = check_expert_weights(hidden_states, w13, w2)
     T, H, k = check_routing(hidden_states, topk_weights, topk_ids, E)
     return T, H, E, F, k
 
