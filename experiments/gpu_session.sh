@@ -6,6 +6,7 @@
 #     bench  Megablocks + the latency grid (experiment=latency) -> results/<GPU>/latency.jsonl
 #     skew   Megablocks + T6/T7 (experiment=skew, model=mixtral_8x7b) -> results/<GPU>/skew.jsonl
 #     stages Megablocks + T3 per-stage times and launch counts (experiment=stages, Mixtral and DeepSeek-V3)
+#     traffic T4 DRAM bytes of the first GEMM, fused vs unfused, with Nsight Compute (experiment=traffic, Mixtral)
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
@@ -81,6 +82,11 @@ stage_stages() {
   megablocks_ready
   python3 -m experiments -m experiment=stages profile=gpu model=mixtral_8x7b,deepseek_v3 "${overrides[@]}" 2>&1 \
     | tee "$OUT/stages.log" | grep -v "^\["
+}
+
+stage_traffic() {
+  python3 -m experiments experiment=traffic profile=gpu model=mixtral_8x7b "${overrides[@]}" 2>&1 \
+    | tee "$OUT/traffic.log" | grep -v "^\["
 }
 
 for stage in $stages; do "stage_$stage"; done

@@ -7,9 +7,9 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import common, latency, skew, stages, tune
+from . import common, latency, skew, stages, traffic, tune
 
-EXPERIMENTS = {"latency": latency, "tune": tune, "skew": skew, "stages": stages}
+EXPERIMENTS = {"latency": latency, "tune": tune, "skew": skew, "stages": stages, "traffic": traffic}
 
 
 def run(cfg: DictConfig) -> None:
