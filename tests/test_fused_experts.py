@@ -78,6 +78,39 @@ def test_one_token_per_expert(device, poison):
     check(*make_inputs(64, 1, 64, device, torch.float32, ids=ids))
 
 
+def _ids_from_counts(counts, seed=0):
+    """(sum(counts), 1) ids: expert e on counts[e] tokens, tokens in a seeded random order."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return ids[torch.randperm(len(ids), generator=g)].to(torch.int32).view(-1, 1)
+
+
+# The routing extremes of the skew-robust (adaptive) schedule, issue #7: (T, k, E, ids).
+EXTREMES = {
+    "all-on-one-expert": (200, 1, 16, torch.full((200, 1), 5, dtype=torch.int32)),
+    "one-token-per-expert": (64, 1, 64, torch.arange(64, dtype=torch.int32).view(64, 1)),
+    "E256-most-empty": (90, 2, 256, torch.tensor([[0, 17], [255, 0], [17, 255]], dtype=torch.int32).repeat(30, 1)),
+    # partial blocks of every height: counts just under, at and over each power of two up to 2 x 128
+    "every-tail-height": (None, 1, 12, _ids_from_counts([1, 16, 17, 32, 33, 64, 65, 81, 97, 128, 129, 200])),
+}
+
+
+@pytest.mark.parametrize("schedule", ["adaptive", "fixed"])
+@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("case", EXTREMES)
+def test_schedule_extremes(case, block_m, schedule, device, poison):
+    T, k, E, ids = EXTREMES[case]
+    T = ids.shape[0]
+    tiles = tritonmoe.TileConfig(block_m=block_m, block_n=32, block_k=32, group_m=2, num_stages=2, min_block_m=16)
+    for dtype in dtypes_for(device):
+        check(*make_inputs(T, k, E, device, dtype, ids=ids), tiles=(tiles, tiles), schedule=schedule)
+
+
+def test_bad_schedule(device):
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        tritonmoe.fused_experts(*make_inputs(4, 2, 8, device, torch.float32), schedule="dynamic")
+
+
 def test_int64_ids_and_bf16_weights(device, poison):
     x, w13, w2, weights, ids = make_inputs(20, 2, 8, device, torch.float32)
     check(x, w13, w2, weights.to(torch.bfloat16).float(), ids.long())

@@ -33,12 +33,15 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1         # down projection only: programs sharing one output tile's reduction
+    # Smallest tile height for an expert's last, partial M-block (halvings of block_m down to
+    # this). block_m or more: every block is block_m tall (the preprint's fixed-tile schedule).
+    min_block_m: int = 16
 
     def __post_init__(self):
         for name, value in asdict(self).items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TileConfig.{name} must be a positive int, got {value!r}")
-        for name in ("block_m", "block_n", "block_k"):
+        for name in ("block_m", "block_n", "block_k", "min_block_m"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {value}")

@@ -38,13 +38,13 @@ def _expert_gemm_kernel(
     GATE_UP_SILU: tl.constexpr,      # also multiply rows up_offset + n, and keep silu(gate) * up
     SCATTER_WEIGHTED: tl.constexpr,  # scale by the slot's routing weight, write at the slot's row
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    MIN_BLOCK_M: tl.constexpr,       # smallest tile height for an expert's last, partial M-block
     EVEN_K: tl.constexpr,            # every K slice is whole BLOCK_Ks: no K mask, so loads stay 16-byte wide
     DOT_PRECISION: tl.constexpr,
 ):
     # Program -> (M-block, N-block): GROUP_M M-blocks sweep N together, so their input rows
     # stay in L2; consecutive M-blocks of one expert also share its weight tiles.
     pid = tl.program_id(0)
-    pid_k = tl.program_id(1)  # split-K slice: [pid_k * k_per_split, ...) of the reduction
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_pid_n
     first_m = (pid // per_group) * GROUP_M
@@ -58,10 +58,39 @@ def _expert_gemm_kernel(
         return
     row_start = tl.load(block_row_ptr + pid_m)
     row_end = tl.load(expert_offsets_ptr + expert + 1)
-    offs_m = row_start + tl.arange(0, BLOCK_M)                                                  # [BM]
+    # An expert's last M-block is partial. Its tile height is the smallest power of two (down to
+    # MIN_BLOCK_M) that holds its rows, so padding rows cost at most half a tile, whatever the
+    # routing: under skew most experts are one small partial block. One branch per height; all
+    # share the weights' L2 lines with the expert's full blocks.
+    rows = row_end - row_start
+    height = 0  # halvings of BLOCK_M
+    for h in tl.static_range(1, 4):
+        if BLOCK_M >> h >= MIN_BLOCK_M:
+            if rows <= BLOCK_M >> h:
+                height = h
+    for h in tl.static_range(0, 4):
+        if BLOCK_M >> h >= MIN_BLOCK_M:
+            if height == h:
+                _expert_tile(a_ptr, w_ptr, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start, row_end,
+                             pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we,
+                             stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED,
+                             BLOCK_M >> h, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+
+
+@triton.jit
+def _expert_tile(
+    a_ptr, w_ptr, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start, row_end, pid_n,
+    N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+    stride_om, stride_on, GATHER_A: tl.constexpr, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr,
+    TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One (TILE_M rows of one expert) x (BLOCK_N columns) output tile over one split-K slice."""
+    pid_k = tl.program_id(1)  # split-K slice: [pid_k * k_per_split, ...) of the reduction
+    offs_m = row_start + tl.arange(0, TILE_M)                                                   # [TM]
     mask_m = offs_m < row_end
     if GATHER_A or SCATTER_WEIGHTED:
-        slots = tl.load(sorted_slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)          # [BM]
+        slots = tl.load(sorted_slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)          # [TM]
     if GATHER_A:
         a_rows = slots // TOP_K
     else:
@@ -72,13 +101,13 @@ def _expert_gemm_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     offs_k = tl.arange(0, BLOCK_K)                                                              # [BK]
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_start + offs_k[None, :]) * stride_ak      # [BM, BK]
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_start + offs_k[None, :]) * stride_ak      # [TM, BK]
     # int64 before the expert stride: DeepSeek-V3's w13 has 7.5e9 elements.
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + (n_offset + offs_n[None, :]).to(tl.int64) * stride_wn
               + (k_start + offs_k[:, None]) * stride_wk)                                        # [BK, BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     if GATE_UP_SILU:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         mask_k = (offs_k < k_end - k0) | EVEN_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -129,6 +158,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         GATHER_A=gather_a, GATE_UP_SILU=gate_up_silu, SCATTER_WEIGHTED=weighted,
         BLOCK_M=sched.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+        MIN_BLOCK_M=min(tiles.min_block_m, sched.block_m),
         EVEN_K=K % tiles.block_k == 0, DOT_PRECISION=dot_precision(a.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
