@@ -55,14 +55,14 @@ def torch_route(logits: torch.Tensor, spec: ModelSpec, bias):
 # Each implementation's experts, given the routing: ``EXPERTS[name](problem)`` returns
 # ``experts(topk_weights, topk_ids) -> (T, H)``. The skew experiment calls these directly.
 
-def tritonmoe_experts(p: Problem, fused: bool = True, schedule: str = "adaptive"):
+def tritonmoe_experts(p: Problem, fused: bool = True, schedule: str = "fixed"):
     return lambda weights, ids: tritonmoe.fused_experts(p.x, p.w13, p.w2, weights, ids, fused=fused,
                                                         schedule=schedule)
 
 
-def tritonmoe_fixed_experts(p: Problem):
-    """The preprint's fixed-tile schedule: every M-block block_m rows tall, partial or not."""
-    return tritonmoe_experts(p, schedule="fixed")
+def tritonmoe_tail_tiles_experts(p: Problem):
+    """Each expert's last, partial M-block with the smallest tile height that holds its rows."""
+    return tritonmoe_experts(p, schedule="tail_tiles")
 
 
 def tritonmoe_unfused_experts(p: Problem):
@@ -148,7 +148,7 @@ def megablocks_experts(p: Problem):
 
 EXPERTS = {
     "tritonmoe_fused": tritonmoe_experts,
-    "tritonmoe_fixed": tritonmoe_fixed_experts,
+    "tritonmoe_tail_tiles": tritonmoe_tail_tiles_experts,
     "tritonmoe_unfused": tritonmoe_unfused_experts,
     "torch_loop": torch_loop_experts,
     "torch_grouped_mm": torch_grouped_mm_experts,

@@ -7,9 +7,10 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import common, latency, skew, stages, traffic, tune
+from . import common, hf_model, latency, skew, stages, traffic, tune
 
-EXPERIMENTS = {"latency": latency, "tune": tune, "skew": skew, "stages": stages, "traffic": traffic}
+EXPERIMENTS = {"latency": latency, "tune": tune, "skew": skew, "stages": stages, "traffic": traffic,
+               "hf_model": hf_model}
 
 
 def run(cfg: DictConfig) -> None:

@@ -105,3 +105,30 @@ def test_ncu_csv_parsing(monkeypatch):
     kernels = traffic.measure_with_ncu("ncu", "mixtral_8x7b", 4, "unfused", "bfloat16", 0)
     assert kernels == [{"kernel": "_permute_kernel", "dram_read_bytes": 1000.0, "dram_write_bytes": 500.0},
                        {"kernel": "_expert_gemm_kernel", "dram_read_bytes": 2000.0, "dram_write_bytes": 30.0}]
+
+
+def test_smoke_hf_model_runs(tmp_path):
+    pytest.importorskip("transformers", minversion="5", reason="needs transformers>=5 (pip install 'tritonmoe[hf]')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "experiments", "experiment=hf_model", "profile=smoke", f"results_root={tmp_path}",
+           f"hydra.run.dir={tmp_path}/hydra"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "smoke" / "hf_model.jsonl").read_text().splitlines()]
+    cells = {(r["phase"], r["tokens"]) for r in rows}
+    assert cells == {("prefill", 8), ("decode", 1), ("decode", 2)}   # the smoke block of hf_model.yaml
+    for phase, tokens in cells:
+        by_impl = {r["impl"]: r for r in rows if (r["phase"], r["tokens"]) == (phase, tokens)}
+        assert set(by_impl) == {"eager", "grouped_mm", "tritonmoe"}
+        for impl in ("eager", "tritonmoe"):
+            r = by_impl[impl]
+            assert r["status"] == "ok" and r["ms_p50"] > 0 and r["tokens_per_s"] > 0, r
+            assert r["experts_rel_err"] < 1e-5 and r["rel_err"] < 1e-5, r   # float32: no routing flips expected
+        gmm = by_impl["grouped_mm"]   # torch's CPU grouped_mm may or may not serve it: either is a result
+        assert (gmm["status"] == "ok" and gmm["experts_rel_err"] < 1e-5
+                or gmm["status"] == "unavailable" and gmm["reason"]), gmm
+        assert by_impl["tritonmoe"]["dtype"] == "float32" and by_impl["tritonmoe"]["layers"] == 2
+        assert by_impl["tritonmoe"]["context"] == (8 if phase == "decode" else 0)
+        for field in ("device", "torch", "triton", "commit", "date", "seed", "ms_p20", "ms_p80"):
+            assert field in by_impl["tritonmoe"], field

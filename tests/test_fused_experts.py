@@ -85,7 +85,7 @@ def _ids_from_counts(counts, seed=0):
     return ids[torch.randperm(len(ids), generator=g)].to(torch.int32).view(-1, 1)
 
 
-# The routing extremes of the skew-robust (adaptive) schedule, issue #7: (T, k, E, ids).
+# Routing extremes for both schedules (issue #7): (T, k, E, ids).
 EXTREMES = {
     "all-on-one-expert": (200, 1, 16, torch.full((200, 1), 5, dtype=torch.int32)),
     "one-token-per-expert": (64, 1, 64, torch.arange(64, dtype=torch.int32).view(64, 1)),
@@ -95,7 +95,7 @@ EXTREMES = {
 }
 
 
-@pytest.mark.parametrize("schedule", ["adaptive", "fixed"])
+@pytest.mark.parametrize("schedule", ["fixed", "tail_tiles"])
 @pytest.mark.parametrize("block_m", [64, 128])
 @pytest.mark.parametrize("case", EXTREMES)
 def test_schedule_extremes(case, block_m, schedule, device, poison):

@@ -33,8 +33,8 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1         # down projection only: programs sharing one output tile's reduction
-    # Smallest tile height for an expert's last, partial M-block (halvings of block_m down to
-    # this). block_m or more: every block is block_m tall (the preprint's fixed-tile schedule).
+    # fused_experts(schedule="tail_tiles") only: smallest tile height for an expert's last,
+    # partial M-block (block_m halved down to this).
     min_block_m: int = 16
 
     def __post_init__(self):

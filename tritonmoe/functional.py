@@ -19,7 +19,7 @@ from .schedule import build_schedule
 __all__ = ["fused_experts", "check_routing", "check_expert_weights"]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
-SCHEDULES = ("adaptive", "fixed")
+SCHEDULES = ("fixed", "tail_tiles")
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -86,7 +86,7 @@ def _check_args(hidden_states, w13, w2, topk_weights, topk_ids):
 
 def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, *, fused: bool = True, tiles=None,
-                  schedule: str = "adaptive") -> torch.Tensor:
+                  schedule: str = "fixed") -> torch.Tensor:
     """Routed experts of an MoE layer: (T, H) -> (T, H).
 
     ``out[t] = sum_j topk_weights[t, j] * W2[e] (silu(Wg[e] x_t) * Wu[e] x_t)``, ``e = topk_ids[t, j]``.
@@ -100,10 +100,11 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
             out-of-range id trips a device-side assertion in the schedule (no host sync).
         fused: False runs the unfused pipeline (permute, gate GEMM, up GEMM, activation).
         tiles: optional ``(gate_up, down)`` ``TileConfig`` pair overriding the tuned tables.
-        schedule: "adaptive": an expert's last, partial M-block runs with the smallest tile height
-            (block_m halved, down to ``min_block_m``) that holds its rows, so padding stays small
-            under any routing skew; "fixed": every M-block is block_m rows tall (the preprint's
-            fixed-tile schedule, kept for comparison).
+        schedule: "fixed": every M-block is block_m rows tall (the preprint's design);
+            "tail_tiles": an expert's last, partial M-block runs with the smallest tile height
+            (block_m halved, down to ``min_block_m``) that holds its rows, so padding stays under
+            half a tile. Measured on an H100 it is slower where it matters (the extra tile heights
+            slow the full tiles too; experiments/PERF_LOG.md, v4), so it is not the default.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -116,7 +117,7 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
                                                                           hidden_states.device)
     if gate_up_tiles.block_m != down_tiles.block_m:
         raise ValueError("tiles: gate_up and down must share block_m (one schedule serves both GEMMs)")
-    if schedule == "fixed":
+    if schedule == "fixed":  # min_block_m = block_m compiles the full-height tile alone
         gate_up_tiles, down_tiles = (dataclasses.replace(t, min_block_m=t.block_m) for t in (gate_up_tiles, down_tiles))
     sched = build_schedule(ids, E, gate_up_tiles.block_m)
     if fused:

@@ -58,10 +58,10 @@ def _expert_gemm_kernel(
         return
     row_start = tl.load(block_row_ptr + pid_m)
     row_end = tl.load(expert_offsets_ptr + expert + 1)
-    # An expert's last M-block is partial. Its tile height is the smallest power of two (down to
-    # MIN_BLOCK_M) that holds its rows, so padding rows cost at most half a tile, whatever the
-    # routing: under skew most experts are one small partial block. One branch per height; all
-    # share the weights' L2 lines with the expert's full blocks.
+    # An expert's last M-block is partial. With MIN_BLOCK_M < BLOCK_M (schedule="tail_tiles") its
+    # tile height is the smallest power of two (down to MIN_BLOCK_M) that holds its rows, so
+    # padding costs at most half a tile; one branch per height. With MIN_BLOCK_M = BLOCK_M (the
+    # default, fixed schedule) only the full-height branch is compiled.
     rows = row_end - row_start
     height = 0  # halvings of BLOCK_M
     for h in tl.static_range(1, 4):
