@@ -18,7 +18,7 @@ import torch
 
 from ._utils import interpreting
 
-__all__ = ["TileConfig", "get_tiles", "device_key"]
+__all__ = ["TileConfig", "get_tiles", "lookup_tiles", "device_key"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 log = logging.getLogger("tritonmoe")
@@ -102,6 +102,13 @@ def get_tiles(num_tokens: int, top_k: int, E: int, F: int, H: int, dtype: torch.
     cpu = interpreting() or device.type != "cuda"
     # cached: this runs on every forward, and small-T forwards are bound by host time
     return _tiles(num_tokens, top_k, E, F, H, dtype, "interpreter" if cpu else device_key(device))
+
+
+def lookup_tiles(device_name: str, num_tokens: int, top_k: int, E: int, F: int, H: int,
+                 dtype: torch.dtype) -> tuple[TileConfig, TileConfig]:
+    """The tiles a call would get on the device named ``device_name`` (``device_key``, e.g.
+    ``NVIDIA_H100_80GB_HBM3``), from any machine: for analysing results measured there."""
+    return _tiles(num_tokens, top_k, E, F, H, dtype, device_name)
 
 
 @functools.lru_cache(maxsize=4096)
