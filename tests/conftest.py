@@ -46,8 +46,10 @@ def pytest_configure(config):
     name = config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
     info = {
         "commit": os.environ.get("TRITONMOE_COMMIT") or git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if "TRITONMOE_COMMIT" not in os.environ
-        else os.environ.get("TRITONMOE_DIRTY", "unknown"),
+        # as experiments/common.py records it: a bool (runs before this fix wrote the env string)
+        "dirty": (os.environ["TRITONMOE_DIRTY"] == "true" if "TRITONMOE_DIRTY" in os.environ
+                  else "unknown" if "TRITONMOE_COMMIT" in os.environ
+                  else bool(git("status", "--porcelain", "--untracked-files=no"))),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if name == "cuda" else "cpu (Triton interpreter)",
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
