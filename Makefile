@@ -40,9 +40,11 @@ ifeq ($(HAS_GPU),1)
 	$(PY) -m experiments -m experiment=latency profile=gpu model=mixtral_8x7b,qwen2_57b_a14b,deepseek_v3
 	$(PY) -m experiments -m experiment=stages profile=gpu model=mixtral_8x7b,deepseek_v3
 	$(PY) -m experiments experiment=skew profile=gpu model=mixtral_8x7b
+	$(PY) -m experiments experiment=traffic profile=gpu model=mixtral_8x7b  # Nsight Compute (ncu) on PATH
+	$(PY) -m experiments experiment=hf_model profile=gpu model=mixtral_8x7b
 else
 	@echo "no GPU: the smoke profile (tiny shapes, CPU interpreter) -> results/smoke/; the committed GPU results stay"
-	$(PY) -m experiments -m experiment=latency,stages,skew profile=smoke model=mixtral_8x7b
+	$(PY) -m experiments -m experiment=latency,stages,skew,traffic,hf_model profile=smoke model=mixtral_8x7b
 endif
 
 reproduce: test experiments figures paper  ## tests, experiments, then tables, figures and the paper

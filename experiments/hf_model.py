@@ -147,6 +147,7 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
     s = settings(cfg)
     model = build_model(spec, s, device, dtype, seed)
     attn = model.config._attn_implementation
+    import transformers  # its version is part of what was measured
     g = torch.Generator().manual_seed(seed)
 
     def ids(*shape):
@@ -161,7 +162,7 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
                          phase=phase, tokens=tokens, context=context, impl=impl, attn_implementation=attn,
                          hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
                          num_experts=spec.num_experts, top_k=spec.top_k, heads=s.heads, kv_heads=s.kv_heads,
-                         vocab=s.vocab, **result, **prov))
+                         vocab=s.vocab, transformers=transformers.__version__, **result, **prov))
         progress.step(f"{phase} tokens={tokens} {impl}: {result['status']}"
                       + (f" {result['ms_p50']:.3f} ms" if result["status"] == "ok" else ""))
 
