@@ -12,6 +12,18 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS = ["mixtral_8x7b", "qwen2_57b_a14b", "deepseek_v3"]
 
 
+def run_smoke(tmp_path, experiment: str, *overrides: str) -> list[dict]:
+    """Rows of ``python -m experiments experiment=<experiment> profile=smoke`` run into tmp_path (the
+    smoke profile runs the interpreter, also on a machine with a GPU)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "experiments", f"experiment={experiment}", "profile=smoke",
+           f"results_root={tmp_path}", *overrides, f"hydra.run.dir={tmp_path}/hydra"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (tmp_path / "smoke" / f"{experiment}.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("profile", ["gpu", "smoke"])
 @pytest.mark.parametrize("model", MODELS)
 def test_configs_compose(model, profile):
@@ -50,27 +62,14 @@ def test_import_order_error():
 
 
 def test_smoke_skew_runs(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "experiments", "experiment=skew", "profile=smoke", f"results_root={tmp_path}",
-           "profile.tokens=[3]", "experiment.experts=[8]", "experiment.skews=[0,hot]",
-           f"hydra.run.dir={tmp_path}/hydra"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "smoke" / "skew.jsonl").read_text().splitlines()]
+    rows = run_smoke(tmp_path, "skew", "profile.tokens=[3]", "experiment.experts=[8]", "experiment.skews=[0,hot]")
     fused = {r["skew"]: r for r in rows if r["impl"] == "tritonmoe_fused"}
     assert set(fused) == {"0", "hot"} and all(r["status"] == "ok" and r["rel_err"] < 1e-5 for r in fused.values())
     assert fused["hot"]["max_count"] == 3 and fused["0"]["max_count"] < 3   # T=3, k=2, E=8: hot takes every token
 
 
 def test_smoke_stages_runs(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "experiments", "experiment=stages", "profile=smoke", f"results_root={tmp_path}",
-           "profile.tokens=[3]", "experiment.launch_impls=[tritonmoe_fused]", f"hydra.run.dir={tmp_path}/hydra"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "smoke" / "stages.jsonl").read_text().splitlines()]
+    rows = run_smoke(tmp_path, "stages", "profile.tokens=[3]", "experiment.launch_impls=[tritonmoe_fused]")
     timed = [r for r in rows if r["stage"] != "launches per forward"]
     assert len(timed) == 10 and all(r["ms_p50"] > 0 and r["bytes"] > 0 for r in timed)
     fused_gemm = next(r for r in timed if r["stage"].startswith("gate+up"))
@@ -78,13 +77,7 @@ def test_smoke_stages_runs(tmp_path):
 
 
 def test_smoke_traffic_runs(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "experiments", "experiment=traffic", "profile=smoke", f"results_root={tmp_path}",
-           "profile.tokens=[3]", f"hydra.run.dir={tmp_path}/hydra"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "smoke" / "traffic.jsonl").read_text().splitlines()]
+    rows = run_smoke(tmp_path, "traffic", "profile.tokens=[3]")
     analytic = {(r["pipeline"], r["item"]): r for r in rows if r["source"] == "analytic"}
     # T=3, k=2, F=32, bf16 -> fp32 in smoke (4 bytes): gate_out is written once and read once
     assert analytic[("unfused", "gate_out")]["write_bytes"] == 3 * 2 * 32 * 4
@@ -109,13 +102,7 @@ def test_ncu_csv_parsing(monkeypatch):
 
 def test_smoke_hf_model_runs(tmp_path):
     pytest.importorskip("transformers", minversion="5", reason="needs transformers>=5 (pip install 'tritonmoe[hf]')")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "experiments", "experiment=hf_model", "profile=smoke", f"results_root={tmp_path}",
-           f"hydra.run.dir={tmp_path}/hydra"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "smoke" / "hf_model.jsonl").read_text().splitlines()]
+    rows = run_smoke(tmp_path, "hf_model")
     cells = {(r["phase"], r["tokens"]) for r in rows}
     assert cells == {("prefill", 8), ("decode", 1), ("decode", 2)}   # the smoke block of hf_model.yaml
     for phase, tokens in cells:
