@@ -7,6 +7,7 @@ preprint's ablation) replaces the first GEMM by permute -> gate GEMM -> up GEMM 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -84,6 +85,12 @@ def _check_args(hidden_states, w13, w2, topk_weights, topk_ids):
     return T, H, E, F, k
 
 
+@functools.lru_cache(maxsize=256)  # a cached lookup: small-T forwards are bound by host time
+def _full_height_only(tiles):
+    """``tiles`` with min_block_m = block_m: the GEMMs compile the full-height tile alone."""
+    return dataclasses.replace(tiles, min_block_m=tiles.block_m)
+
+
 def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, *, fused: bool = True, tiles=None,
                   schedule: str = "fixed") -> torch.Tensor:
@@ -117,8 +124,8 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
                                                                           hidden_states.device)
     if gate_up_tiles.block_m != down_tiles.block_m:
         raise ValueError("tiles: gate_up and down must share block_m (one schedule serves both GEMMs)")
-    if schedule == "fixed":  # min_block_m = block_m compiles the full-height tile alone
-        gate_up_tiles, down_tiles = (dataclasses.replace(t, min_block_m=t.block_m) for t in (gate_up_tiles, down_tiles))
+    if schedule == "fixed":
+        gate_up_tiles, down_tiles = _full_height_only(gate_up_tiles), _full_height_only(down_tiles)
     sched = build_schedule(ids, E, gate_up_tiles.block_m)
     if fused:
         inter = gate_up_silu(hidden_states, w13, sched, gate_up_tiles)
