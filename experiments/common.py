@@ -110,8 +110,9 @@ def time_ms(fn, device: torch.device, warmup_ms: float, rep_ms: float) -> list[f
     return [(time.perf_counter() - t0) * 1e3]
 
 
-def time_graph_ms(fn, device: torch.device, warmup_ms: float, rep_ms: float) -> list[float]:
-    """The same call captured once in a CUDA graph and timed as replays."""
+def capture_graph(fn):
+    """(graph, output): ``fn`` captured once in a CUDA graph after warm-up calls on a side stream;
+    each ``graph.replay()`` recomputes ``output`` in place from the captured inputs."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -120,7 +121,13 @@ def time_graph_ms(fn, device: torch.device, warmup_ms: float, rep_ms: float) -> 
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        out = fn()
+    return graph, out
+
+
+def time_graph_ms(fn, device: torch.device, warmup_ms: float, rep_ms: float) -> list[float]:
+    """The same call captured once in a CUDA graph and timed as replays."""
+    graph, _ = capture_graph(fn)
     return time_ms(graph.replay, device, warmup_ms, rep_ms)
 
 

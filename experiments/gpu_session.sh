@@ -7,6 +7,7 @@
 #     skew   Megablocks + T6/T7 (experiment=skew, model=mixtral_8x7b) -> results/<GPU>/skew.jsonl
 #     stages Megablocks + T3 per-stage times and launch counts (experiment=stages, Mixtral and DeepSeek-V3)
 #     traffic T4 DRAM bytes of the first GEMM, fused vs unfused, with Nsight Compute (experiment=traffic, Mixtral)
+#     hf_model transformers' Mixtral (2 layers) per experts implementation, eager and CUDA graph (experiment=hf_model)
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
@@ -87,6 +88,11 @@ stage_stages() {
 stage_traffic() {
   python3 -m experiments experiment=traffic profile=gpu model=mixtral_8x7b "${overrides[@]}" 2>&1 \
     | tee "$OUT/traffic.log" | grep -v "^\["
+}
+
+stage_hf_model() {
+  python3 -m experiments experiment=hf_model profile=gpu "${overrides[@]}" 2>&1 \
+    | tee "$OUT/hf_model.log" | grep -v "^\["
 }
 
 for stage in $stages; do "stage_$stage"; done

@@ -29,6 +29,10 @@ reference assignment: ``torch.cat`` made new tensors and left those unchanged), 
 sees the same cache of ``context`` tokens, also after a call that failed half-way. The time is
 thus one real decode step of ``generate`` with a DynamicCache (no sampling), plus the reset.
 
+CUDA graphs (phases ``prefill_graph`` and ``decode_graph``, for ``graph_impls``): the same prefill
+and decode calls captured once in a CUDA graph and timed as replays, which removes the Python
+launch time that dominates an eager step; each is checked against the same call run uncaptured.
+
 Times: ``common.time_ms`` (device events around each call on a GPU). Transformers in eager mode
 launches every op from Python, so a small step is host-bound and its time says little about the
 experts: on a GPU each ok row also records ``gpu_kernel_ms``, the summed time of the GPU work one
@@ -54,7 +58,7 @@ def settings(cfg):
 
 def num_steps(cfg) -> int:
     s = settings(cfg)
-    return (len(s.prefill_tokens) + len(s.decode_batch)) * len(s.impls)
+    return (len(s.prefill_tokens) + len(s.decode_batch)) * (len(s.impls) + len(s.graph_impls))
 
 
 def build_model(spec, s, device, dtype, seed):
@@ -125,6 +129,30 @@ def measure(model, impl, check, timed, ref, cfg, device, dtype, tokens) -> dict:
     return {"status": "ok", **errs, **q, "tokens_per_s": tokens / (q["ms_p50"] * 1e-3), **gpu_kernels(timed, device)}
 
 
+def measure_graph(model, impl, fn, cfg, device, dtype, tokens) -> dict:
+    """``fn`` with ``impl`` captured in one CUDA graph and timed as replays (no Python launch time).
+    Checked first: a replay's logits against the same call run eagerly (the per-call experts check
+    cannot see inside a graph). An implementation that synchronises with the host cannot be
+    captured: that is recorded as "unavailable" with the reason."""
+    if device.type != "cuda":
+        return {"status": "unavailable", "reason": "CUDA graphs need a CUDA device"}
+    try:
+        model.set_experts_implementation(impl)
+        want = fn().clone()
+        graph, out = common.capture_graph(fn)
+        graph.replay()
+        torch.cuda.synchronize()
+        err = rel_err(out, want)
+    except Exception as why:  # noqa: BLE001  (e.g. a host sync inside the capture)
+        torch.cuda.synchronize()
+        return {"status": "unavailable", "reason": f"capture failed: {type(why).__name__}: {why}"[:500]}
+    if not err <= TOL[dtype]:
+        return {"status": "wrong", "rel_err_vs_uncaptured": err, "reason": f"replay differs: {err:.3g}"}
+    q = common.quantiles(common.time_ms(graph.replay, device, cfg.profile.warmup_ms, cfg.profile.rep_ms))
+    del graph
+    return {"status": "ok", "rel_err_vs_uncaptured": err, **q, "tokens_per_s": tokens / (q["ms_p50"] * 1e-3)}
+
+
 def gpu_kernels(fn, device) -> dict:
     """The summed time of the GPU work (kernels, copies, memsets) one call issues, and how many: in
     eager transformers a small step is host-bound, and this is the device's share of it."""
@@ -175,6 +203,8 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
             ref = full()
             for impl in s.impls:
                 record("prefill", P, 0, impl, measure(model, impl, full, timed, ref, cfg, device, dtype, P))
+            for impl in s.graph_impls:
+                record("prefill_graph", P, 0, impl, measure_graph(model, impl, timed, cfg, device, dtype, P))
             del ref
 
         for B in s.decode_batch:
@@ -193,6 +223,10 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
             ref = step()
             for impl in s.impls:
                 record("decode", B, C, impl, measure(model, impl, step, step, ref, cfg, device, dtype, B))
+            # Captured, the step reads the saved prefill K/V and writes its new K/V into the graph's
+            # own memory, so every replay is the same decode step (the reset above ran at capture).
+            for impl in s.graph_impls:
+                record("decode_graph", B, C, impl, measure_graph(model, impl, step, cfg, device, dtype, B))
             assert cache.get_seq_length() == C, "a decode step left the cache changed"
             del cache, saved, ref
             if device.type == "cuda":

@@ -103,7 +103,11 @@ def test_ncu_csv_parsing(monkeypatch):
 def test_smoke_hf_model_runs(tmp_path):
     pytest.importorskip("transformers", minversion="5", reason="needs transformers>=5 (pip install 'tritonmoe[hf]')")
     rows = run_smoke(tmp_path, "hf_model")
-    cells = {(r["phase"], r["tokens"]) for r in rows}
+    graph_rows = [r for r in rows if r["phase"].endswith("_graph")]
+    assert {(r["phase"], r["impl"]) for r in graph_rows} == {(p, i) for p in ("prefill_graph", "decode_graph")
+                                                            for i in ("tritonmoe", "grouped_mm")}
+    assert all(r["status"] == "unavailable" and "CUDA" in r["reason"] for r in graph_rows)   # said, not faked
+    cells = {(r["phase"], r["tokens"]) for r in rows if r not in graph_rows}
     assert cells == {("prefill", 8), ("decode", 1), ("decode", 2)}   # the smoke block of hf_model.yaml
     for phase, tokens in cells:
         by_impl = {r["impl"]: r for r in rows if (r["phase"], r["tokens"]) == (phase, tokens)}
