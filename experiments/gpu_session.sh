@@ -67,33 +67,18 @@ stage_tune() {
     | tee "$OUT/tune.log" | grep -v "^ *$"
 }
 
-stage_bench() {
-  megablocks_ready
-  python3 -m experiments -m experiment=latency profile=gpu model="$MODELS" "${overrides[@]}" 2>&1 \
-    | tee "$OUT/latency.log" | grep -v "^\["
+# One experiment on the GPU profile: its log in $OUT/<name>.log, its progress lines not echoed.
+run_experiment() {
+  local name=$1; shift
+  python3 -m experiments "$@" experiment="$name" profile=gpu "${overrides[@]}" 2>&1 \
+    | tee "$OUT/$name.log" | grep -v "^\["
 }
 
-stage_skew() {
-  megablocks_ready
-  python3 -m experiments experiment=skew profile=gpu model=mixtral_8x7b "${overrides[@]}" 2>&1 \
-    | tee "$OUT/skew.log" | grep -v "^\["
-}
-
-stage_stages() {
-  megablocks_ready
-  python3 -m experiments -m experiment=stages profile=gpu model=mixtral_8x7b,deepseek_v3 "${overrides[@]}" 2>&1 \
-    | tee "$OUT/stages.log" | grep -v "^\["
-}
-
-stage_traffic() {
-  python3 -m experiments experiment=traffic profile=gpu model=mixtral_8x7b "${overrides[@]}" 2>&1 \
-    | tee "$OUT/traffic.log" | grep -v "^\["
-}
-
-stage_hf_model() {
-  python3 -m experiments experiment=hf_model profile=gpu "${overrides[@]}" 2>&1 \
-    | tee "$OUT/hf_model.log" | grep -v "^\["
-}
+stage_bench() { megablocks_ready; run_experiment latency -m model="$MODELS"; }
+stage_skew() { megablocks_ready; run_experiment skew model=mixtral_8x7b; }
+stage_stages() { megablocks_ready; run_experiment stages -m model=mixtral_8x7b,deepseek_v3; }
+stage_traffic() { run_experiment traffic model=mixtral_8x7b; }
+stage_hf_model() { run_experiment hf_model model=mixtral_8x7b; }
 
 for stage in $stages; do "stage_$stage"; done
 [[ -n $mb_pid ]] && wait "$mb_pid"

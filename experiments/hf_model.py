@@ -46,6 +46,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import common
+from .latency import check  # ||out - ref|| / ||ref||, inf if out is not finite
 
 KEY = ("experiment", "model", "layers", "dtype", "phase", "tokens", "context", "impl")
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -87,12 +88,6 @@ def grouped_mm_kernel(model) -> str:
     return "torch grouped_mm" if native else "transformers' per-expert loop fallback (torch grouped_mm unusable here)"
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
-
 def checked(model, fn):
     """``fn()``, and the largest error of its experts calls against eager experts on the same inputs."""
     errs = []
@@ -100,7 +95,7 @@ def checked(model, fn):
     def hook(module, args, kwargs, out):
         # use_experts_implementation wraps the class's own (eager) forward with functools.wraps
         eager = type(module).forward.__wrapped__(module, *args, **kwargs)
-        errs.append(rel_err(out, eager))
+        errs.append(check(out, eager))
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()
                if hasattr(m, "gate_up_proj") and hasattr(m, "is_transposed")]
     try:
@@ -112,17 +107,17 @@ def checked(model, fn):
     return out, max(errs)
 
 
-def measure(model, impl, check, timed, ref, cfg, device, dtype, tokens) -> dict:
-    """Switch to ``impl``, check ``check()`` (experts calls, and logits against ``ref``), then time ``timed``."""
+def measure(model, impl, checked_call, timed, ref, cfg, device, dtype, tokens) -> dict:
+    """Switch to ``impl``, check ``checked_call()`` (experts calls, and logits against ``ref``), then time ``timed``."""
     try:
         model.set_experts_implementation(impl)
         if impl == "tritonmoe":
             from tritonmoe.integrations.transformers import check_model
             check_model(model)  # says what it cannot compute now, not as a failure mid-forward
-        out, experts_err = checked(model, check)
+        out, experts_err = checked(model, checked_call)
     except Exception as why:  # noqa: BLE001  (any failure to run is a result: recorded, never a number)
         return {"status": "unavailable", "reason": f"{type(why).__name__}: {why}"[:500]}
-    errs = {"experts_rel_err": experts_err, "rel_err": rel_err(out, ref)}
+    errs = {"experts_rel_err": experts_err, "rel_err": check(out, ref)}
     if not experts_err <= TOL[dtype]:
         return {"status": "wrong", **errs, "reason": f"experts_rel_err {experts_err:.3g} > {TOL[dtype]}"}
     q = common.quantiles(common.time_ms(timed, device, cfg.profile.warmup_ms, cfg.profile.rep_ms))
@@ -142,7 +137,7 @@ def measure_graph(model, impl, fn, cfg, device, dtype, tokens) -> dict:
         graph, out = common.capture_graph(fn)
         graph.replay()
         torch.cuda.synchronize()
-        err = rel_err(out, want)
+        err = check(out, want)
     except Exception as why:  # noqa: BLE001  (e.g. a host sync inside the capture)
         torch.cuda.synchronize()
         return {"status": "unavailable", "reason": f"capture failed: {type(why).__name__}: {why}"[:500]}
