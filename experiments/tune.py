@@ -3,7 +3,7 @@ real shapes and routing, keep the fastest that computes the right thing, and wri
 table the package reads (``tritonmoe/configs/<device>.json``).
 
 Per (model, T) and per candidate block_m (it fixes the schedule, so both GEMMs share it):
-1. coarse: every (block_n, block_k, num_warps) of the space at 4 stages;
+1. coarse: every (block_n, block_k, num_warps, tma) of the space at 4 stages;
 2. refine around the best: num_stages, group_m, and split_k for the down projection.
 "gate_up" times ``gate_up_silu``; "down" times the weighted down projection plus
 ``combine`` (so split-K pays for summing its partials). Every candidate's output is
@@ -57,11 +57,13 @@ def coarse(kernel: str, block_m: int, space) -> list[TileConfig]:
     for bn in space.block_n:
         for bk in space.block_k:
             for w in space.num_warps:
-                t = TileConfig(block_m=block_m, block_n=bn, block_k=bk, group_m=8, num_warps=w, num_stages=4)
-                if not _fits(kernel, t):
-                    t = replace(t, num_stages=3)
-                if _fits(kernel, t):
-                    out.append(t)
+                for tma in space.get("tma", [False]):
+                    t = TileConfig(block_m=block_m, block_n=bn, block_k=bk, group_m=8, num_warps=w, num_stages=4,
+                                   tma=tma)
+                    if not _fits(kernel, t):
+                        t = replace(t, num_stages=3)
+                    if _fits(kernel, t):
+                        out.append(t)
     return out
 
 
@@ -255,18 +257,25 @@ def _default_total(bench, tpe) -> float:
 
 def _cfg_str(t: TileConfig) -> str:
     return (f"m{t.block_m}n{t.block_n}k{t.block_k}g{t.group_m}w{t.num_warps}s{t.num_stages}"
-            + (f"sk{t.split_k}" if t.split_k > 1 else ""))
+            + (f"sk{t.split_k}" if t.split_k > 1 else "") + ("tma" if t.tma else ""))
 
 
 def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:
     path = CONFIG_DIR / f"{device_key(device)}.json"
     table = json.loads(path.read_text()) if path.exists() else {"configs": {}, "sources": {}}
     key = problem_key(spec.num_experts, spec.intermediate_size, spec.hidden_size, dtype)
-    table["configs"][key] = {str(T): {"gate_up": c["gate_up"], "down": c["down"]} for T, c in sorted(chosen.items())}
-    table["sources"][key] = {"model": spec.name, "results": f"results/{common.device_name(device)}/tune.jsonl",
-                             "commit": prov["commit"], "date": prov["date"],
-                             "ms": {str(T): {k: round(c[k], 4) for k in ("gate_up_ms", "down_ms", "default_ms")}
-                                    for T, c in sorted(chosen.items())}}
+    # A run over some T replaces those buckets and keeps the others; each bucket names its run.
+    buckets = table["configs"].setdefault(key, {})
+    source = table["sources"].setdefault(key, {"model": spec.name, "ms": {}})
+    old = {k: source.pop(k) for k in ("commit", "date") if k in source}  # tables written before buckets named theirs
+    for m in source["ms"]:
+        source["ms"][m] = {**old, **source["ms"][m]}
+    source["results"] = f"results/{common.device_name(device)}/tune.jsonl"
+    for T, c in sorted(chosen.items()):
+        buckets[str(T)] = {"gate_up": c["gate_up"], "down": c["down"]}
+        source["ms"][str(T)] = {**{k: round(c[k], 4) for k in ("gate_up_ms", "down_ms", "default_ms")},
+                                "commit": prov["commit"], "date": prov["date"]}
+    table["configs"][key] = dict(sorted(buckets.items(), key=lambda kv: int(kv[0])))
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     configs._load.cache_clear()  # later calls in this process see the new table

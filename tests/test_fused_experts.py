@@ -51,14 +51,29 @@ def test_larger_odd_shapes(fused, device, poison):
         check(*make_inputs(45, 2, 8, device, dtype, H=200, F=136), fused=fused)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("split_k", [1, 4])
 @pytest.mark.parametrize("block_m", [16, 32])
-def test_explicit_tiles(block_m, split_k, device, poison):
-    # tiles as a tuned table would give them, split-K on the down projection included
-    up = tritonmoe.TileConfig(block_m=block_m, block_n=32, block_k=32, group_m=2, num_stages=2)
-    down = tritonmoe.TileConfig(block_m=block_m, block_n=16, block_k=16, group_m=1, num_stages=2, split_k=split_k)
-    for dtype in dtypes_for(device):
-        check(*make_inputs(21, 2, 8, device, dtype, H=64, F=80), tiles=(up, down))
+def test_explicit_tiles(block_m, split_k, tma, device, poison):
+    # tiles as a tuned table would give them, split-K on the down projection included; F = 80 is
+    # no multiple of block_n, so TMA weight tiles read past an expert's rows (never stored)
+    up = tritonmoe.TileConfig(block_m=block_m, block_n=32, block_k=32, group_m=2, num_stages=2, tma=tma)
+    down = tritonmoe.TileConfig(block_m=block_m, block_n=16, block_k=16, group_m=1, num_stages=2, split_k=split_k,
+                                tma=tma)
+    for fused in (True, False):
+        for dtype in dtypes_for(device):
+            check(*make_inputs(21, 2, 8, device, dtype, H=64, F=80), tiles=(up, down), fused=fused)
+
+
+@pytest.mark.parametrize("H,F", [(40, 24), (41, 24), (40, 23)], ids=["aligned", "odd-H", "odd-F"])
+def test_tma_tiles_any_shape(H, F, device, poison):
+    # rows of 41 or 23 half-precision values are not 16-byte multiples: the copy engine cannot take
+    # them, and those GEMMs fall back to pointer loads; strided weights likewise
+    tiles = tritonmoe.TileConfig(block_m=16, block_n=16, block_k=32, group_m=2, num_stages=2, tma=True)
+    for fused in (True, False):
+        check(*make_inputs(37, 2, 8, device, torch.float16, H=H, F=F), tiles=(tiles, tiles), fused=fused)
+    x, w13, w2, weights, ids = make_inputs(19, 2, 8, device, torch.float16, H=H, F=F)
+    check(x, w13.transpose(1, 2).contiguous().transpose(1, 2), w2, weights, ids, tiles=(tiles, tiles))
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
@@ -95,13 +110,15 @@ EXTREMES = {
 }
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("schedule", ["fixed", "tail_tiles"])
 @pytest.mark.parametrize("block_m", [64, 128])
 @pytest.mark.parametrize("case", EXTREMES)
-def test_schedule_extremes(case, block_m, schedule, device, poison):
+def test_schedule_extremes(case, block_m, schedule, tma, device, poison):
     T, k, E, ids = EXTREMES[case]
     T = ids.shape[0]
-    tiles = tritonmoe.TileConfig(block_m=block_m, block_n=32, block_k=32, group_m=2, num_stages=2, min_block_m=16)
+    tiles = tritonmoe.TileConfig(block_m=block_m, block_n=32, block_k=32, group_m=2, num_stages=2, min_block_m=16,
+                                 tma=tma)
     for dtype in dtypes_for(device):
         check(*make_inputs(T, k, E, device, dtype, ids=ids), tiles=(tiles, tiles), schedule=schedule)
 

@@ -36,9 +36,16 @@ class TileConfig:
     # fused_experts(schedule="tail_tiles") only: smallest tile height for an expert's last,
     # partial M-block (block_m halved down to this).
     min_block_m: int = 16
+    # Tiles through Hopper's copy engine (TMA descriptors): the weights, and the input rows where they
+    # are contiguous (the down projection's full-height tiles); pointer loads where it cannot serve.
+    tma: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.tma, bool):
+            raise ValueError(f"TileConfig.tma must be a bool, got {self.tma!r}")
         for name, value in asdict(self).items():
+            if name == "tma":
+                continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TileConfig.{name} must be a positive int, got {value!r}")
         for name in ("block_m", "block_n", "block_k", "min_block_m"):

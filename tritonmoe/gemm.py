@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._utils import check_matmul_dtype, dot_precision
 from .schedule import Schedule
@@ -29,6 +30,8 @@ def _expert_gemm_kernel(
     # pointers
     a_ptr, w_ptr, out_ptr, sorted_slots_ptr, topk_weights_ptr, block_expert_ptr, block_row_ptr,
     expert_offsets_ptr,
+    w_desc,                          # WEIGHT_TMA: a tensor descriptor over w as (E * rows, K), else None
+    a_desc,                          # A_TMA: a tensor descriptor over a (sorted rows, K), else None
     # sizes
     N, K, TOP_K, n_offset, up_offset, max_blocks, k_per_split,
     # strides
@@ -41,6 +44,8 @@ def _expert_gemm_kernel(
     MIN_BLOCK_M: tl.constexpr,       # smallest tile height for an expert's last, partial M-block
     EVEN_K: tl.constexpr,            # every K slice is whole BLOCK_Ks: no K mask, so loads stay 16-byte wide
     DOT_PRECISION: tl.constexpr,
+    WEIGHT_TMA: tl.constexpr,        # weight tiles through the copy engine (Hopper's TMA) instead of pointers
+    A_TMA: tl.constexpr,             # input tiles too (rows in sorted order, full-height tiles only)
 ):
     # Program -> (M-block, N-block): GROUP_M M-blocks sweep N together, so their input rows
     # stay in L2; consecutive M-blocks of one expert also share its weight tiles.
@@ -71,19 +76,20 @@ def _expert_gemm_kernel(
     for h in tl.static_range(0, 4):
         if BLOCK_M >> h >= MIN_BLOCK_M:
             if height == h:
-                _expert_tile(a_ptr, w_ptr, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start, row_end,
-                             pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we,
-                             stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED,
-                             BLOCK_M >> h, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+                _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start,
+                             row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak,
+                             stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
+                             SCATTER_WEIGHTED, BLOCK_M >> h, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, WEIGHT_TMA,
+                             A_TMA and h == 0)
 
 
 @triton.jit
 def _expert_tile(
-    a_ptr, w_ptr, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start, row_end, pid_n,
+    a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start, row_end, pid_n,
     N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
     stride_om, stride_on, GATHER_A: tl.constexpr, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr,
     TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr, A_TMA: tl.constexpr,
 ):
     """One (TILE_M rows of one expert) x (BLOCK_N columns) output tile over one split-K slice."""
     pid_k = tl.program_id(1)  # split-K slice: [pid_k * k_per_split, ...) of the reduction
@@ -105,17 +111,30 @@ def _expert_tile(
     # int64 before the expert stride: DeepSeek-V3's w13 has 7.5e9 elements.
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + (n_offset + offs_n[None, :]).to(tl.int64) * stride_wn
               + (k_start + offs_k[:, None]) * stride_wk)                                        # [BK, BN]
+    # WEIGHT_TMA: row of w's (E * rows, K) view; rows past this expert's N belong to the next expert
+    # (or are zero-filled past the last) and only feed output columns that are never stored.
+    w_row = (expert * (stride_we // stride_wn)).to(tl.int32) + n_offset + pid_n * BLOCK_N  # E * rows < 2**31
     acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     if GATE_UP_SILU:
         acc_up = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         mask_k = (offs_k < k_end - k0) | EVEN_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if A_TMA:
+            # rows past row_end belong to the next expert (or are zero-filled): never stored
+            a = a_desc.load([row_start, k0])
+        else:
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if WEIGHT_TMA:
+            w = w_desc.load([w_row, k0]).T  # columns past K are zero-filled by the copy engine
+        else:
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         if GATE_UP_SILU:
             # the same input tile against the up rows (up_offset * stride_wn < one expert: int32 is safe)
-            w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if WEIGHT_TMA:
+                w_up = w_desc.load([w_row + up_offset, k0]).T
+            else:
+                w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
@@ -142,6 +161,19 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _descriptor(t: torch.Tensor, block_shape) -> TensorDescriptor | None:
+    """A TMA descriptor over ``t`` seen as 2-D (rows, K), or None where the copy engine cannot serve
+    it (pre-Hopper GPU, strided or misaligned tensors, 2**31 rows or more): those use pointer loads."""
+    K = t.shape[-1]
+    rows = t.numel() // K if K else 0
+    if not (rows and t.is_contiguous() and (K * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+            and rows < 2**31):
+        return None
+    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return None
+    return TensorDescriptor(t, [rows, K], [K, 1], list(block_shape))
+
+
 def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offset: int, gather_a: bool,
             gate_up_silu: bool, topk_weights, split_k: int = 1):
     check_matmul_dtype("a", a.dtype)
@@ -151,15 +183,21 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     K = w.shape[2]
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), tiles.block_k) * tiles.block_k
     grid = (sched.max_blocks * triton.cdiv(n, tiles.block_n), split_k)
+    w_desc = a_desc = None
+    if tiles.tma:
+        w_desc = _descriptor(w, (tiles.block_n, tiles.block_k))
+        if not gather_a:
+            a_desc = _descriptor(a, (sched.block_m, tiles.block_k))
     _expert_gemm_kernel[grid](
         a, w, out, sched.sorted_slots, topk_weights if weighted else out, sched.block_expert,
-        sched.block_row_start, sched.expert_offsets,
+        sched.block_row_start, sched.expert_offsets, w_desc, a_desc,
         n, K, sched.top_k, n_offset, up_offset, sched.max_blocks, k_per_split,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         GATHER_A=gather_a, GATE_UP_SILU=gate_up_silu, SCATTER_WEIGHTED=weighted,
         BLOCK_M=sched.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
         MIN_BLOCK_M=min(tiles.min_block_m, sched.block_m),
-        EVEN_K=K % tiles.block_k == 0, DOT_PRECISION=dot_precision(a.dtype),
+        EVEN_K=K % tiles.block_k == 0, DOT_PRECISION=dot_precision(a.dtype), WEIGHT_TMA=w_desc is not None,
+        A_TMA=a_desc is not None,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

@@ -1,8 +1,9 @@
 """Stage 2 -- the schedule: which rows each GEMM program multiplies by which expert.
 
 Built on the GPU from ``topk_ids`` with no host synchronisation (so a whole forward
-can be captured in a CUDA graph), deterministic and stable. Up to 1024 slots (one chunk)
-it is one launch, ``_schedule_one_chunk_kernel``; above, three:
+can be captured in a CUDA graph), deterministic and stable. Up to ``CHUNK_SLOTS`` slots
+(one chunk) it is one launch, ``_schedule_one_chunk_kernel``; above, three, with one
+program per chunk where they work per slot:
 
 1. ``_histogram_kernel``: per chunk of BLOCK_S slots, how many go to each expert.
 2. ``_scan_kernel`` (one program): expert counts and offsets, each chunk's base position
@@ -28,6 +29,10 @@ import triton.language as tl
 from ._utils import cdiv, next_pow2
 
 __all__ = ["Schedule", "build_schedule", "max_blocks"]
+
+# Slots per chunk: one program's share of the histogram and the scatter. Small T takes the
+# one-launch path (host-bound there); above, smaller chunks mean more programs working at once.
+CHUNK_SLOTS = 256
 
 
 @dataclass
@@ -118,10 +123,16 @@ def _scatter_chunk(ids_ptr, next_row, sorted_slots_ptr, slot_pos_ptr, chunk_star
     bin) plus its rank among the chunk's earlier slots of that bin (stable)."""
     local = tl.arange(0, SUB_S)
     before = local[None, :] < local[:, None]                                 # [SUB, SUB]: j precedes i
+    offs_bin = tl.arange(0, NBINS)
     for s0 in range(0, tl.minimum(BLOCK_S, S - chunk_start), SUB_S):
         offs_s = chunk_start + s0 + local                                    # [SUB]
         bins = _bin_of(ids_ptr, offs_s, S, E)
-        rank = tl.sum(((bins[None, :] == bins[:, None]) & before).to(tl.int32), axis=1)
+        if NBINS < SUB_S:
+            # few bins: running count per bin, [SUB, NBINS] work instead of [SUB, SUB]
+            one_hot = (bins[:, None] == offs_bin[None, :]).to(tl.int32)
+            rank = tl.sum(tl.cumsum(one_hot, axis=0) * one_hot, axis=1) - 1
+        else:
+            rank = tl.sum(((bins[None, :] == bins[:, None]) & before).to(tl.int32), axis=1)
         row = tl.gather(next_row, bins, 0) + rank
         valid = bins <= E
         tl.store(sorted_slots_ptr + row, offs_s.to(tl.int32), mask=valid)
@@ -183,6 +194,11 @@ def _schedule_one_chunk_kernel(
     _scatter_chunk(ids_ptr, starts, sorted_slots_ptr, slot_pos_ptr, 0, S, E, BLOCK_S, SUB_S, NBINS)
 
 
+def _sub_slots(block_s: int, nbins: int) -> int:
+    # slots ranked at once: a [SUB, SUB] pairwise comparison, or [SUB, NBINS] counts when bins are few
+    return min(block_s, 64 if nbins >= 64 else max(64, 4096 // nbins))
+
+
 def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Schedule:
     """Build the schedule for int32 (T, k) ``topk_ids`` on their device, without host sync.
 
@@ -194,7 +210,7 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Sc
     S = T * k
     dev = ids.device
     nbins = next_pow2(num_experts + 2)
-    block_s = min(1024, max(16, next_pow2(S)))
+    block_s = min(CHUNK_SLOTS, max(16, next_pow2(S)))
     num_chunks = cdiv(S, block_s) if S else 0
     nmax = max_blocks(S, num_experts, block_m)
     # One allocation for every buffer (small T is bound by host time); parts padded to
@@ -218,7 +234,7 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Sc
         _schedule_one_chunk_kernel[(1,)](
             ids, sched.expert_counts, sched.expert_offsets, sched.block_expert, sched.block_row_start,
             sched.num_blocks, sched.num_invalid, sched.sorted_slots, sched.slot_positions, S, num_experts, nmax,
-            BLOCK_S=block_s, SUB_S=min(64, block_s), BLOCK_M=block_m, NBINS=nbins, BLOCK_B=block_b)
+            BLOCK_S=block_s, SUB_S=_sub_slots(block_s, nbins), BLOCK_M=block_m, NBINS=nbins, BLOCK_B=block_b)
         return sched
     hist, base = parts[8].view(num_chunks, nbins), parts[9].view(num_chunks, nbins)
     _histogram_kernel[(num_chunks,)](ids, hist, S, num_experts, BLOCK_S=block_s, NBINS=nbins)
@@ -226,5 +242,5 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Sc
                        sched.block_row_start, sched.num_blocks, sched.num_invalid, num_chunks, num_experts,
                        nmax, BLOCK_M=block_m, NBINS=nbins, BLOCK_B=block_b)
     _scatter_kernel[(num_chunks,)](ids, base, sched.sorted_slots, sched.slot_positions, S, num_experts,
-                                   BLOCK_S=block_s, SUB_S=min(64, block_s), NBINS=nbins)
+                                   BLOCK_S=block_s, SUB_S=_sub_slots(block_s, nbins), NBINS=nbins)
     return sched
