@@ -218,3 +218,15 @@ def test_bf16_refused_by_the_interpreter(device):
     sched = tritonmoe.build_schedule(ids.int(), 8, 16)
     with pytest.raises(TypeError, match="bfloat16"):
         tritonmoe.gate_up_silu(x, w13, sched, tritonmoe.TileConfig(block_m=16))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_token_chunks(fused, monkeypatch, device, poison):
+    # above MAX_ROWS_PER_EXPERT * E / k tokens the forward runs in chunks: 8 * 8 / 2 = 32 tokens here,
+    # so 101 tokens take four chunks, the last one partial; routing skewed to one expert
+    from tritonmoe import functional
+    monkeypatch.setattr(functional, "MAX_ROWS_PER_EXPERT", 8)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.zeros(101, dtype=torch.int64), torch.randint(1, 8, (101,), generator=g)], 1)
+    for dtype in dtypes_for(device):
+        check(*make_inputs(101, 2, 8, device, dtype, ids=ids.to(torch.int32)), fused=fused)

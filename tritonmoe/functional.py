@@ -21,6 +21,11 @@ __all__ = ["fused_experts", "check_routing", "check_expert_weights"]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 SCHEDULES = ("fixed", "tail_tiles")
+# A forward averaging more rows per expert than this runs in token chunks. Measured on an H100
+# (experiments/PERF_LOG.md, v5): the fused gate+up GEMM slows more than linearly past it (Mixtral
+# T=8192, 2048 rows per expert: 11.09 ms whole, 9.83 ms as two halves of 4096 tokens). Each chunk
+# reads the expert weights again, which costs little where the GEMMs are compute-bound.
+MAX_ROWS_PER_EXPERT = 1024
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -112,6 +117,8 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
             (block_m halved, down to ``min_block_m``) that holds its rows, so padding stays under
             half a tile. Measured on an H100 it is slower where it matters (the extra tile heights
             slow the full tiles too; experiments/PERF_LOG.md, v4), so it is not the default.
+
+    Above ``MAX_ROWS_PER_EXPERT * E / k`` tokens the forward runs in chunks of that many tokens.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -120,6 +127,20 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         return hidden_states.new_empty(0, H)
     weights = topk_weights.to(torch.float32).contiguous()
     ids = topk_ids.to(torch.int32).contiguous()
+    chunk = max(1, MAX_ROWS_PER_EXPERT * E // k)  # tokens per chunk
+    if T <= chunk:
+        return _forward(hidden_states, w13, w2, weights, ids, fused, tiles, schedule)
+    out = torch.empty(T, H, dtype=hidden_states.dtype, device=hidden_states.device)
+    for t0 in range(0, T, chunk):
+        rows = slice(t0, t0 + chunk)
+        _forward(hidden_states[rows], w13, w2, weights[rows], ids[rows], fused, tiles, schedule, out=out[rows])
+    return out
+
+
+def _forward(hidden_states, w13, w2, weights, ids, fused, tiles, schedule, out=None):
+    """One chunk of tokens through the stages; ``weights`` float32 and ``ids`` int32, contiguous."""
+    (T, H), (E, two_f, _), k = hidden_states.shape, w13.shape, ids.shape[1]
+    F = two_f // 2
     gate_up_tiles, down_tiles = tiles if tiles is not None else get_tiles(T, k, E, F, H, hidden_states.dtype,
                                                                           hidden_states.device)
     if gate_up_tiles.block_m != down_tiles.block_m:
@@ -135,4 +156,4 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         up = grouped_gemm(x_sorted, w13, sched, gate_up_tiles, n_offset=F, n=F)
         inter = silu_mul(gate, up)
     slot_rows = grouped_gemm(inter, w2, sched, down_tiles, topk_weights=weights)
-    return combine(slot_rows, k * down_tiles.split_k, dtype=hidden_states.dtype)
+    return combine(slot_rows, k * down_tiles.split_k, out, dtype=hidden_states.dtype)
