@@ -16,7 +16,8 @@
 # Environment: MODELS (comma list), TOKENS (Hydra list, e.g. [1,64]), TEST_TIMEOUT (s), TUNE_MINUTES,
 # BUILD_MEGABLOCKS=1 (build it in the background even without the bench stage),
 # HYDRA_ARGS (more overrides, space-separated), SESSION_SECONDS (deadline for the tests stage),
-# TRITONMOE_COMMIT (the commit, for provenance: the tree sent here has no trustworthy .git).
+# TRITONMOE_COMMIT (the commit, for provenance: the tree sent here has no trustworthy .git; write the
+# hash into the command on the sending machine: `$(git rev-parse HEAD)` evaluated there named a stale one).
 set -uo pipefail
 stages=" ${*:-tests tune bench} "   # skew runs only when named
 OUT=${OUT:-results/_gpu_session}
