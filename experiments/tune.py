@@ -272,7 +272,9 @@ def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:
         source["ms"][m] = {**old, **source["ms"][m]}
     source["results"] = f"results/{common.device_name(device)}/tune.jsonl"
     for T, c in sorted(chosen.items()):
-        buckets[str(T)] = {"gate_up": c["gate_up"], "down": c["down"]}
+        # a bucket's chunk_tokens (set from a measurement, not by this tuner) stays
+        kept = {k: v for k, v in buckets.get(str(T), {}).items() if k == "chunk_tokens"}
+        buckets[str(T)] = {"gate_up": c["gate_up"], "down": c["down"], **kept}
         source["ms"][str(T)] = {**{k: round(c[k], 4) for k in ("gate_up_ms", "down_ms", "default_ms")},
                                 "commit": prov["commit"], "date": prov["date"]}
     table["configs"][key] = dict(sorted(buckets.items(), key=lambda kv: int(kv[0])))

@@ -36,6 +36,20 @@ def test_bucket_lookup(monkeypatch):
         configs._tiles.cache_clear()
 
 
+def test_chunk_tokens_lookup(monkeypatch):
+    # a bucket may say "run in chunks of n tokens"; buckets without it, and other problems, run whole
+    pair = {"gate_up": dict(block_m=64), "down": dict(block_m=64)}
+    table = {"E=8,N=32,K=64,dtype=float16": {"64": pair, "1024": {**pair, "chunk_tokens": 512}}}
+    monkeypatch.setattr(configs, "_load", lambda name: table if name == "FAKE_GPU" else {})
+    configs._chunk.cache_clear()
+    try:
+        assert configs._chunk(1000, 8, 32, 64, torch.float16, "FAKE_GPU") is None
+        assert configs._chunk(5000, 8, 32, 64, torch.float16, "FAKE_GPU") == 512
+        assert configs._chunk(5000, 16, 32, 64, torch.float16, "FAKE_GPU") is None
+    finally:
+        configs._chunk.cache_clear()
+
+
 @pytest.mark.parametrize("path", sorted(configs.CONFIG_DIR.glob("*.json")), ids=lambda p: p.stem)
 def test_shipped_tables_are_valid(path):
     table = json.loads(path.read_text())
@@ -46,6 +60,10 @@ def test_shipped_tables_are_valid(path):
             up, down = TileConfig(**pair["gate_up"]), TileConfig(**pair["down"])
             assert up.block_m == down.block_m, f"{key} M={m}: the two GEMMs must share block_m"
             assert up.split_k == 1, f"{key} M={m}: the fused gate+up has no split-K"
+            assert set(pair) <= {"gate_up", "down", "chunk_tokens"}, f"{key} M={m}: unknown fields {set(pair)}"
+            if "chunk_tokens" in pair:
+                assert 0 < pair["chunk_tokens"] < int(m), f"{key} M={m}: chunks must be smaller than the bucket"
+                assert str(m) in table["sources"][key].get("chunk_tokens", {}), f"{key} M={m}: chunk source unnamed"
     # the tables serve the models the benchmark runs
     for spec in map(get_spec, BENCHMARK_MODELS):
         key = configs.problem_key(spec.num_experts, spec.intermediate_size, spec.hidden_size, torch.bfloat16)

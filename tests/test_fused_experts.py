@@ -221,12 +221,15 @@ def test_bf16_refused_by_the_interpreter(device):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-def test_token_chunks(fused, monkeypatch, device, poison):
-    # above MAX_ROWS_PER_EXPERT * E / k tokens the forward runs in chunks: 8 * 8 / 2 = 32 tokens here,
-    # so 101 tokens take four chunks, the last one partial; routing skewed to one expert
-    from tritonmoe import functional
-    monkeypatch.setattr(functional, "MAX_ROWS_PER_EXPERT", 8)
+def test_token_chunks(fused, device, poison):
+    # 101 tokens in chunks of 32: four chunks, the last one partial; routing skewed to one expert
     g = torch.Generator().manual_seed(3)
     ids = torch.stack([torch.zeros(101, dtype=torch.int64), torch.randint(1, 8, (101,), generator=g)], 1)
     for dtype in dtypes_for(device):
-        check(*make_inputs(101, 2, 8, device, dtype, ids=ids.to(torch.int32)), fused=fused)
+        check(*make_inputs(101, 2, 8, device, dtype, ids=ids.to(torch.int32)), fused=fused, chunk_tokens=32)
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.0, True])
+def test_bad_chunk_tokens(bad, device):
+    with pytest.raises(ValueError, match="chunk_tokens must be a positive int"):
+        tritonmoe.fused_experts(*make_inputs(4, 2, 8, device, torch.float32), chunk_tokens=bad)

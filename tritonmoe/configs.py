@@ -2,9 +2,11 @@
 
 Tuned tiles live in ``tritonmoe/configs/<device>.json`` (written by the tuning
 experiment, which names its source results file). A file maps a problem key
-``"E=<E>,N=<N>,K=<K>,dtype=<dtype>"`` to ``{"<M bucket>": {"block_m": ..., ...}}`` for
-the two GEMMs. The nearest M bucket at or below the call's tokens per expert wins;
-with no file or no entry, a heuristic default is used (and said once in the log).
+``"E=<E>,N=<N>,K=<K>,dtype=<dtype>"`` to ``{"<T bucket>": {"gate_up": {...}, "down": {...}}}``
+for the two GEMMs. The nearest T bucket at or below the call's tokens wins; with no file or no
+entry, a heuristic default is used (and said once in the log). A bucket may also carry
+``"chunk_tokens": n``: calls in it run as chunks of n tokens (each with its own bucket's tiles),
+where a measurement showed that faster (the table's ``sources`` names it).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from ._utils import interpreting
 
-__all__ = ["TileConfig", "get_tiles", "lookup_tiles", "device_key"]
+__all__ = ["TileConfig", "get_tiles", "get_chunk_tokens", "lookup_tiles", "device_key"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 log = logging.getLogger("tritonmoe")
@@ -111,6 +113,28 @@ def get_tiles(num_tokens: int, top_k: int, E: int, F: int, H: int, dtype: torch.
     return _tiles(num_tokens, top_k, E, F, H, dtype, "interpreter" if cpu else device_key(device))
 
 
+def get_chunk_tokens(num_tokens: int, E: int, F: int, H: int, dtype: torch.dtype, device: torch.device) -> int | None:
+    """Tokens per chunk for a call of ``num_tokens`` tokens, or None to run it whole (the default)."""
+    if interpreting() or device.type != "cuda":
+        return None
+    return _chunk(num_tokens, E, F, H, dtype, device_key(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _chunk(num_tokens: int, E: int, F: int, H: int, dtype: torch.dtype, device_name: str) -> int | None:
+    bucket = _bucket(_load(device_name).get(problem_key(E, F, H, dtype)), num_tokens)
+    return bucket.get("chunk_tokens") if bucket else None
+
+
+def _bucket(entry: dict | None, num_tokens: int) -> dict | None:
+    """The entry's bucket for a call: the largest tuned T at or below num_tokens, else the smallest."""
+    if not entry:
+        return None
+    buckets = sorted(int(m) for m in entry)
+    below = [m for m in buckets if m <= num_tokens]
+    return entry[str(below[-1] if below else buckets[0])]
+
+
 def lookup_tiles(device_name: str, num_tokens: int, top_k: int, E: int, F: int, H: int,
                  dtype: torch.dtype) -> tuple[TileConfig, TileConfig]:
     """The tiles a call would get on the device named ``device_name`` (``device_key``, e.g.
@@ -121,10 +145,7 @@ def lookup_tiles(device_name: str, num_tokens: int, top_k: int, E: int, F: int, 
 @functools.lru_cache(maxsize=4096)
 def _tiles(num_tokens: int, top_k: int, E: int, F: int, H: int, dtype: torch.dtype, device_name: str):
     table = {} if device_name == "interpreter" else _load(device_name)
-    entry = table.get(problem_key(E, F, H, dtype))
-    if entry:
-        buckets = sorted(int(m) for m in entry)
-        below = [m for m in buckets if m <= num_tokens]
-        chosen = entry[str(below[-1] if below else buckets[0])]
+    chosen = _bucket(table.get(problem_key(E, F, H, dtype)), num_tokens)
+    if chosen:
         return TileConfig(**chosen["gate_up"]), TileConfig(**chosen["down"])
     return default_tiles(num_tokens * top_k / E, device_name == "interpreter")

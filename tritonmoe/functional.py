@@ -12,7 +12,7 @@ import functools
 import torch
 
 from ._utils import SUPPORTED_DTYPES, check_matmul_dtype, check_tensor
-from .configs import get_tiles
+from .configs import get_chunk_tokens, get_tiles
 from .gemm import gate_up_silu, grouped_gemm, silu_mul
 from .permute import combine, permute
 from .schedule import build_schedule
@@ -21,11 +21,6 @@ __all__ = ["fused_experts", "check_routing", "check_expert_weights"]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 SCHEDULES = ("fixed", "tail_tiles")
-# A forward averaging more rows per expert than this runs in token chunks. Measured on an H100
-# (experiments/PERF_LOG.md, v5): the fused gate+up GEMM slows more than linearly past it (Mixtral
-# T=8192, 2048 rows per expert: 11.09 ms whole, 9.83 ms as two halves of 4096 tokens). Each chunk
-# reads the expert weights again, which costs little where the GEMMs are compute-bound.
-MAX_ROWS_PER_EXPERT = 1024
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -98,7 +93,7 @@ def _full_height_only(tiles):
 
 def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, *, fused: bool = True, tiles=None,
-                  schedule: str = "fixed") -> torch.Tensor:
+                  schedule: str = "fixed", chunk_tokens: int | None = None) -> torch.Tensor:
     """Routed experts of an MoE layer: (T, H) -> (T, H).
 
     ``out[t] = sum_j topk_weights[t, j] * W2[e] (silu(Wg[e] x_t) * Wu[e] x_t)``, ``e = topk_ids[t, j]``.
@@ -117,8 +112,10 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
             (block_m halved, down to ``min_block_m``) that holds its rows, so padding stays under
             half a tile. Measured on an H100 it is slower where it matters (the extra tile heights
             slow the full tiles too; experiments/PERF_LOG.md, v4), so it is not the default.
-
-    Above ``MAX_ROWS_PER_EXPERT * E / k`` tokens the forward runs in chunks of that many tokens.
+        chunk_tokens: run the forward in chunks of this many tokens, each with its own schedule
+            and tiles. Default: the tuned table's choice for the device and shape (on the H100,
+            Mixtral-8x7B at T >= 8192 runs in chunks of 4096, measured faster: experiments/PERF_LOG.md,
+            v7), else one piece; with explicit ``tiles``, one piece.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -127,8 +124,11 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         return hidden_states.new_empty(0, H)
     weights = topk_weights.to(torch.float32).contiguous()
     ids = topk_ids.to(torch.int32).contiguous()
-    chunk = max(1, MAX_ROWS_PER_EXPERT * E // k)  # tokens per chunk
-    if T <= chunk:
+    if chunk_tokens is not None and (type(chunk_tokens) is not int or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+    chunk = chunk_tokens or (None if tiles is not None else
+                             get_chunk_tokens(T, E, F, H, hidden_states.dtype, hidden_states.device))
+    if chunk is None or T <= chunk:
         return _forward(hidden_states, w13, w2, weights, ids, fused, tiles, schedule)
     out = torch.empty(T, H, dtype=hidden_states.dtype, device=hidden_states.device)
     for t0 in range(0, T, chunk):
