@@ -10,8 +10,6 @@ DRAM and L2 numbers at each T (one child process per T runs the kernel once).
 """
 from __future__ import annotations
 
-import csv
-import io
 import subprocess
 import sys
 
@@ -26,7 +24,7 @@ from tritonmoe.specs import get_spec
 from . import common
 from .impls import IMPLS
 from .latency import make_problem
-from .traffic import find_ncu
+from .traffic import find_ncu, ncu_csv
 
 TOKENS = (2048, 4096, 8192)
 SEED = 0
@@ -56,10 +54,10 @@ def _ncu(T: int, ncu: str) -> dict:
            "--launch-count", "1", "--section", "SpeedOfLight", "--section", "Occupancy",
            "--section", "MemoryWorkloadAnalysis", "--csv", "--page", "details",
            sys.executable, "-m", "experiments.probe_gate_up", "--child", str(T)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    rows = [r for r in csv.DictReader(io.StringIO(out.stdout[out.stdout.find('"ID"'):]))] if '"ID"' in out.stdout else []
-    if not rows:
-        return {"ncu_error": (out.stderr or out.stdout)[-400:]}
+    try:
+        rows = ncu_csv(cmd, timeout=240)
+    except (RuntimeError, subprocess.TimeoutExpired) as why:
+        return {"ncu_error": str(why)[-400:]}
     return {f"ncu:{r['Metric Name']} ({r['Metric Unit']})": r["Metric Value"] for r in rows}
 
 

@@ -84,18 +84,23 @@ def measure_with_ncu(ncu: str, model: str, T: int, pipeline: str, dtype, seed: i
     cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--metrics", ",".join(METRICS),
            "--csv", "--print-units", "base", sys.executable, "-m", "experiments.traffic", model, str(T), pipeline,
            str(dtype).replace("torch.", ""), str(seed)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=common.REPO, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"ncu exited {done.returncode}: {(done.stderr or done.stdout)[-2000:]}")
-    table = done.stdout[done.stdout.find('"ID"'):]
     kernels: dict[str, dict] = {}
-    for r in csv.DictReader(io.StringIO(table)):
+    for r in ncu_csv(cmd):
         entry = kernels.setdefault(r["ID"], {"kernel": r["Kernel Name"].split("(")[0]})
         value = float(r["Metric Value"].replace(",", ""))
         entry["dram_read_bytes" if r["Metric Name"] == METRICS[0] else "dram_write_bytes"] = value
-    if not kernels:
-        raise RuntimeError(f"ncu reported no kernels: {done.stdout[-2000:]}")
     return list(kernels.values())
+
+
+def ncu_csv(cmd: list[str], timeout: int = 600) -> list[dict]:
+    """Run an ``ncu ... --csv`` command line; its table's rows (ID, Kernel Name, Metric Name, ...)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=common.REPO, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"ncu exited {done.returncode}: {(done.stderr or done.stdout)[-2000:]}")
+    rows = list(csv.DictReader(io.StringIO(done.stdout[done.stdout.find('"ID"'):]))) if '"ID"' in done.stdout else []
+    if not rows:
+        raise RuntimeError(f"ncu reported no kernels: {done.stdout[-2000:]}")
+    return rows
 
 
 def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:

@@ -267,9 +267,6 @@ def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:
     # A run over some T replaces those buckets and keeps the others; each bucket names its run.
     buckets = table["configs"].setdefault(key, {})
     source = table["sources"].setdefault(key, {"model": spec.name, "ms": {}})
-    old = {k: source.pop(k) for k in ("commit", "date") if k in source}  # tables written before buckets named theirs
-    for m in source["ms"]:
-        source["ms"][m] = {**old, **source["ms"][m]}
     source["results"] = f"results/{common.device_name(device)}/tune.jsonl"
     for T, c in sorted(chosen.items()):
         # a bucket's chunk_tokens (set from a measurement, not by this tuner) stays

@@ -122,7 +122,6 @@ def _scatter_chunk(ids_ptr, next_row, sorted_slots_ptr, slot_pos_ptr, chunk_star
     """Give each slot of the chunk its sorted row: ``next_row[bin]`` (the chunk's first row per
     bin) plus its rank among the chunk's earlier slots of that bin (stable)."""
     local = tl.arange(0, SUB_S)
-    before = local[None, :] < local[:, None]                                 # [SUB, SUB]: j precedes i
     offs_bin = tl.arange(0, NBINS)
     for s0 in range(0, tl.minimum(BLOCK_S, S - chunk_start), SUB_S):
         offs_s = chunk_start + s0 + local                                    # [SUB]
@@ -132,6 +131,7 @@ def _scatter_chunk(ids_ptr, next_row, sorted_slots_ptr, slot_pos_ptr, chunk_star
             one_hot = (bins[:, None] == offs_bin[None, :]).to(tl.int32)
             rank = tl.sum(tl.cumsum(one_hot, axis=0) * one_hot, axis=1) - 1
         else:
+            before = local[None, :] < local[:, None]                         # [SUB, SUB]: j precedes i
             rank = tl.sum(((bins[None, :] == bins[:, None]) & before).to(tl.int32), axis=1)
         row = tl.gather(next_row, bins, 0) + rank
         valid = bins <= E
