@@ -128,9 +128,12 @@ def test_bad_schedule(device):
         tritonmoe.fused_experts(*make_inputs(4, 2, 8, device, torch.float32), schedule="dynamic")
 
 
-def test_int64_ids_and_bf16_weights(device, poison):
-    x, w13, w2, weights, ids = make_inputs(20, 2, 8, device, torch.float32)
-    check(x, w13, w2, weights.to(torch.bfloat16).float(), ids.long())
+@pytest.mark.parametrize("T", [20, 300])  # one-launch schedule / three launches
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_int64_ids_and_other_weight_dtypes(T, weight_dtype, device, poison):
+    # read as given (transformers' routers hand over int64 ids), no cast launches
+    x, w13, w2, weights, ids = make_inputs(T, 2, 8, device, torch.float32)
+    check(x, w13, w2, weights.to(weight_dtype), ids.long())
 
 
 def test_non_contiguous_inputs(device, poison):
@@ -183,17 +186,17 @@ def test_bad_input(changes, error, match, device):
 
 
 @pytest.mark.parametrize("T", [4, 700])  # one schedule chunk (one launch) / several (three launches)
-@pytest.mark.parametrize("bad_id", [8, -1])
+@pytest.mark.parametrize("bad_id", [8, -1, 2**32 + 1])  # the last: int64, 1 if narrowed before the check
 def test_out_of_range_ids(bad_id, T, device):
     if device.type == "cpu":
         with pytest.raises(ValueError, match="topk_ids"):
-            _bad(device, topk_ids=lambda a: a["topk_ids"] * 0 + bad_id)
+            _bad(device, topk_ids=lambda a: a["topk_ids"].long() * 0 + bad_id)
         return
     # On the GPU the check is a device-side assertion (no host sync): it ends the CUDA
     # context, so it runs in a child process, which must fail with the message.
     code = (f"import torch, tritonmoe; T = {T}; x = torch.randn(T, 40, device='cuda'); "
             "w13 = torch.randn(8, 48, 40, device='cuda'); w2 = torch.randn(8, 40, 24, device='cuda'); "
-            "ids = torch.randint(0, 8, (T, 2), dtype=torch.int32, device='cuda'); "
+            "ids = torch.randint(0, 8, (T, 2), dtype=torch.int64, device='cuda'); "
             f"ids[T - 1, 1] = {bad_id}; "
             "tritonmoe.fused_experts(x, w13, w2, torch.rand(T, 2, device='cuda'), ids); torch.cuda.synchronize()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -54,6 +54,15 @@ def test_route_real_specs(spec, device):
     check_route(spec, *_inputs(spec, 40, device))
 
 
+@pytest.mark.parametrize("scheme", ["mixtral", "deepseek_v3"])
+def test_route_int64_ids(scheme, device):
+    spec = scheme_spec(scheme, 64, 8)
+    logits, bias = _inputs(spec, 40, device)
+    w, ids = tritonmoe.route(logits, spec, correction_bias=bias)
+    w64, ids64 = tritonmoe.route(logits, spec, correction_bias=bias, ids_dtype=torch.int64)
+    assert ids64.dtype == torch.int64 and torch.equal(ids64, ids.long()) and torch.equal(w64, w)
+
+
 def test_route_non_contiguous_logits(device):
     spec = scheme_spec("deepseek_v3", 64, 8)
     logits, bias = _inputs(spec, 50, device)
@@ -108,6 +117,8 @@ def test_route_empty(device):
                                correction_bias=torch.zeros(63, device=d)), ValueError, "correction_bias"),
     (lambda d: tritonmoe.route(torch.randn(3, 8, device=d), scheme_spec("mixtral", 8, 2),
                                correction_bias=torch.zeros(8, device=d)), ValueError, "correction_bias"),
+    (lambda d: tritonmoe.route(torch.randn(3, 8, device=d), scheme_spec("mixtral", 8, 2), ids_dtype=torch.int16),
+     TypeError, "ids_dtype"),
 ])
 def test_route_bad_input(call, error, match, device):
     with pytest.raises(error, match=match):

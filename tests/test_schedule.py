@@ -23,6 +23,9 @@ def check_schedule(ids, E, block_m):
     s = tritonmoe.build_schedule(ids, E, block_m)
     counts, offsets, sorted_slots, positions = reference.build_schedule(ids.cpu(), E)
     assert s.max_blocks == max_blocks(T * k, E, block_m)
+    for name in ("expert_counts", "expert_offsets", "sorted_slots", "slot_positions", "block_expert",
+                 "block_row_start", "num_blocks", "num_invalid"):
+        assert getattr(s, name).dtype == torch.int32, name
     assert torch.equal(s.expert_counts.cpu().long(), counts)
     assert torch.equal(s.expert_offsets.cpu().long()[: E + 1], offsets)
     assert int(s.expert_offsets[E + 1]) == T * k and int(s.num_invalid) == 0
@@ -71,3 +74,9 @@ def test_schedule_counts_sum_to_slots(device):
     s = tritonmoe.build_schedule(random_topk_ids(77, 8, 64, device, g), 64, 16)
     assert int(s.expert_counts.sum()) == 77 * 8
     assert torch.equal(s.sorted_slots[s.slot_positions.long()].cpu(), torch.arange(77 * 8, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("T", [5, 200])  # one launch / three
+def test_schedule_int64_ids(T, device, poison):
+    g = torch.Generator().manual_seed(T)
+    check_schedule(random_topk_ids(T, 4, 16, device, g).long(), 16, 16)

@@ -1,6 +1,7 @@
 """Small shared helpers: argument checks and the interpreter switch."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -8,6 +9,7 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.cache  # Triton reads the variable once, when a kernel is decorated; so does this
 def interpreting() -> bool:
     """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

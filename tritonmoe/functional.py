@@ -122,8 +122,10 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     T, H, E, F, k = _check_args(hidden_states, w13, w2, topk_weights, topk_ids)
     if T == 0:
         return hidden_states.new_empty(0, H)
-    weights = topk_weights.to(torch.float32).contiguous()
-    ids = topk_ids.to(torch.int32).contiguous()
+    # Read as they are (the kernels narrow ids after their range check and compute in float32):
+    # a cast would be one more launch, and small T is bound by host time.
+    weights = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     if chunk_tokens is not None and (type(chunk_tokens) is not int or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     chunk = chunk_tokens or (None if tiles is not None else
@@ -138,7 +140,7 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
 
 
 def _forward(hidden_states, w13, w2, weights, ids, fused, tiles, schedule, out=None):
-    """One chunk of tokens through the stages; ``weights`` float32 and ``ids`` int32, contiguous."""
+    """One chunk of tokens through the stages; ``weights`` and ``ids`` contiguous."""
     (T, H), (E, two_f, _), k = hidden_states.shape, w13.shape, ids.shape[1]
     F = two_f // 2
     gate_up_tiles, down_tiles = tiles if tiles is not None else get_tiles(T, k, E, F, H, hidden_states.dtype,

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ._launch import launch
 from ._utils import check_matmul_dtype, dot_precision
 from .schedule import Schedule
 
@@ -142,7 +143,7 @@ def _expert_tile(
     if GATE_UP_SILU:
         acc = acc * tl.sigmoid(acc) * acc_up                                                    # SiLU(g) * u
     if SCATTER_WEIGHTED:
-        acc = acc * tl.load(topk_weights_ptr + slots, mask=mask_m, other=0.0)[:, None]
+        acc = acc * tl.load(topk_weights_ptr + slots, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         # split-K partials of one slot sit side by side (rows slot * splits + pid_k), and
         # combine sums them with the slot's k choices: no atomics, a fixed order.
         out_rows = slots * tl.num_programs(1) + pid_k
@@ -188,18 +189,15 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         w_desc = _descriptor(w, (tiles.block_n, tiles.block_k))
         if not gather_a:
             a_desc = _descriptor(a, (sched.block_m, tiles.block_k))
-    _expert_gemm_kernel[grid](
+    launch(_expert_gemm_kernel, grid, (
         a, w, out, sched.sorted_slots, topk_weights if weighted else out, sched.block_expert,
         sched.block_row_start, sched.expert_offsets, w_desc, a_desc,
         n, K, sched.top_k, n_offset, up_offset, sched.max_blocks, k_per_split,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        GATHER_A=gather_a, GATE_UP_SILU=gate_up_silu, SCATTER_WEIGHTED=weighted,
-        BLOCK_M=sched.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-        MIN_BLOCK_M=min(tiles.min_block_m, sched.block_m),
-        EVEN_K=K % tiles.block_k == 0, DOT_PRECISION=dot_precision(a.dtype), WEIGHT_TMA=w_desc is not None,
-        A_TMA=a_desc is not None,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+        gather_a, gate_up_silu, weighted,  # GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED
+        sched.block_m, tiles.block_n, tiles.block_k, tiles.group_m, min(tiles.min_block_m, sched.block_m),
+        K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None,
+    ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 
@@ -224,7 +222,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sched: Schedule, tiles, *, n_
     """One projection per M-block: ``a[rows] @ w[e, n_offset:n_offset+n, :]^T``.
 
     ``a`` is (T, K) in token order with ``gather_a`` (rows picked through the schedule),
-    else (T*k, K) in sorted order. With ``topk_weights`` (contiguous float32 (T, k)) each
+    else (T*k, K) in sorted order. With ``topk_weights`` (contiguous floating (T, k), used in float32) each
     output row is multiplied by its routing weight and written at its slot (token order,
     (T*k, n), ready for ``combine``); otherwise rows stay in sorted order.
 
@@ -250,5 +248,5 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     numel = gate.numel()
     if numel:
         block = 1024
-        _silu_mul_kernel[(triton.cdiv(numel, block),)](gate, up, out, numel, BLOCK=block)
+        launch(_silu_mul_kernel, (triton.cdiv(numel, block),), (gate, up, out, numel, block))
     return out

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._utils import next_pow2
 from .schedule import Schedule
 
@@ -50,9 +51,9 @@ def permute(hidden_states: torch.Tensor, sched: Schedule) -> torch.Tensor:
     out = torch.empty(S, H, dtype=hidden_states.dtype, device=hidden_states.device)
     if S:
         block_r, block_h = 16, min(1024, next_pow2(H))
-        _permute_kernel[(triton.cdiv(S, block_r), triton.cdiv(H, block_h))](
+        launch(_permute_kernel, (triton.cdiv(S, block_r), triton.cdiv(H, block_h)), (
             hidden_states, out, sched.sorted_slots, S, H, sched.top_k, hidden_states.stride(0),
-            hidden_states.stride(1), out.stride(0), out.stride(1), BLOCK_R=block_r, BLOCK_H=block_h)
+            hidden_states.stride(1), out.stride(0), out.stride(1), block_r, block_h))
     return out
 
 
@@ -70,7 +71,7 @@ def combine(slot_rows: torch.Tensor, top_k: int, out: torch.Tensor | None = None
         out = torch.empty(T, H, dtype=dtype or slot_rows.dtype, device=slot_rows.device)
     if T:
         block_t, block_h = 4, min(1024, next_pow2(H))
-        _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
+        launch(_combine_kernel, (triton.cdiv(T, block_t), triton.cdiv(H, block_h)), (
             slot_rows, out, T, H, slot_rows.stride(0), slot_rows.stride(1), out.stride(0), out.stride(1),
-            TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h)
+            top_k, block_t, block_h))
     return out

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._utils import check_tensor, next_pow2, SUPPORTED_DTYPES
 from .specs import ModelSpec
 
@@ -93,10 +94,11 @@ def _route_kernel(
     out_mask = mask_t[:, None] & (offs_k[None, :] < TOP_K)
     out_offs = offs_t[:, None] * TOP_K + offs_k[None, :]
     tl.store(weights_ptr + out_offs, top_w, mask=out_mask)
-    tl.store(ids_ptr + out_offs, top_i, mask=out_mask)
+    tl.store(ids_ptr + out_offs, top_i.to(ids_ptr.dtype.element_ty), mask=out_mask)
 
 
-def route(router_logits: torch.Tensor, spec: ModelSpec, *, correction_bias: torch.Tensor | None = None):
+def route(router_logits: torch.Tensor, spec: ModelSpec, *, correction_bias: torch.Tensor | None = None,
+          ids_dtype: torch.dtype = torch.int32):
     """Route tokens to experts as ``spec``'s model does.
 
     Args:
@@ -104,9 +106,11 @@ def route(router_logits: torch.Tensor, spec: ModelSpec, *, correction_bias: torc
         spec: a ``ModelSpec``; its routing fields are used.
         correction_bias: (E,) DeepSeek-V3's ``e_score_correction_bias``: required when
             ``spec.uses_correction_bias``, refused otherwise.
+        ids_dtype: torch.int32 (default) or torch.int64 (what torch.topk returns, written directly:
+            no cast launch where a caller needs int64).
 
     Returns:
-        ``(topk_weights, topk_ids)``: float32 (T, k) and int32 (T, k), largest selection
+        ``(topk_weights, topk_ids)``: float32 (T, k) and ``ids_dtype`` (T, k), largest selection
         first, ties to the lowest expert id. Non-finite logits: NaN never selects an
         expert (ids stay valid) but leaves the token's weights NaN, so its output is NaN;
         -inf is a probability of 0; +inf under softmax gives NaN weights.
@@ -130,20 +134,20 @@ def route(router_logits: torch.Tensor, spec: ModelSpec, *, correction_bias: torc
     elif correction_bias is not None:
         raise ValueError(f"correction_bias given, but spec {spec.name!r} does not use one "
                          "(uses_correction_bias=False)")
+    if ids_dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids_dtype must be torch.int32 or torch.int64, got {ids_dtype}")
     k = spec.top_k
     weights = torch.empty(T, k, dtype=torch.float32, device=router_logits.device)
-    ids = torch.empty(T, k, dtype=torch.int32, device=router_logits.device)
+    ids = torch.empty(T, k, dtype=ids_dtype, device=router_logits.device)
     if T == 0:
         return weights, ids
     e_pad = next_pow2(E)
     # Keep the [BLOCK_T, E_PAD] tile near 4K elements: one program per token for E=256.
     block_t = max(1, min(next_pow2(T), 4096 // e_pad, 64))
-    _route_kernel[(triton.cdiv(T, block_t),)](
+    launch(_route_kernel, (triton.cdiv(T, block_t),), (
         router_logits, correction_bias if correction_bias is not None else weights, weights, ids,
         T, E, router_logits.stride(0), router_logits.stride(1), float(spec.routed_scaling_factor),
-        TOP_K=k, K_PAD=next_pow2(k), SIGMOID=spec.scoring == "sigmoid", RENORMALIZE=spec.renormalize,
-        HAS_BIAS=correction_bias is not None, N_GROUP=spec.n_group, G_PAD=next_pow2(spec.n_group),
-        TOPK_GROUP=spec.topk_group, GROUP_SIZE=spec.group_size, GROUP_SCORE_TOPK=spec.group_score_topk,
-        BLOCK_T=block_t, E_PAD=e_pad,
-    )
+        k, next_pow2(k), spec.scoring == "sigmoid", spec.renormalize,  # TOP_K, K_PAD, SIGMOID, RENORMALIZE
+        correction_bias is not None, spec.n_group, next_pow2(spec.n_group), spec.topk_group,  # HAS_BIAS .. TOPK_GROUP
+        spec.group_size, spec.group_score_topk, block_t, e_pad))  # GROUP_SIZE .. E_PAD
     return weights, ids

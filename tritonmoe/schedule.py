@@ -1,9 +1,9 @@
 """Stage 2 -- the schedule: which rows each GEMM program multiplies by which expert.
 
 Built on the GPU from ``topk_ids`` with no host synchronisation (so a whole forward
-can be captured in a CUDA graph), deterministic and stable. Up to ``CHUNK_SLOTS`` slots
-(one chunk) it is one launch, ``_schedule_one_chunk_kernel``; above, three, with one
-program per chunk where they work per slot:
+can be captured in a CUDA graph), deterministic and stable. Up to ``ONE_LAUNCH_SLOTS`` slots
+it is one launch, ``_schedule_one_chunk_kernel``; above, three, with one program per chunk
+of ``CHUNK_SLOTS`` slots where they work per slot:
 
 1. ``_histogram_kernel``: per chunk of BLOCK_S slots, how many go to each expert.
 2. ``_scan_kernel`` (one program): expert counts and offsets, each chunk's base position
@@ -20,18 +20,22 @@ The GEMMs (``tritonmoe.gemm``) come next.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._utils import cdiv, next_pow2
 
 __all__ = ["Schedule", "build_schedule", "max_blocks"]
 
-# Slots per chunk: one program's share of the histogram and the scatter. Small T takes the
-# one-launch path (host-bound there); above, smaller chunks mean more programs working at once.
+# Up to ONE_LAUNCH_SLOTS slots one program builds the whole schedule (small T is bound by host
+# time, and each launch costs it). Above, CHUNK_SLOTS per program of the histogram and the
+# scatter: smaller chunks mean more programs working at once.
+ONE_LAUNCH_SLOTS = 512
 CHUNK_SLOTS = 256
 
 
@@ -54,11 +58,6 @@ class Schedule:
     num_blocks: torch.Tensor      # (1,) int32: M-blocks in use
     num_invalid: torch.Tensor     # (1,) int32: slots whose expert id was out of [0, E)
 
-    def __post_init__(self):
-        for name in ("expert_counts", "expert_offsets", "sorted_slots", "slot_positions", "block_expert",
-                     "block_row_start", "num_blocks", "num_invalid"):
-            assert getattr(self, name).dtype == torch.int32, name
-
 
 def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
     """Upper bound on sum_e cdiv(count_e, block_m) when the counts add up to num_slots."""
@@ -70,8 +69,8 @@ def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
 @triton.jit
 def _bin_of(ids_ptr, offs_s, S, E):
     """Histogram bin of each slot: its expert, E for an out-of-range id, E+1 past the end."""
-    ids = tl.load(ids_ptr + offs_s, mask=offs_s < S, other=0)
-    bins = tl.where((ids >= 0) & (ids < E), ids, E)
+    ids = tl.load(ids_ptr + offs_s, mask=offs_s < S, other=0)                # int32 or int64
+    bins = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)             # range-checked before narrowing
     return tl.where(offs_s < S, bins, E + 1)
 
 
@@ -179,7 +178,7 @@ def _scatter_kernel(ids_ptr, base_ptr, sorted_slots_ptr, slot_pos_ptr, S, E,
                    BLOCK_S, SUB_S, NBINS)
 
 
-# All of the above in one program when the slots fit one chunk (small T: launch-bound).
+# All of the above in one program when the slots are few (small T: launch-bound).
 @triton.jit(debug=True)
 def _schedule_one_chunk_kernel(
     ids_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, num_blocks_ptr, num_invalid_ptr,
@@ -199,27 +198,35 @@ def _sub_slots(block_s: int, nbins: int) -> int:
     return min(block_s, 64 if nbins >= 64 else max(64, 4096 // nbins))
 
 
+@functools.lru_cache(maxsize=4096)  # host arithmetic of a call: small T is bound by host time
+def _plan(S: int, num_experts: int, block_m: int):
+    nbins = next_pow2(num_experts + 2)
+    one_launch = S <= ONE_LAUNCH_SLOTS
+    block_s = max(16, next_pow2(S)) if one_launch else CHUNK_SLOTS
+    num_chunks = 1 if one_launch else cdiv(S, block_s)
+    nmax = max_blocks(S, num_experts, block_m)
+    # One allocation for every buffer; parts padded to 4 int32 so each view stays 16-byte aligned.
+    sizes = [num_experts, num_experts + 2, S, S, nmax, nmax, 1, 1] + ([] if one_launch else [num_chunks * nbins] * 2)
+    bounds, end = [], 0
+    for n in sizes:
+        bounds.append((end, end + n))
+        end += cdiv(n, 4) * 4
+    block_b = max(16, min(64, 8192 // nbins))
+    return one_launch, nbins, block_s, num_chunks, nmax, block_b, _sub_slots(block_s, nbins), end, bounds
+
+
 def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Schedule:
-    """Build the schedule for int32 (T, k) ``topk_ids`` on their device, without host sync.
+    """Build the schedule for int32 or int64 (T, k) ``topk_ids`` on their device, without host sync.
 
     Out-of-range ids are counted in ``num_invalid`` and given no GEMM block, so no kernel
     reads or writes out of bounds; ``tritonmoe.fused_experts`` turns them into an error.
     """
     T, k = topk_ids.shape
-    ids = topk_ids.contiguous()
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     S = T * k
-    dev = ids.device
-    nbins = next_pow2(num_experts + 2)
-    block_s = min(CHUNK_SLOTS, max(16, next_pow2(S)))
-    num_chunks = cdiv(S, block_s) if S else 0
-    nmax = max_blocks(S, num_experts, block_m)
-    # One allocation for every buffer (small T is bound by host time); parts padded to
-    # 4 int32 so each view stays 16-byte aligned.
-    sizes = [num_experts, num_experts + 2, S, S, nmax, nmax, 1, 1]
-    if num_chunks > 1:
-        sizes += [num_chunks * nbins] * 2                                    # hist, base
-    padded = [cdiv(n, 4) * 4 for n in sizes]
-    parts = [p[:n] for p, n in zip(torch.empty(sum(padded), dtype=torch.int32, device=dev).split(padded), sizes)]
+    one_launch, nbins, block_s, num_chunks, nmax, block_b, sub_s, total, bounds = _plan(S, num_experts, block_m)
+    buf = torch.empty(total, dtype=torch.int32, device=ids.device)
+    parts = [buf[a:b] for a, b in bounds]
     sched = Schedule(
         num_tokens=T, top_k=k, num_experts=num_experts, block_m=block_m, max_blocks=nmax,
         expert_counts=parts[0], expert_offsets=parts[1], sorted_slots=parts[2], slot_positions=parts[3],
@@ -229,18 +236,17 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Sc
         sched.expert_counts.zero_(); sched.expert_offsets.zero_(); sched.num_blocks.zero_()
         sched.num_invalid.zero_()
         return sched
-    block_b = max(16, min(64, 8192 // nbins))
-    if num_chunks == 1:
-        _schedule_one_chunk_kernel[(1,)](
+    if one_launch:
+        launch(_schedule_one_chunk_kernel, (1,), (
             ids, sched.expert_counts, sched.expert_offsets, sched.block_expert, sched.block_row_start,
             sched.num_blocks, sched.num_invalid, sched.sorted_slots, sched.slot_positions, S, num_experts, nmax,
-            BLOCK_S=block_s, SUB_S=_sub_slots(block_s, nbins), BLOCK_M=block_m, NBINS=nbins, BLOCK_B=block_b)
+            block_s, sub_s, block_m, nbins, block_b))
         return sched
     hist, base = parts[8].view(num_chunks, nbins), parts[9].view(num_chunks, nbins)
-    _histogram_kernel[(num_chunks,)](ids, hist, S, num_experts, BLOCK_S=block_s, NBINS=nbins)
-    _scan_kernel[(1,)](hist, base, sched.expert_counts, sched.expert_offsets, sched.block_expert,
-                       sched.block_row_start, sched.num_blocks, sched.num_invalid, num_chunks, num_experts,
-                       nmax, BLOCK_M=block_m, NBINS=nbins, BLOCK_B=block_b)
-    _scatter_kernel[(num_chunks,)](ids, base, sched.sorted_slots, sched.slot_positions, S, num_experts,
-                                   BLOCK_S=block_s, SUB_S=_sub_slots(block_s, nbins), NBINS=nbins)
+    launch(_histogram_kernel, (num_chunks,), (ids, hist, S, num_experts, block_s, nbins))
+    launch(_scan_kernel, (1,), (hist, base, sched.expert_counts, sched.expert_offsets, sched.block_expert,
+                                sched.block_row_start, sched.num_blocks, sched.num_invalid, num_chunks, num_experts,
+                                nmax, block_m, nbins, block_b))
+    launch(_scatter_kernel, (num_chunks,), (ids, base, sched.sorted_slots, sched.slot_positions, S, num_experts,
+                                            block_s, sub_s, nbins))
     return sched

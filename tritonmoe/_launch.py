@@ -1,0 +1,72 @@
+"""Kernel launches with less host time: small-T forwards are bound by it.
+
+``kernel[grid](...)`` spends most of its host time binding and specialising every argument
+and hashing a cache key before the compiled kernel's own C launcher runs
+(``experiments/host_overhead.py`` measures both). ``launch`` keeps the compiled kernel of
+each argument signature and calls its launcher directly. The signature is a superset of
+what Triton specialises on, so a cached kernel is never used where Triton would have
+compiled another: per tensor its dtype and 16-byte alignment; per int whether it is 1,
+divisible by 16 and fits int32 or int64; per tensor descriptor its dtype, block shape,
+padding and the same for its shape and strides; anything else by value. The first call of
+a signature goes through ``kernel[grid]``, as does every call under the interpreter, with
+Triton's launch hooks set (profilers) or with a Triton whose launcher this was not checked
+against (``DIRECT_TRITON``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton import knobs
+from triton.runtime import driver
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._utils import interpreting
+
+__all__ = ["launch"]
+
+# Triton versions whose CompiledKernel.run(grid..., stream, function, packed_metadata,
+# launch_metadata, enter_hook, exit_hook, *args) this was checked against (an internal API).
+DIRECT_TRITON = ("3.6.",)
+_direct = triton.__version__.startswith(DIRECT_TRITON)
+_compiled: dict = {}   # (kernel, device, options, argument signature) -> CompiledKernel
+
+
+def _int(a: int) -> tuple:
+    return (a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63)
+
+
+def _signature(args) -> tuple:
+    sig = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sig.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif type(a) is int:
+            sig.append(_int(a))
+        elif isinstance(a, TensorDescriptor):
+            b = a.base
+            sig.append((b.dtype, b.data_ptr() % 16 == 0, tuple(map(_int, a.shape)), tuple(map(_int, a.strides)),
+                        tuple(a.block_shape), a.padding))
+        else:  # None, bool, float, str: by value (floats are never specialised; kept exact anyway)
+            sig.append((type(a), a))
+    return tuple(sig)
+
+
+def launch(kernel, grid: tuple, args: tuple, *, num_warps: int = 4, num_stages: int = 3) -> None:
+    """``kernel[grid](*args, num_warps=..., num_stages=...)``, where ``args`` are ALL of the kernel's
+    parameters, constexprs included, in signature order (what the compiled launcher takes)."""
+    hooked = knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    if not _direct or hooked or interpreting():
+        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
+        return
+    device = torch.cuda.current_device()
+    key = (kernel, device, num_warps, num_stages, knobs.runtime.debug, _signature(args))
+    compiled = _compiled.get(key)
+    if compiled is None:
+        if len(args) != len(kernel.params):
+            raise TypeError(f"launch({kernel.fn.__name__}): {len(args)} arguments for {len(kernel.params)} parameters")
+        _compiled[key] = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
+        return
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    compiled.run(grid[0], g1, g2, driver.active.get_current_stream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args)
