@@ -1,5 +1,5 @@
-"""torch.ops.tritonmoe.fused_experts: same results as tritonmoe.fused_experts, a sound custom op
-(opcheck), and one torch.compile graph (fullgraph) for every token count."""
+"""torch.ops.tritonmoe.fused_experts and torch.ops.tritonmoe.route: same results as tritonmoe.fused_experts
+and tritonmoe.route, sound custom ops (opcheck), and one torch.compile graph (fullgraph) for every token count."""
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -154,3 +154,87 @@ def test_cuda_graph_replay(fused, device):
             torch.cuda.synchronize(device)
             ref = reference.fused_experts(x.cpu(), w13.cpu(), w2.cpu(), w.cpu(), ids.cpu())
             assert_close(out, ref, dtype, f"replay {seed}")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.ops.tritonmoe.route
+# ----------------------------------------------------------------------------------------------
+
+route_op = torch.ops.tritonmoe.route
+ROUTE_FIELDS = ("top_k", "scoring", "renormalize", "n_group", "topk_group", "group_score_topk", "routed_scaling_factor")
+
+
+def route_args(scheme, T, device, dtype=torch.float32, E=16, k=4):
+    """Logits, the op's routing arguments and correction bias for ``scheme`` at (E, k)."""
+    from helpers import scheme_spec
+    spec = scheme_spec(scheme, E, k)
+    g = torch.Generator().manual_seed(T)
+    logits = (torch.randn(T, E, generator=g) * 2).to(device, dtype)
+    bias = (torch.randn(E, generator=g) * 0.1).to(device) if spec.uses_correction_bias else None
+    return spec, logits, {f: getattr(spec, f) for f in ROUTE_FIELDS}, bias
+
+
+@pytest.mark.parametrize("scheme", ["mixtral", "qwen2", "deepseek_v3"])
+def test_route_op_matches_functional(scheme, device):
+    for dtype in dtypes_for(device):
+        for T in (0, 5):
+            spec, logits, fields, bias = route_args(scheme, T, device, dtype)
+            w, ids = route_op(logits, **fields, correction_bias=bias)
+            assert w.dtype == torch.float32 and ids.dtype == torch.int32 and w.shape == ids.shape == (T, spec.top_k)
+            ref_w, ref_ids = tritonmoe.route(logits, spec, correction_bias=bias)
+            assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+            w64, ids64 = route_op(logits, **fields, correction_bias=bias, int64_ids=True)
+            assert ids64.dtype == torch.int64 and torch.equal(ids64, ref_ids.long()) and torch.equal(w64, ref_w)
+
+
+def test_route_opcheck(device):
+    """Plain, grouped with a correction bias, non-contiguous logits, no tokens."""
+    samples = (("mixtral", 5, False), ("deepseek_v3", 6, False), ("qwen2", 6, True), ("mixtral", 0, False))
+    for scheme, T, strided in samples:
+        _, logits, fields, bias = route_args(scheme, T, device)
+        if strided:
+            logits = torch.randn(2 * logits.shape[1], T, device=device)[::2].t()
+        torch.library.opcheck(route_op, (logits, fields.pop("top_k")), {**fields, "correction_bias": bias})
+
+
+def test_route_op_refuses_invalid_routing(device):
+    _, logits, fields, bias = route_args("deepseek_v3", 3, device)
+    with pytest.raises(ValueError, match="topk_group=9 exceeds n_group"):
+        route_op(logits, **{**fields, "topk_group": 9}, correction_bias=bias)
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        route_op(logits, **{**fields, "scoring": "relu"}, correction_bias=bias)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method:DeprecationWarning")
+def test_route_compile_fullgraph_dynamic_tokens(backend, device):
+    """Router logits, the route op and the experts op in one graph, no recompile for a new token count."""
+    if backend == "inductor" and device.type == "cpu" and not _inductor_available():
+        pytest.skip("inductor on the CPU needs a C++ compiler")
+    torch._dynamo.reset()
+    w13, w2 = weights(device)
+    gate = torch.randn(E, H, generator=torch.Generator().manual_seed(3)).to(device)
+    bias = torch.randn(E, generator=torch.Generator().manual_seed(4)).to(device) * 0.1
+
+    def moe(x):
+        w, ids = route_op(x @ gate.t(), K, "sigmoid", True, 2, 1, 2, 2.5, bias)
+        return op(x, w13, w2, w, ids.long())
+
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(moe, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for T in (3, 7):
+            x = tokens(T, device)[0]
+            torch.testing.assert_close(compiled(x), moe(x))
+            frames.append(counter.frame_count)
+    assert frames[0] > 0 and frames[1] == frames[0], f"compiled frames after each token count: {frames}"
+
+
+def test_route_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        w, ids = route_op(torch.empty(5, E), K)
+        assert (w.shape, w.dtype, ids.shape, ids.dtype) == ((5, K), torch.float32, (5, K), torch.int32)
+        with pytest.raises(ValueError, match="router_logits must have 2 dimensions"):
+            route_op(torch.empty(5), K)
