@@ -5,7 +5,8 @@ The model is transformers' own Mixtral built with ``from_config`` (random, seede
 download): Mixtral-8x7B's shapes (H, F, E, k from the spec; heads, KV heads and vocab from the
 yaml) with few layers, so it fits and loads in seconds. ONE model is built; the implementation
 is switched with ``model.set_experts_implementation`` (attention stays transformers' default,
-sdpa), so every implementation runs the same weights on the same inputs.
+sdpa), so every implementation runs the same weights on the same inputs. "tritonmoe+router" is
+tritonmoe's experts with the model's routers switched to tritonmoe's too (``set_impl``).
 
 Correctness, per implementation before timing: ``experts_rel_err`` is the largest relative error
 ``||out - ref|| / ||ref||`` of any experts call in the checked forward against transformers' eager
@@ -33,7 +34,8 @@ CUDA graphs (phases ``prefill_graph`` and ``decode_graph``, for ``graph_impls``)
 and decode calls captured once in a CUDA graph and timed as replays, which removes the Python
 launch time that dominates an eager step; each is checked against the same call run uncaptured.
 
-Times: ``common.time_ms`` (device events around each call on a GPU). Transformers in eager mode
+Times: ``common.time_ms`` (device events around each call on a GPU); eager calls of the
+implementations are timed in interleaved rounds (``measure``). Transformers in eager mode
 launches every op from Python, so a small step is host-bound and its time says little about the
 experts: on a GPU each ok row also records ``gpu_kernel_ms``, the summed time of the GPU work one
 call issues (torch.profiler), the part the experts implementation can change.
@@ -50,6 +52,7 @@ from .latency import check  # ||out - ref|| / ||ref||, inf if out is not finite
 
 KEY = ("experiment", "model", "layers", "dtype", "phase", "tokens", "context", "impl")
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+ROUNDS = 5  # interleaved timing rounds per (phase, tokens) on a GPU (see measure)
 
 
 def settings(cfg):
@@ -74,6 +77,14 @@ def build_model(spec, s, device, dtype, seed):
     with torch.device(device):  # initialise on the GPU: a float32 CPU copy of 2 layers is 11 GB and slow
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation="eager")
     return model.eval()
+
+
+def set_impl(model, impl: str) -> None:
+    """``impl`` is an experts_implementation, or "tritonmoe+router": tritonmoe's experts with the
+    model's routers switched to tritonmoe's (``use_tritonmoe_router``); any other switches them back."""
+    from tritonmoe.integrations.transformers import use_tritonmoe_router
+    model.set_experts_implementation("tritonmoe" if impl == "tritonmoe+router" else impl)
+    use_tritonmoe_router(model, enable=impl == "tritonmoe+router")
 
 
 def grouped_mm_kernel(model) -> str:
@@ -107,11 +118,11 @@ def checked(model, fn):
     return out, max(errs)
 
 
-def measure(model, impl, checked_call, timed, ref, cfg, device, dtype, tokens) -> dict:
-    """Switch to ``impl``, check ``checked_call()`` (experts calls, and logits against ``ref``), then time ``timed``."""
+def check_impl(model, impl, checked_call, ref, dtype) -> dict:
+    """Switch to ``impl`` and check ``checked_call()``: its experts calls, and its logits against ``ref``."""
     try:
-        model.set_experts_implementation(impl)
-        if impl == "tritonmoe":
+        set_impl(model, impl)
+        if impl.startswith("tritonmoe"):
             from tritonmoe.integrations.transformers import check_model
             check_model(model)  # says what it cannot compute now, not as a failure mid-forward
         out, experts_err = checked(model, checked_call)
@@ -120,8 +131,28 @@ def measure(model, impl, checked_call, timed, ref, cfg, device, dtype, tokens) -
     errs = {"experts_rel_err": experts_err, "rel_err": check(out, ref)}
     if not experts_err <= TOL[dtype]:
         return {"status": "wrong", **errs, "reason": f"experts_rel_err {experts_err:.3g} > {TOL[dtype]}"}
-    q = common.quantiles(common.time_ms(timed, device, cfg.profile.warmup_ms, cfg.profile.rep_ms))
-    return {"status": "ok", **errs, **q, "tokens_per_s": tokens / (q["ms_p50"] * 1e-3), **gpu_kernels(timed, device)}
+    return {"status": "ok", **errs}
+
+
+def measure(model, impls, checked_call, timed, ref, cfg, device, dtype, tokens) -> dict:
+    """Check every implementation, then time the ones that passed in interleaved rounds.
+
+    An eager step is host-bound, so its time drifts with the lent machine's CPU: timed one after
+    another, implementations would see different stretches of that drift. ``ROUNDS`` rounds, each
+    timing every implementation for rep_ms / ROUNDS, spread the drift over all of them alike."""
+    results = {impl: check_impl(model, impl, checked_call, ref, dtype) for impl in impls}
+    ok = [impl for impl in impls if results[impl]["status"] == "ok"]
+    times = {impl: [] for impl in ok}
+    rounds = ROUNDS if device.type == "cuda" else 1
+    for _ in range(rounds):
+        for impl in ok:
+            set_impl(model, impl)
+            times[impl] += common.time_ms(timed, device, cfg.profile.warmup_ms / rounds, cfg.profile.rep_ms / rounds)
+    for impl in ok:
+        set_impl(model, impl)
+        q = common.quantiles(times[impl])
+        results[impl].update(q, rounds=rounds, tokens_per_s=tokens / (q["ms_p50"] * 1e-3), **gpu_kernels(timed, device))
+    return results
 
 
 def measure_graph(model, impl, fn, cfg, device, dtype, tokens) -> dict:
@@ -132,7 +163,7 @@ def measure_graph(model, impl, fn, cfg, device, dtype, tokens) -> dict:
     if device.type != "cuda":
         return {"status": "unavailable", "reason": "CUDA graphs need a CUDA device"}
     try:
-        model.set_experts_implementation(impl)
+        set_impl(model, impl)
         want = fn().clone()
         graph, out = common.capture_graph(fn)
         graph.replay()
@@ -194,17 +225,17 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
             prompt = ids(1, P)
             full = lambda: model(input_ids=prompt, use_cache=False).logits  # noqa: E731
             timed = lambda: model(input_ids=prompt, use_cache=False, logits_to_keep=1).logits  # noqa: E731
-            model.set_experts_implementation("eager")
+            set_impl(model, "eager")
             ref = full()
-            for impl in s.impls:
-                record("prefill", P, 0, impl, measure(model, impl, full, timed, ref, cfg, device, dtype, P))
+            for impl, result in measure(model, s.impls, full, timed, ref, cfg, device, dtype, P).items():
+                record("prefill", P, 0, impl, result)
             for impl in s.graph_impls:
                 record("prefill_graph", P, 0, impl, measure_graph(model, impl, timed, cfg, device, dtype, P))
             del ref
 
         for B in s.decode_batch:
             C = s.context
-            model.set_experts_implementation("eager")
+            set_impl(model, "eager")
             cache = model(input_ids=ids(B, C), use_cache=True, logits_to_keep=1).past_key_values
             new = ids(B, 1)
             saved = [(layer.keys, layer.values) for layer in cache.layers]
@@ -216,8 +247,8 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
                     for layer, (k, v) in zip(cache.layers, saved):
                         layer.keys, layer.values = k, v
             ref = step()
-            for impl in s.impls:
-                record("decode", B, C, impl, measure(model, impl, step, step, ref, cfg, device, dtype, B))
+            for impl, result in measure(model, s.impls, step, step, ref, cfg, device, dtype, B).items():
+                record("decode", B, C, impl, result)
             # Captured, the step reads the saved prefill K/V and writes its new K/V into the graph's
             # own memory, so every replay is the same decode step (the reset above ran at capture).
             for impl in s.graph_impls:

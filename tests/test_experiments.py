@@ -105,14 +105,14 @@ def test_smoke_hf_model_runs(tmp_path):
     rows = run_smoke(tmp_path, "hf_model")
     graph_rows = [r for r in rows if r["phase"].endswith("_graph")]
     assert {(r["phase"], r["impl"]) for r in graph_rows} == {(p, i) for p in ("prefill_graph", "decode_graph")
-                                                            for i in ("tritonmoe", "grouped_mm")}
+                                                            for i in ("tritonmoe", "tritonmoe+router", "grouped_mm")}
     assert all(r["status"] == "unavailable" and "CUDA" in r["reason"] for r in graph_rows)   # said, not faked
     cells = {(r["phase"], r["tokens"]) for r in rows if r not in graph_rows}
     assert cells == {("prefill", 8), ("decode", 1), ("decode", 2)}   # the smoke block of hf_model.yaml
     for phase, tokens in cells:
         by_impl = {r["impl"]: r for r in rows if (r["phase"], r["tokens"]) == (phase, tokens)}
-        assert set(by_impl) == {"eager", "grouped_mm", "tritonmoe"}
-        for impl in ("eager", "tritonmoe"):
+        assert set(by_impl) == {"eager", "grouped_mm", "tritonmoe", "tritonmoe+router"}
+        for impl in ("eager", "tritonmoe", "tritonmoe+router"):
             r = by_impl[impl]
             assert r["status"] == "ok" and r["ms_p50"] > 0 and r["tokens_per_s"] > 0, r
             assert r["experts_rel_err"] < 1e-5 and r["rel_err"] < 1e-5, r   # float32: no routing flips expected
