@@ -188,15 +188,15 @@ def test_unsupported_option_raises(option, value, named):
         hf.check_model(model)
 
 
-def test_weight_dtype_change_is_checked_again():
+def test_weight_dtype_change_is_checked_again(device):
     """The eager forward checks a module once per weight dtype: a model moved to float64 after a
     first call still raises rather than running."""
-    experts = experts_modules(tiny("mixtral", "cpu", impl=hf.NAME))[0]
-    ids, w = torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)
-    experts(torch.randn(3, 32), ids, w)
+    experts = experts_modules(tiny("mixtral", device, impl=hf.NAME))[0]
+    ids, w = torch.zeros(3, 2, dtype=torch.long, device=device), torch.ones(3, 2, device=device)
+    experts(torch.randn(3, 32, device=device), ids, w)
     experts.to(torch.float64)
     with pytest.raises(NotImplementedError, match="gate_up_proj dtype torch.float64"):
-        experts(torch.randn(3, 32, dtype=torch.float64), ids, w)
+        experts(torch.randn(3, 32, dtype=torch.float64, device=device), ids, w)
 
 
 def test_registered():

@@ -35,27 +35,31 @@ def _int(a: int) -> tuple:
     return (a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63)
 
 
+def _other(a) -> tuple:
+    if isinstance(a, TensorDescriptor):
+        b = a.base
+        return (b.dtype, b.data_ptr() % 16 == 0, tuple(map(_int, a.shape)), tuple(map(_int, a.strides)),
+                tuple(a.block_shape), a.padding)
+    return (type(a), a)  # None, bool, float, str: by value (floats are never specialised; kept exact anyway)
+
+
 def _signature(args) -> tuple:
-    sig = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            sig.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif type(a) is int:
-            sig.append(_int(a))
-        elif isinstance(a, TensorDescriptor):
-            b = a.base
-            sig.append((b.dtype, b.data_ptr() % 16 == 0, tuple(map(_int, a.shape)), tuple(map(_int, a.strides)),
-                        tuple(a.block_shape), a.padding))
-        else:  # None, bool, float, str: by value (floats are never specialised; kept exact anyway)
-            sig.append((type(a), a))
-    return tuple(sig)
+    # one comprehension, the common cases inline: this runs on every launch
+    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
+                  (a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63) if type(a) is int else _other(a)
+                  for a in args])
+
+
+def _hooked(hook) -> bool:
+    # Triton 3.6's launch hooks are HookChains, empty unless a profiler added a hook
+    return bool(getattr(hook, "calls", hook))
 
 
 def launch(kernel, grid: tuple, args: tuple, *, num_warps: int = 4, num_stages: int = 3) -> None:
     """``kernel[grid](*args, num_warps=..., num_stages=...)``, where ``args`` are ALL of the kernel's
     parameters, constexprs included, in signature order (what the compiled launcher takes)."""
-    hooked = knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
-    if not _direct or hooked or interpreting():
+    if not _direct or interpreting() or _hooked(knobs.runtime.launch_enter_hook) or \
+            _hooked(knobs.runtime.launch_exit_hook):
         kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
         return
     device = torch.cuda.current_device()
