@@ -5,7 +5,7 @@ and hashing a cache key before the compiled kernel's own C launcher runs
 (``experiments/host_overhead.py`` measures both). ``launch`` keeps the compiled kernel of
 each argument signature and calls its launcher directly. The signature is a superset of
 what Triton specialises on, so a cached kernel is never used where Triton would have
-compiled another: per tensor its dtype and 16-byte alignment; per int whether it is 1,
+compiled another: constexprs by value; per tensor its dtype and 16-byte alignment; per int whether it is 1,
 divisible by 16 and fits int32 or int64; per tensor descriptor its dtype, block shape,
 padding and the same for its shape and strides; anything else by value. The first call of
 a signature goes through ``kernel[grid]``, as does every call under the interpreter, with
@@ -29,6 +29,7 @@ __all__ = ["launch"]
 DIRECT_TRITON = ("3.6.",)
 _direct = triton.__version__.startswith(DIRECT_TRITON)
 _compiled: dict = {}   # (kernel, device, options, argument signature) -> CompiledKernel
+_constexprs: dict = {}  # kernel -> which of its parameters are constexprs (keyed by value)
 
 
 def _int(a: int) -> tuple:
@@ -43,11 +44,15 @@ def _other(a) -> tuple:
     return (type(a), a)  # None, bool, float, str: by value (floats are never specialised; kept exact anyway)
 
 
-def _signature(args) -> tuple:
+def _signature(kernel, args) -> tuple:
+    constexpr = _constexprs.get(kernel)
+    if constexpr is None:
+        constexpr = _constexprs[kernel] = tuple(p.is_constexpr for p in kernel.params)
     # one comprehension, the common cases inline: this runs on every launch
-    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
+    return tuple([(a,) if c else
+                  (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
                   (a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63) if type(a) is int else _other(a)
-                  for a in args])
+                  for a, c in zip(args, constexpr)])
 
 
 def _hooked(hook) -> bool:
@@ -63,7 +68,7 @@ def launch(kernel, grid: tuple, args: tuple, *, num_warps: int = 4, num_stages: 
         kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
         return
     device = torch.cuda.current_device()
-    key = (kernel, device, num_warps, num_stages, knobs.runtime.debug, _signature(args))
+    key = (kernel, device, num_warps, num_stages, knobs.runtime.debug, _signature(kernel, args))
     compiled = _compiled.get(key)
     if compiled is None:
         if len(args) != len(kernel.params):
