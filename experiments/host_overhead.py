@@ -76,6 +76,8 @@ def transformers_stages(spec, x, w13, w2) -> dict:
     E, k, H, F = spec.num_experts, spec.top_k, spec.hidden_size, spec.intermediate_size
     config = MixtralConfig(hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=k)
     router = MixtralTopKRouter(config).to(x.device, x.dtype)
+    with torch.no_grad():  # the module's weight starts uninitialised (transformers initialises models, not modules)
+        router.weight.normal_(0, H ** -0.5)
     _, weights, ids = router(x)  # what the model hands its experts: float32 weights, int64 ids
     stages = {"transformers router (MixtralTopKRouter)": lambda: router(x),
               "linear + tritonmoe.route": lambda: route(torch.nn.functional.linear(x, router.weight), spec)}
@@ -87,7 +89,8 @@ def transformers_stages(spec, x, w13, w2) -> dict:
             experts.gate_up_proj.copy_(w13)
             experts.down_proj.copy_(w2)
         stages[f"transformers experts, {impl}"] = lambda m=experts: m(x, ids, weights)
-    outs = [stages[f"transformers experts, {impl}"]() for impl in ("tritonmoe", "grouped_mm")]
+    with torch.no_grad():
+        outs = [stages[f"transformers experts, {impl}"]() for impl in ("tritonmoe", "grouped_mm")]
     err = float((outs[0].float() - outs[1].float()).norm() / outs[1].float().norm())
     assert err < 2e-2, f"transformers experts: tritonmoe vs grouped_mm relative error {err:.3g}"
     return stages
