@@ -5,12 +5,12 @@ and hashing a cache key before the compiled kernel's own C launcher runs
 (``experiments/host_overhead.py`` measures both). ``launch`` keeps the compiled kernel of
 each argument signature and calls its launcher directly. The signature is a superset of
 what Triton specialises on, so a cached kernel is never used where Triton would have
-compiled another: constexprs by value; per tensor its dtype and 16-byte alignment; per int whether it is 1,
-divisible by 16 and fits int32 or int64; per tensor descriptor its dtype, block shape,
-padding and the same for its shape and strides; anything else by value. The first call of
-a signature goes through ``kernel[grid]``, as does every call under the interpreter, with
-Triton's launch hooks set (profilers) or with a Triton whose launcher this was not checked
-against (``DIRECT_TRITON``).
+compiled another: constexprs by value; per tensor its dtype and 16-byte alignment; per int
+whether it is 1, divisible by 16 and fits int32 or int64; per tensor descriptor its dtype,
+block shape, padding and the same for its shape and strides; anything else by value. The
+first call of a signature goes through ``kernel[grid]``, as does every call under the
+interpreter, with Triton's launch hooks set (profilers) or with a Triton whose launcher this
+was not checked against (``DIRECT_TRITON``).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _signature(kernel, args) -> tuple:
     constexpr = _constexprs.get(kernel)
     if constexpr is None:
         constexpr = _constexprs[kernel] = tuple(p.is_constexpr for p in kernel.params)
-    # one comprehension, the common cases inline: this runs on every launch
+    # one comprehension, the common cases inline (ints as in _int): this runs on every launch
     return tuple([(a,) if c else
                   (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
                   (a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63) if type(a) is int else _other(a)
