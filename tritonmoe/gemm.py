@@ -222,9 +222,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sched: Schedule, tiles, *, n_
     """One projection per M-block: ``a[rows] @ w[e, n_offset:n_offset+n, :]^T``.
 
     ``a`` is (T, K) in token order with ``gather_a`` (rows picked through the schedule),
-    else (T*k, K) in sorted order. With ``topk_weights`` (contiguous floating (T, k), used in float32) each
-    output row is multiplied by its routing weight and written at its slot (token order,
-    (T*k, n), ready for ``combine``); otherwise rows stay in sorted order.
+    else (T*k, K) in sorted order. With ``topk_weights`` (contiguous floating (T, k), used in
+    float32) each output row is multiplied by its routing weight and written at its slot (token
+    order, (T*k, n), ready for ``combine``); otherwise rows stay in sorted order.
 
     ``tiles.split_k`` > 1 (weighted only) splits the reduction over K into that many programs
     per output tile, for calls with too few tiles to fill the GPU (decode). Their float32
