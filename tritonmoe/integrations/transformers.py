@@ -201,7 +201,8 @@ def router_spec(router: nn.Module) -> ModelSpec | None:
 
 def _router_forward(self: nn.Module, hidden_states: torch.Tensor):
     """A recognised router's forward, switched by use_tritonmoe_router: the model's own logits, then
-    torch.ops.tritonmoe.route; returns (logits, weights, int64 ids) in the dtypes the model's returns."""
+    torch.ops.tritonmoe.route under torch.compile, the function behind it (ops.route_by_fields) in
+    eager; returns (logits, weights, int64 ids) in the dtypes the model's returns."""
     if self.training:  # tritonmoe's router has no backward: training keeps the model's own routing
         return type(self).forward(self, hidden_states)
     kind = _ROUTERS[type(self)]
@@ -221,7 +222,7 @@ def use_tritonmoe_router(model: nn.Module, enable: bool = True) -> int:
     Every router module whose class tritonmoe recognises gets an instance-level ``forward`` that
     computes the router logits as the model does (same linear, same dtypes) and then selects and
     weights the experts with ``torch.ops.tritonmoe.route`` (a custom op: ``torch.compile`` keeps one
-    graph), returning what the model's forward returns: (logits, top-k weights, int64 top-k ids).
+    graph; eager calls skip its dispatch), returning what the model's forward returns: (logits, top-k weights, int64 top-k ids).
     ``enable=False`` switches them back. Returns how many routers were switched (or switched back).
 
     Recognised (as written in transformers 5.23), with the routing each maps to:
