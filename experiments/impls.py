@@ -55,9 +55,14 @@ def torch_route(logits: torch.Tensor, spec: ModelSpec, bias):
 # Each implementation's experts, given the routing: ``EXPERTS[name](problem)`` returns
 # ``experts(topk_weights, topk_ids) -> (T, H)``. The skew experiment calls these directly.
 
-def tritonmoe_experts(p: Problem, fused: bool = True, schedule: str = "fixed"):
+def tritonmoe_experts(p: Problem, fused: bool = True, schedule: str = "expert_groups"):
     return lambda weights, ids: tritonmoe.fused_experts(p.x, p.w13, p.w2, weights, ids, fused=fused,
                                                         schedule=schedule)
+
+
+def tritonmoe_fixed_experts(p: Problem):
+    """The preprint's schedule: groups of group_m consecutive M-blocks, across experts."""
+    return tritonmoe_experts(p, schedule="fixed")
 
 
 def tritonmoe_tail_tiles_experts(p: Problem):
@@ -148,6 +153,7 @@ def megablocks_experts(p: Problem):
 
 EXPERTS = {
     "tritonmoe_fused": tritonmoe_experts,
+    "tritonmoe_fixed": tritonmoe_fixed_experts,
     "tritonmoe_tail_tiles": tritonmoe_tail_tiles_experts,
     "tritonmoe_unfused": tritonmoe_unfused_experts,
     "torch_loop": torch_loop_experts,

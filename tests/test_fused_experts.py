@@ -111,13 +111,14 @@ EXTREMES = {
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
-@pytest.mark.parametrize("schedule", ["fixed", "tail_tiles"])
+@pytest.mark.parametrize("schedule", ["expert_groups", "fixed", "tail_tiles"])
 @pytest.mark.parametrize("block_m", [64, 128])
 @pytest.mark.parametrize("case", EXTREMES)
 def test_schedule_extremes(case, block_m, schedule, tma, device, poison):
     T, k, E, ids = EXTREMES[case]
     T = ids.shape[0]
-    tiles = tritonmoe.TileConfig(block_m=block_m, block_n=32, block_k=32, group_m=2, num_stages=2, min_block_m=16,
+    # group_m=3: groups of blocks end inside an expert, at its end and (fixed) across two experts
+    tiles = tritonmoe.TileConfig(block_m=block_m, block_n=32, block_k=32, group_m=3, num_stages=2, min_block_m=16,
                                  tma=tma)
     for dtype in dtypes_for(device):
         check(*make_inputs(T, k, E, device, dtype, ids=ids), tiles=(tiles, tiles), schedule=schedule)

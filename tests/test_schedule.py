@@ -10,12 +10,15 @@ from helpers import EK, TOKENS
 
 
 def expected_block_map(counts, offsets, block_m):
-    experts, rows = [], []
+    experts, rows, ranks, siblings = [], [], [], []
     for e, c in enumerate(counts.tolist()):
-        for b in range(-(-c // block_m)):
+        n = -(-c // block_m)
+        for b in range(n):
             experts.append(e)
             rows.append(int(offsets[e]) + b * block_m)
-    return experts, rows
+            ranks.append(b)
+            siblings.append(n)
+    return experts, rows, ranks, siblings
 
 
 def check_schedule(ids, E, block_m):
@@ -24,18 +27,21 @@ def check_schedule(ids, E, block_m):
     counts, offsets, sorted_slots, positions = reference.build_schedule(ids.cpu(), E)
     assert s.max_blocks == max_blocks(T * k, E, block_m)
     for name in ("expert_counts", "expert_offsets", "sorted_slots", "slot_positions", "block_expert",
-                 "block_row_start", "num_blocks", "num_invalid"):
+                 "block_row_start", "block_rank", "block_siblings", "num_blocks", "num_invalid"):
         assert getattr(s, name).dtype == torch.int32, name
     assert torch.equal(s.expert_counts.cpu().long(), counts)
     assert torch.equal(s.expert_offsets.cpu().long()[: E + 1], offsets)
     assert int(s.expert_offsets[E + 1]) == T * k and int(s.num_invalid) == 0
     assert torch.equal(s.sorted_slots.cpu().long(), sorted_slots)
     assert torch.equal(s.slot_positions.cpu().long(), positions)
-    experts, rows = expected_block_map(counts, offsets, block_m)
-    n = len(experts)
+    experts, rows, ranks, siblings = expected_block_map(counts, offsets, block_m)
+    n, unused = len(experts), s.max_blocks - len(experts)
     assert int(s.num_blocks) == n <= s.max_blocks
-    assert s.block_expert.cpu().tolist() == experts + [-1] * (s.max_blocks - n)
+    assert s.block_expert.cpu().tolist() == experts + [-1] * unused
     assert s.block_row_start.cpu()[:n].tolist() == rows
+    # unused blocks are groups of their own (rank 0 of 1), so the GEMMs' programs for them exit
+    assert s.block_rank.cpu().tolist() == ranks + [0] * unused
+    assert s.block_siblings.cpu().tolist() == siblings + [1] * unused
     return s
 
 

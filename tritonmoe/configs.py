@@ -41,12 +41,16 @@ class TileConfig:
     # Tiles through Hopper's copy engine (TMA descriptors): the weights, and the input rows where they
     # are contiguous (the down projection's full-height tiles); pointer loads where it cannot serve.
     tma: bool = False
+    # Groups of M-blocks that sweep N together never span two experts (fused_experts' default
+    # schedule); False: groups of group_m consecutive blocks (schedule="fixed", "tail_tiles").
+    expert_groups: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.tma, bool):
-            raise ValueError(f"TileConfig.tma must be a bool, got {self.tma!r}")
+        for name in ("tma", "expert_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TileConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name, value in asdict(self).items():
-            if name == "tma":
+            if name in ("tma", "expert_groups"):
                 continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TileConfig.{name} must be a positive int, got {value!r}")

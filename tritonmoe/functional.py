@@ -20,7 +20,7 @@ from .schedule import build_schedule
 __all__ = ["fused_experts", "check_routing", "check_expert_weights"]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
-SCHEDULES = ("fixed", "tail_tiles")
+SCHEDULES = ("expert_groups", "fixed", "tail_tiles")
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -86,14 +86,16 @@ def _check_args(hidden_states, w13, w2, topk_weights, topk_ids):
 
 
 @functools.lru_cache(maxsize=256)  # a cached lookup: small-T forwards are bound by host time
-def _full_height_only(tiles):
-    """``tiles`` with min_block_m = block_m: the GEMMs compile the full-height tile alone."""
-    return dataclasses.replace(tiles, min_block_m=tiles.block_m)
+def _schedule_tiles(tiles, schedule: str):
+    """``tiles`` as ``schedule`` runs them: full-height tiles alone (min_block_m = block_m) but for
+    "tail_tiles"; groups of M-blocks within one expert for "expert_groups" alone."""
+    min_block_m = tiles.min_block_m if schedule == "tail_tiles" else tiles.block_m
+    return dataclasses.replace(tiles, min_block_m=min_block_m, expert_groups=schedule == "expert_groups")
 
 
 def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, *, fused: bool = True, tiles=None,
-                  schedule: str = "fixed", chunk_tokens: int | None = None) -> torch.Tensor:
+                  schedule: str = "expert_groups", chunk_tokens: int | None = None) -> torch.Tensor:
     """Routed experts of an MoE layer: (T, H) -> (T, H).
 
     ``out[t] = sum_j topk_weights[t, j] * W2[e] (silu(Wg[e] x_t) * Wu[e] x_t)``, ``e = topk_ids[t, j]``.
@@ -107,11 +109,14 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
             out-of-range id trips a device-side assertion in the schedule (no host sync).
         fused: False runs the unfused pipeline (permute, gate GEMM, up GEMM, activation).
         tiles: optional ``(gate_up, down)`` ``TileConfig`` pair overriding the tuned tables.
-        schedule: "fixed": every M-block is block_m rows tall (the preprint's design);
-            "tail_tiles": an expert's last, partial M-block runs with the smallest tile height
-            (block_m halved, down to ``min_block_m``) that holds its rows, so padding stays under
-            half a tile. Measured on an H100 it is slower where it matters (the extra tile heights
-            slow the full tiles too; experiments/PERF_LOG.md, v4), so it is not the default.
+        schedule: every M-block is block_m rows tall, and up to group_m M-blocks sweep the output
+            columns together (L2 reuse). "expert_groups" (default): a group never spans two
+            experts, so a skewed expert's blocks share its weight reads wherever they start
+            (experiments/PERF_LOG.md, v9); "fixed": groups of group_m consecutive blocks (the
+            preprint's design); "tail_tiles": as "fixed", and an expert's last, partial M-block runs
+            with the smallest tile height (block_m halved, down to ``min_block_m``) that holds its
+            rows. Measured on an H100 it is slower where it matters (the extra tile heights slow the
+            full tiles too; PERF_LOG v4).
         chunk_tokens: run the forward in chunks of this many tokens, each with its own schedule
             and tiles. Default: the tuned table's choice for the device and shape (on the H100,
             Mixtral-8x7B at T >= 8192 runs in chunks of 4096, measured faster: experiments/PERF_LOG.md,
@@ -147,8 +152,7 @@ def _forward(hidden_states, w13, w2, weights, ids, fused, tiles, schedule, out=N
                                                                           hidden_states.device)
     if gate_up_tiles.block_m != down_tiles.block_m:
         raise ValueError("tiles: gate_up and down must share block_m (one schedule serves both GEMMs)")
-    if schedule == "fixed":
-        gate_up_tiles, down_tiles = _full_height_only(gate_up_tiles), _full_height_only(down_tiles)
+    gate_up_tiles, down_tiles = _schedule_tiles(gate_up_tiles, schedule), _schedule_tiles(down_tiles, schedule)
     sched = build_schedule(ids, E, gate_up_tiles.block_m)
     if fused:
         inter = gate_up_silu(hidden_states, w13, sched, gate_up_tiles)

@@ -30,7 +30,7 @@ __all__ = ["gate_up_silu", "grouped_gemm", "silu_mul"]
 def _expert_gemm_kernel(
     # pointers
     a_ptr, w_ptr, out_ptr, sorted_slots_ptr, topk_weights_ptr, block_expert_ptr, block_row_ptr,
-    expert_offsets_ptr,
+    block_rank_ptr, block_siblings_ptr, expert_offsets_ptr,
     w_desc,                          # WEIGHT_TMA: a tensor descriptor over w as (E * rows, K), else None
     a_desc,                          # A_TMA: a tensor descriptor over a (sorted rows, K), else None
     # sizes
@@ -42,21 +42,31 @@ def _expert_gemm_kernel(
     GATE_UP_SILU: tl.constexpr,      # also multiply rows up_offset + n, and keep silu(gate) * up
     SCATTER_WEIGHTED: tl.constexpr,  # scale by the slot's routing weight, write at the slot's row
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EXPERT_GROUPS: tl.constexpr,     # a group of M-blocks never spans two experts (else GROUP_M consecutive blocks)
     MIN_BLOCK_M: tl.constexpr,       # smallest tile height for an expert's last, partial M-block
     EVEN_K: tl.constexpr,            # every K slice is whole BLOCK_Ks: no K mask, so loads stay 16-byte wide
     DOT_PRECISION: tl.constexpr,
     WEIGHT_TMA: tl.constexpr,        # weight tiles through the copy engine (Hopper's TMA) instead of pointers
     A_TMA: tl.constexpr,             # input tiles too (rows in sorted order, full-height tiles only)
 ):
-    # Program -> (M-block, N-block): GROUP_M M-blocks sweep N together, so their input rows
-    # stay in L2; consecutive M-blocks of one expert also share its weight tiles.
+    # Program -> (M-block, N-block): a group of up to GROUP_M M-blocks sweeps N together, so their
+    # input rows stay in L2 and blocks of one expert share its weight tiles as they stream in.
+    # EXPERT_GROUPS: groups never span two experts (an expert's blocks, GROUP_M at a time), so an
+    # expert's weights stream from HBM once per group wherever its blocks start; consecutive
+    # groups would let a skewed expert's blocks straddle two groups that run apart in time.
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(max_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    if EXPERT_GROUPS:
+        r = pid // num_pid_n  # a block of this program's group
+        rank = tl.load(block_rank_ptr + r)
+        first_m = r - rank % GROUP_M
+        group_rows = tl.minimum(tl.load(block_siblings_ptr + r) - (rank - rank % GROUP_M), GROUP_M)
+    else:
+        first_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
+        group_rows = tl.minimum(max_blocks - first_m, GROUP_M)
+    local = pid - first_m * num_pid_n
+    pid_m = first_m + local % group_rows
+    pid_n = local // group_rows
 
     # The schedule: this M-block's expert (-1: unused block of the upper-bound grid) and rows.
     expert = tl.load(block_expert_ptr + pid_m)
@@ -191,11 +201,12 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
             a_desc = _descriptor(a, (sched.block_m, tiles.block_k))
     launch(_expert_gemm_kernel, grid, (
         a, w, out, sched.sorted_slots, topk_weights if weighted else out, sched.block_expert,
-        sched.block_row_start, sched.expert_offsets, w_desc, a_desc,
+        sched.block_row_start, sched.block_rank, sched.block_siblings, sched.expert_offsets, w_desc, a_desc,
         n, K, sched.top_k, n_offset, up_offset, sched.max_blocks, k_per_split,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         gather_a, gate_up_silu, weighted,  # GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED
-        sched.block_m, tiles.block_n, tiles.block_k, tiles.group_m, min(tiles.min_block_m, sched.block_m),
+        sched.block_m, tiles.block_n, tiles.block_k, tiles.group_m, tiles.expert_groups,
+        min(tiles.min_block_m, sched.block_m),
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out

@@ -7,7 +7,8 @@ of ``CHUNK_SLOTS`` slots where they work per slot:
 
 1. ``_histogram_kernel``: per chunk of BLOCK_S slots, how many go to each expert.
 2. ``_scan_kernel`` (one program): expert counts and offsets, each chunk's base position
-   per expert, and the M-block map: block b -> (expert, first sorted row).
+   per expert, and the M-block map: block b -> (expert, first sorted row, its rank among the
+   expert's blocks and their number; the GEMMs group an expert's blocks by these).
 3. ``_scatter_kernel``: per chunk, give each slot its row in the expert-sorted order
    (the chunk's base row for its expert plus its rank among the chunk's earlier slots of
    that expert), and write the inverse map.
@@ -55,6 +56,8 @@ class Schedule:
     slot_positions: torch.Tensor  # (T*k,) int32: the sorted row of each slot (inverse of sorted_slots)
     block_expert: torch.Tensor    # (max_blocks,) int32: expert of each M-block; -1 past num_blocks
     block_row_start: torch.Tensor  # (max_blocks,) int32: first sorted row of each M-block
+    block_rank: torch.Tensor      # (max_blocks,) int32: index of each M-block among its expert's; 0 past num_blocks
+    block_siblings: torch.Tensor  # (max_blocks,) int32: M-blocks of each block's expert; 1 past num_blocks
     num_blocks: torch.Tensor      # (1,) int32: M-blocks in use
     num_invalid: torch.Tensor     # (1,) int32: slots whose expert id was out of [0, E)
 
@@ -85,10 +88,11 @@ def _chunk_histogram(ids_ptr, chunk_start, S, E, BLOCK_S: tl.constexpr, NBINS: t
 
 
 @triton.jit
-def _block_map(totals, starts, block_expert_ptr, block_row_ptr, num_blocks_ptr, E, max_blocks,
-               BLOCK_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_B: tl.constexpr):
-    """M-block b -> (expert, first sorted row), from the slots per bin and their first rows.
-    Only real experts get blocks; blocks past the used ones get expert -1."""
+def _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
+               E, max_blocks, BLOCK_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """M-block b -> (expert, first sorted row, rank among the expert's blocks, the expert's block
+    count), from the slots per bin and their first rows. Only real experts get blocks; blocks past
+    the used ones get expert -1 (rank 0 of 1)."""
     offs_bin = tl.arange(0, NBINS)
     nblk = tl.where(offs_bin < E, (totals + BLOCK_M - 1) // BLOCK_M, 0)      # [NBINS]
     blk_end = tl.cumsum(nblk, axis=0)
@@ -100,11 +104,15 @@ def _block_map(totals, starts, block_expert_ptr, block_row_ptr, num_blocks_ptr, 
         # expert of block b: the number of experts whose blocks end at or before b
         expert = tl.sum((blk_end[None, :] <= offs_b[:, None]).to(tl.int32), axis=1)
         is_e = offs_bin[None, :] == expert[:, None]                          # [BB, NBINS]
-        row = tl.sum(tl.where(is_e, starts[None, :] + (offs_b[:, None] - blk_start[None, :]) * BLOCK_M, 0),
-                     axis=1)
+        rank = tl.sum(tl.where(is_e, offs_b[:, None] - blk_start[None, :], 0), axis=1)
+        row = tl.sum(tl.where(is_e, starts[None, :], 0), axis=1) + rank * BLOCK_M
+        siblings = tl.sum(tl.where(is_e, nblk[None, :], 0), axis=1)
         live = offs_b < used
-        tl.store(block_expert_ptr + offs_b, tl.where(live, expert, -1), mask=offs_b < max_blocks)
-        tl.store(block_row_ptr + offs_b, tl.where(live, row, 0), mask=offs_b < max_blocks)
+        in_grid = offs_b < max_blocks
+        tl.store(block_expert_ptr + offs_b, tl.where(live, expert, -1), mask=in_grid)
+        tl.store(block_row_ptr + offs_b, tl.where(live, row, 0), mask=in_grid)
+        tl.store(block_rank_ptr + offs_b, tl.where(live, rank, 0), mask=in_grid)
+        tl.store(block_siblings_ptr + offs_b, tl.where(live, siblings, 1), mask=in_grid)
 
 
 @triton.jit
@@ -149,8 +157,8 @@ def _histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK_S: tl.constexpr, NBINS: tl.
 
 @triton.jit
 def _scan_kernel(
-    hist_ptr, base_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, num_blocks_ptr,
-    num_invalid_ptr, num_chunks, E, max_blocks,
+    hist_ptr, base_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, block_rank_ptr,
+    block_siblings_ptr, num_blocks_ptr, num_invalid_ptr, num_chunks, E, max_blocks,
     BLOCK_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     offs_bin = tl.arange(0, NBINS)
@@ -165,8 +173,8 @@ def _scan_kernel(
     for c in range(num_chunks):
         tl.store(base_ptr + c * NBINS + offs_bin, running)
         running += tl.load(hist_ptr + c * NBINS + offs_bin)
-    _block_map(totals, starts, block_expert_ptr, block_row_ptr, num_blocks_ptr, E, max_blocks,
-               BLOCK_M, NBINS, BLOCK_B)
+    _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
+               E, max_blocks, BLOCK_M, NBINS, BLOCK_B)
 
 
 @triton.jit
@@ -181,15 +189,15 @@ def _scatter_kernel(ids_ptr, base_ptr, sorted_slots_ptr, slot_pos_ptr, S, E,
 # All of the above in one program when the slots are few (small T: launch-bound).
 @triton.jit(debug=True)
 def _schedule_one_chunk_kernel(
-    ids_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, num_blocks_ptr, num_invalid_ptr,
-    sorted_slots_ptr, slot_pos_ptr, S, E, max_blocks,
+    ids_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr,
+    num_blocks_ptr, num_invalid_ptr, sorted_slots_ptr, slot_pos_ptr, S, E, max_blocks,
     BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, BLOCK_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     totals = _chunk_histogram(ids_ptr, 0, S, E, BLOCK_S, NBINS)
     starts = tl.cumsum(totals, axis=0) - totals
     _store_totals(totals, starts, counts_ptr, offsets_ptr, num_invalid_ptr, E, NBINS)
-    _block_map(totals, starts, block_expert_ptr, block_row_ptr, num_blocks_ptr, E, max_blocks,
-               BLOCK_M, NBINS, BLOCK_B)
+    _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
+               E, max_blocks, BLOCK_M, NBINS, BLOCK_B)
     _scatter_chunk(ids_ptr, starts, sorted_slots_ptr, slot_pos_ptr, 0, S, E, BLOCK_S, SUB_S, NBINS)
 
 
@@ -206,7 +214,7 @@ def _plan(S: int, num_experts: int, block_m: int):
     num_chunks = 1 if one_launch else cdiv(S, block_s)
     nmax = max_blocks(S, num_experts, block_m)
     # One allocation for every buffer; parts padded to 4 int32 so each view stays 16-byte aligned.
-    sizes = [num_experts, num_experts + 2, S, S, nmax, nmax, 1, 1] + ([] if one_launch else [num_chunks * nbins] * 2)
+    sizes = [num_experts, num_experts + 2, S, S, nmax, nmax, nmax, nmax, 1, 1] + ([] if one_launch else [num_chunks * nbins] * 2)
     bounds, end = [], 0
     for n in sizes:
         bounds.append((end, end + n))
@@ -230,7 +238,8 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Sc
     sched = Schedule(
         num_tokens=T, top_k=k, num_experts=num_experts, block_m=block_m, max_blocks=nmax,
         expert_counts=parts[0], expert_offsets=parts[1], sorted_slots=parts[2], slot_positions=parts[3],
-        block_expert=parts[4], block_row_start=parts[5], num_blocks=parts[6], num_invalid=parts[7],
+        block_expert=parts[4], block_row_start=parts[5], block_rank=parts[6], block_siblings=parts[7],
+        num_blocks=parts[8], num_invalid=parts[9],
     )
     if S == 0:
         sched.expert_counts.zero_(); sched.expert_offsets.zero_(); sched.num_blocks.zero_()
@@ -239,14 +248,14 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Sc
     if one_launch:
         launch(_schedule_one_chunk_kernel, (1,), (
             ids, sched.expert_counts, sched.expert_offsets, sched.block_expert, sched.block_row_start,
-            sched.num_blocks, sched.num_invalid, sched.sorted_slots, sched.slot_positions, S, num_experts, nmax,
-            block_s, sub_s, block_m, nbins, block_b))
+            sched.block_rank, sched.block_siblings, sched.num_blocks, sched.num_invalid, sched.sorted_slots,
+            sched.slot_positions, S, num_experts, nmax, block_s, sub_s, block_m, nbins, block_b))
         return sched
-    hist, base = parts[8].view(num_chunks, nbins), parts[9].view(num_chunks, nbins)
+    hist, base = parts[10].view(num_chunks, nbins), parts[11].view(num_chunks, nbins)
     launch(_histogram_kernel, (num_chunks,), (ids, hist, S, num_experts, block_s, nbins))
     launch(_scan_kernel, (1,), (hist, base, sched.expert_counts, sched.expert_offsets, sched.block_expert,
-                                sched.block_row_start, sched.num_blocks, sched.num_invalid, num_chunks, num_experts,
-                                nmax, block_m, nbins, block_b))
+                                sched.block_row_start, sched.block_rank, sched.block_siblings, sched.num_blocks,
+                                sched.num_invalid, num_chunks, num_experts, nmax, block_m, nbins, block_b))
     launch(_scatter_kernel, (num_chunks,), (ids, base, sched.sorted_slots, sched.slot_positions, S, num_experts,
                                             block_s, sub_s, nbins))
     return sched
