@@ -31,7 +31,7 @@ class TileConfig:
     block_m: int = 64        # rows per M-block; the schedule uses it, so both GEMMs share it
     block_n: int = 64
     block_k: int = 64
-    group_m: int = 8         # M-blocks that sweep N together (L2 reuse)
+    group_m: int = 8         # M-blocks that sweep N together (L2 reuse); expert groups: at least this many
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1         # down projection only: programs sharing one output tile's reduction

@@ -14,6 +14,8 @@ and one BLOCK_N slice of the output columns.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -185,6 +187,20 @@ def _descriptor(t: torch.Tensor, block_shape) -> TensorDescriptor | None:
     return TensorDescriptor(t, [rows, K], [K, 1], list(block_shape))
 
 
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+
+
+def _group_blocks(tiles, a: torch.Tensor, block_m: int, K: int) -> int:
+    """M-blocks per group. Expert groups take up to as many blocks as half of L2 holds input rows
+    for (at least ``group_m``): a skewed expert's blocks then all stream its weights at once,
+    where a group of a few blocks sweeping N left the next group to read them from HBM again."""
+    if not tiles.expert_groups:
+        return tiles.group_m
+    return max(tiles.group_m, _l2_bytes(a.device) // 2 // (block_m * K * a.element_size()))
+
+
 def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offset: int, gather_a: bool,
             gate_up_silu: bool, topk_weights, split_k: int = 1):
     check_matmul_dtype("a", a.dtype)
@@ -205,7 +221,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         n, K, sched.top_k, n_offset, up_offset, sched.max_blocks, k_per_split,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         gather_a, gate_up_silu, weighted,  # GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED
-        sched.block_m, tiles.block_n, tiles.block_k, tiles.group_m, tiles.expert_groups,
+        sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
         min(tiles.min_block_m, sched.block_m),
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
