@@ -44,7 +44,7 @@ def _expert_gemm_kernel(
     GATE_UP_SILU: tl.constexpr,      # also multiply rows up_offset + n, and keep silu(gate) * up
     SCATTER_WEIGHTED: tl.constexpr,  # scale by the slot's routing weight, write at the slot's row
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EXPERT_GROUPS: tl.constexpr,     # a group of M-blocks never spans two experts (else GROUP_M consecutive blocks)
+    EXPERT_GROUPS: tl.constexpr,     # a group of M-blocks never splits an expert (else GROUP_M consecutive blocks)
     MIN_BLOCK_M: tl.constexpr,       # smallest tile height for an expert's last, partial M-block
     EVEN_K: tl.constexpr,            # every K slice is whole BLOCK_Ks: no K mask, so loads stay 16-byte wide
     DOT_PRECISION: tl.constexpr,
@@ -53,9 +53,10 @@ def _expert_gemm_kernel(
 ):
     # Program -> (M-block, N-block): a group of up to GROUP_M M-blocks sweeps N together, so their
     # input rows stay in L2 and blocks of one expert share its weight tiles as they stream in.
-    # EXPERT_GROUPS: groups never span two experts (an expert's blocks, GROUP_M at a time), so an
-    # expert's weights stream from HBM once per group wherever its blocks start; consecutive
-    # groups would let a skewed expert's blocks straddle two groups that run apart in time.
+    # EXPERT_GROUPS: groups stay within the schedule's units (an expert with several blocks, or a
+    # run of one-block experts), GROUP_M blocks at a time, so an expert's weights stream from HBM
+    # once per group wherever its blocks start; consecutive groups would let a skewed expert's
+    # blocks straddle two groups that run apart in time.
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if EXPERT_GROUPS:
