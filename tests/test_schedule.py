@@ -23,9 +23,9 @@ def expected_block_map(counts, offsets, block_m):
         elif n == 1:
             units.append([len(experts) - 1, len(experts), "run"])
     ranks, siblings = [], []
-    for first, end, *_ in units:
+    for first, end, *run in units:
         ranks += list(range(end - first))
-        siblings += [end - first] * (end - first)
+        siblings += [-(end - first) if run else end - first] * (end - first)  # negated for a run
     return experts, rows, ranks, siblings
 
 
@@ -91,7 +91,7 @@ def test_schedule_group_units(device, poison):
     n = int(s.num_blocks)
     assert s.block_expert.cpu()[:n].tolist() == [0, 2, 3, 3, 3, 4, 5, 7, 7, 8]
     assert s.block_rank.cpu()[:n].tolist() == [0, 1, 0, 1, 2, 0, 1, 0, 1, 0]
-    assert s.block_siblings.cpu()[:n].tolist() == [2, 2, 3, 3, 3, 2, 2, 2, 2, 1]
+    assert s.block_siblings.cpu()[:n].tolist() == [-2, -2, 3, 3, 3, -2, -2, 2, 2, -1]
 
 
 def test_schedule_counts_sum_to_slots(device):

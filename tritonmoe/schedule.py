@@ -59,7 +59,8 @@ class Schedule:
     # The GEMMs group M-blocks within a unit: an expert with several blocks, or a run of consecutive
     # experts with one block each.
     block_rank: torch.Tensor      # (max_blocks,) int32: index of each M-block in its unit; 0 past num_blocks
-    block_siblings: torch.Tensor  # (max_blocks,) int32: M-blocks of each block's unit; 1 past num_blocks
+    block_siblings: torch.Tensor  # (max_blocks,) int32: M-blocks of each block's unit, negated for a run
+                                  # of one-block experts; 1 past num_blocks
     num_blocks: torch.Tensor      # (1,) int32: M-blocks in use
     num_invalid: torch.Tensor     # (1,) int32: slots whose expert id was out of [0, E)
 
@@ -104,8 +105,8 @@ def _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, 
                E, max_blocks, BLOCK_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_B: tl.constexpr):
     """M-block b -> (expert, first sorted row, rank in its group unit, the unit's block count), from
     the slots per bin and their first rows. A group unit is an expert with several blocks, or a run
-    of consecutive experts with one block each: the GEMMs group blocks within a unit, never across
-    (``tritonmoe.gemm``). Only real experts get blocks; blocks past the used ones get expert -1
+    of consecutive experts with one block each (its count negated): the GEMMs group blocks within a
+    unit, never across (``tritonmoe.gemm``). Only real experts get blocks; blocks past the used ones get expert -1
     (rank 0 of 1)."""
     offs_bin = tl.arange(0, NBINS)
     nblk = tl.where(offs_bin < E, (totals + BLOCK_M - 1) // BLOCK_M, 0)      # [NBINS]
@@ -125,7 +126,8 @@ def _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, 
         is_e = offs_bin[None, :] == expert[:, None]                          # [BB, NBINS]
         row = tl.sum(tl.where(is_e, starts[None, :] + (offs_b[:, None] - blk_start[None, :]) * BLOCK_M, 0), axis=1)
         rank = offs_b - tl.sum(tl.where(is_e, unit_start[None, :], 0), axis=1)
-        siblings = tl.sum(tl.where(is_e, unit_end[None, :] - unit_start[None, :], 0), axis=1)
+        # negated for a run of one-block experts: the GEMMs group those by the tuned group_m
+        siblings = tl.sum(tl.where(is_e, tl.where(multi, 1, -1)[None, :] * (unit_end - unit_start)[None, :], 0), axis=1)
         live = offs_b < used
         in_grid = offs_b < max_blocks
         tl.store(block_expert_ptr + offs_b, tl.where(live, expert, -1), mask=in_grid)
