@@ -10,22 +10,14 @@ from helpers import EK, TOKENS
 
 
 def expected_block_map(counts, offsets, block_m):
-    experts, rows, units = [], [], []  # units: the group unit of each block, as its (first, end) block
+    experts, rows, ranks, siblings = [], [], [], []
     for e, c in enumerate(counts.tolist()):
         n = -(-c // block_m)
         for b in range(n):
             experts.append(e)
             rows.append(int(offsets[e]) + b * block_m)
-        if n >= 2:
-            units.append([len(experts) - n, len(experts)])  # an expert with several blocks: a unit alone
-        elif n == 1 and units and units[-1][2:] == ["run"]:
-            units[-1][1] += 1                                 # a one-block expert extends the run
-        elif n == 1:
-            units.append([len(experts) - 1, len(experts), "run"])
-    ranks, siblings = [], []
-    for first, end, *run in units:
-        ranks += list(range(end - first))
-        siblings += [-(end - first) if run else end - first] * (end - first)  # negated for a run
+            ranks.append(b)
+            siblings.append(n)
     return experts, rows, ranks, siblings
 
 
@@ -81,17 +73,6 @@ def test_schedule_most_experts_empty(device, poison):
     first = torch.randint(0, 3, (1200,), generator=g)
     ids = torch.stack([pick[first], pick[(first + 1) % 3]], 1).to(torch.int32).to(device)
     check_schedule(ids, 256, 32)
-
-
-def test_schedule_group_units(device, poison):
-    # one-block experts between several-block ones form runs; empty experts do not break a run
-    counts = torch.tensor([1, 0, 1, 40, 1, 1, 0, 20, 1])
-    ids = torch.repeat_interleave(torch.arange(9), counts).to(torch.int32).view(-1, 1).to(device)
-    s = check_schedule(ids, 9, 16)
-    n = int(s.num_blocks)
-    assert s.block_expert.cpu()[:n].tolist() == [0, 2, 3, 3, 3, 4, 5, 7, 7, 8]
-    assert s.block_rank.cpu()[:n].tolist() == [0, 1, 0, 1, 2, 0, 1, 0, 1, 0]
-    assert s.block_siblings.cpu()[:n].tolist() == [-2, -2, 3, 3, 3, -2, -2, 2, 2, -1]
 
 
 def test_schedule_counts_sum_to_slots(device):

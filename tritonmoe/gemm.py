@@ -44,8 +44,7 @@ def _expert_gemm_kernel(
     GATE_UP_SILU: tl.constexpr,      # also multiply rows up_offset + n, and keep silu(gate) * up
     SCATTER_WEIGHTED: tl.constexpr,  # scale by the slot's routing weight, write at the slot's row
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EXPERT_GROUPS: tl.constexpr,     # groups of M-blocks within the schedule's units (else GROUP_M consecutive blocks)
-    EXPERT_GROUP_M: tl.constexpr,    # EXPERT_GROUPS: blocks per group of an expert with several blocks
+    EXPERT_GROUPS: tl.constexpr,     # a group of M-blocks never spans two experts (else GROUP_M consecutive blocks)
     MIN_BLOCK_M: tl.constexpr,       # smallest tile height for an expert's last, partial M-block
     EVEN_K: tl.constexpr,            # every K slice is whole BLOCK_Ks: no K mask, so loads stay 16-byte wide
     DOT_PRECISION: tl.constexpr,
@@ -54,19 +53,16 @@ def _expert_gemm_kernel(
 ):
     # Program -> (M-block, N-block): a group of up to GROUP_M M-blocks sweeps N together, so their
     # input rows stay in L2 and blocks of one expert share its weight tiles as they stream in.
-    # EXPERT_GROUPS: groups stay within the schedule's units: an expert with several blocks, up to
-    # EXPERT_GROUP_M at a time, so its weights stream from HBM once per group wherever its blocks
-    # start (consecutive groups let a skewed expert's blocks straddle two groups that run apart in
-    # time); or a run of one-block experts, GROUP_M at a time, as consecutive groups would.
+    # EXPERT_GROUPS: groups never span two experts (an expert's blocks, GROUP_M at a time), so an
+    # expert's weights stream from HBM once per group wherever its blocks start; consecutive
+    # groups would let a skewed expert's blocks straddle two groups that run apart in time.
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if EXPERT_GROUPS:
         r = pid // num_pid_n  # a block of this program's group
         rank = tl.load(block_rank_ptr + r)
-        siblings = tl.load(block_siblings_ptr + r)  # negative: a run of one-block experts
-        cap = tl.where(siblings < 0, GROUP_M, EXPERT_GROUP_M)
-        first_m = r - rank % cap
-        group_rows = tl.minimum(tl.abs(siblings) - (rank - rank % cap), cap)
+        first_m = r - rank % GROUP_M
+        group_rows = tl.minimum(tl.load(block_siblings_ptr + r) - (rank - rank % GROUP_M), GROUP_M)
     else:
         first_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
         group_rows = tl.minimum(max_blocks - first_m, GROUP_M)
@@ -196,10 +192,12 @@ def _l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
 
 
-def _expert_group_blocks(tiles, a: torch.Tensor, block_m: int, K: int) -> int:
-    """M-blocks per group of one expert's blocks: as many as half of L2 holds input rows for (at
-    least ``group_m``), so a skewed expert's blocks all stream its weights at once, where groups of a
-    few blocks sweeping N one after another each read them from HBM again."""
+def _group_blocks(tiles, a: torch.Tensor, block_m: int, K: int) -> int:
+    """M-blocks per group. Expert groups take up to as many blocks as half of L2 holds input rows
+    for (at least ``group_m``): a skewed expert's blocks then all stream its weights at once,
+    where a group of a few blocks sweeping N left the next group to read them from HBM again."""
+    if not tiles.expert_groups:
+        return tiles.group_m
     return max(tiles.group_m, _l2_bytes(a.device) // 2 // (block_m * K * a.element_size()))
 
 
@@ -223,8 +221,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         n, K, sched.top_k, n_offset, up_offset, sched.max_blocks, k_per_split,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         gather_a, gate_up_silu, weighted,  # GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED
-        sched.block_m, tiles.block_n, tiles.block_k, tiles.group_m, tiles.expert_groups,
-        _expert_group_blocks(tiles, a, sched.block_m, K),
+        sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
         min(tiles.min_block_m, sched.block_m),
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)

@@ -7,8 +7,8 @@ of ``CHUNK_SLOTS`` slots where they work per slot:
 
 1. ``_histogram_kernel``: per chunk of BLOCK_S slots, how many go to each expert.
 2. ``_scan_kernel`` (one program): expert counts and offsets, each chunk's base position
-   per expert, and the M-block map: block b -> (expert, first sorted row, its rank in its group
-   unit and the unit's size; the GEMMs group blocks within a unit, never across).
+   per expert, and the M-block map: block b -> (expert, first sorted row, its rank among the
+   expert's blocks and their number; the GEMMs group an expert's blocks by these).
 3. ``_scatter_kernel``: per chunk, give each slot its row in the expert-sorted order
    (the chunk's base row for its expert plus its rank among the chunk's earlier slots of
    that expert), and write the inverse map.
@@ -56,11 +56,8 @@ class Schedule:
     slot_positions: torch.Tensor  # (T*k,) int32: the sorted row of each slot (inverse of sorted_slots)
     block_expert: torch.Tensor    # (max_blocks,) int32: expert of each M-block; -1 past num_blocks
     block_row_start: torch.Tensor  # (max_blocks,) int32: first sorted row of each M-block
-    # The GEMMs group M-blocks within a unit: an expert with several blocks, or a run of consecutive
-    # experts with one block each.
-    block_rank: torch.Tensor      # (max_blocks,) int32: index of each M-block in its unit; 0 past num_blocks
-    block_siblings: torch.Tensor  # (max_blocks,) int32: M-blocks of each block's unit, negated for a run
-                                  # of one-block experts; 1 past num_blocks
+    block_rank: torch.Tensor      # (max_blocks,) int32: index of each M-block among its expert's; 0 past num_blocks
+    block_siblings: torch.Tensor  # (max_blocks,) int32: M-blocks of each block's expert; 1 past num_blocks
     num_blocks: torch.Tensor      # (1,) int32: M-blocks in use
     num_invalid: torch.Tensor     # (1,) int32: slots whose expert id was out of [0, E)
 
@@ -91,43 +88,25 @@ def _chunk_histogram(ids_ptr, chunk_start, S, E, BLOCK_S: tl.constexpr, NBINS: t
 
 
 @triton.jit
-def _max(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _min(a, b):
-    return tl.minimum(a, b)
-
-
-@triton.jit
 def _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
                E, max_blocks, BLOCK_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_B: tl.constexpr):
-    """M-block b -> (expert, first sorted row, rank in its group unit, the unit's block count), from
-    the slots per bin and their first rows. A group unit is an expert with several blocks, or a run
-    of consecutive experts with one block each (its count negated): the GEMMs group blocks within a
-    unit, never across (``tritonmoe.gemm``). Only real experts get blocks; blocks past the used ones get expert -1
-    (rank 0 of 1)."""
+    """M-block b -> (expert, first sorted row, rank among the expert's blocks, the expert's block
+    count), from the slots per bin and their first rows. Only real experts get blocks; blocks past
+    the used ones get expert -1 (rank 0 of 1)."""
     offs_bin = tl.arange(0, NBINS)
     nblk = tl.where(offs_bin < E, (totals + BLOCK_M - 1) // BLOCK_M, 0)      # [NBINS]
     blk_end = tl.cumsum(nblk, axis=0)
     blk_start = blk_end - nblk
     used = tl.sum(nblk, axis=0)
     tl.store(num_blocks_ptr + offs_bin * 0, blk_end, mask=offs_bin == NBINS - 1)
-    # Unit bounds per expert: its own blocks if it has several; else the run of one-block experts
-    # between the nearest several-block experts before and after it (empty experts don't break a run).
-    multi = nblk >= 2
-    unit_start = tl.where(multi, blk_start, tl.associative_scan(tl.where(multi, blk_end, 0), 0, _max))
-    unit_end = tl.where(multi, blk_end, tl.associative_scan(tl.where(multi, blk_start, used), 0, _min, reverse=True))
     for b0 in range(0, max_blocks, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)                                  # [BB]
         # expert of block b: the number of experts whose blocks end at or before b
         expert = tl.sum((blk_end[None, :] <= offs_b[:, None]).to(tl.int32), axis=1)
         is_e = offs_bin[None, :] == expert[:, None]                          # [BB, NBINS]
-        row = tl.sum(tl.where(is_e, starts[None, :] + (offs_b[:, None] - blk_start[None, :]) * BLOCK_M, 0), axis=1)
-        rank = offs_b - tl.sum(tl.where(is_e, unit_start[None, :], 0), axis=1)
-        # negated for a run of one-block experts: the GEMMs group those by the tuned group_m
-        siblings = tl.sum(tl.where(is_e, tl.where(multi, 1, -1)[None, :] * (unit_end - unit_start)[None, :], 0), axis=1)
+        rank = tl.sum(tl.where(is_e, offs_b[:, None] - blk_start[None, :], 0), axis=1)
+        row = tl.sum(tl.where(is_e, starts[None, :], 0), axis=1) + rank * BLOCK_M
+        siblings = tl.sum(tl.where(is_e, nblk[None, :], 0), axis=1)
         live = offs_b < used
         in_grid = offs_b < max_blocks
         tl.store(block_expert_ptr + offs_b, tl.where(live, expert, -1), mask=in_grid)
