@@ -5,7 +5,9 @@ This replays the whole layer forward (router matmul, routing, schedule, gate+up,
 from a CUDA graph under the PyTorch profiler (CUPTI) and records each kernel's duration and the
 idle gap before it, per model and T, so the gap to the floor splits into the GEMMs' own time and
 what the small kernels and the boundaries between kernels cost. The profiler's clock is the
-GPU's; a replay's span is from its first kernel's start to its last kernel's end.
+GPU's; a replay's span is from its first kernel's start to its last kernel's end. Variant
+"sanitize_overflow" is the control for the launch option that leaves out Triton's int32 overflow
+checks (``tritonmoe._launch.OPTIONS``), which the schedule's debug=True kernels otherwise compile in.
 
     python -m experiments.probe_decode            # -> results/<GPU>/probe_decode.jsonl
 """
@@ -16,6 +18,7 @@ from dataclasses import replace
 
 import torch
 
+from tritonmoe import _launch
 from tritonmoe.specs import get_spec
 from . import common
 from .impls import IMPLS
@@ -25,6 +28,7 @@ MODELS = ("mixtral_8x7b", "qwen2_57b_a14b", "deepseek_v3")
 TOKENS = (1, 2)
 REPLAYS = 20
 SEED = 0
+VARIANTS = {"default": {}, "sanitize_overflow": {"sanitize_overflow": True}}  # launch options over the default
 
 
 def _short(name: str) -> str:
@@ -50,6 +54,24 @@ def timeline(graph) -> list[list[dict]]:
              for e in kernels[i * per:(i + 1) * per]] for i in range(REPLAYS)]
 
 
+def _profile(p, name: str, T: int, variant: str, prov: dict, ceilings: dict) -> dict:
+    fn = IMPLS["tritonmoe_fused"](replace(p, x=p.x[:T]))
+    graph, _ = common.capture_graph(fn)
+    replays = timeline(graph)
+    spans = [r[-1]["start_us"] + r[-1]["dur_us"] - r[0]["start_us"] for r in replays]
+    kernels = []
+    for i, kernel in enumerate(k["kernel"] for k in replays[0]):
+        durs = [r[i]["dur_us"] for r in replays]
+        gaps = [r[i]["start_us"] - (r[i - 1]["start_us"] + r[i - 1]["dur_us"]) if i else 0.0 for r in replays]
+        kernels.append({"kernel": kernel, "dur_us": statistics.median(durs), "gap_before_us": statistics.median(gaps)})
+    line = " | ".join(f"{k['kernel']} {k['dur_us']:.1f}" + (f" (+{k['gap_before_us']:.1f})" if i else "")
+                      for i, k in enumerate(kernels))
+    print(f"{name} T={T} {variant}: span {statistics.median(spans):.1f} us: {line}", flush=True)
+    return {**prov, **ceilings, "probe": "decode_graph", "variant": variant, "model": name, "T": T,
+            "replays": REPLAYS, "span_us_p50": statistics.median(spans), "span_us_min": min(spans),
+            "span_us_max": max(spans), "kernels": kernels}
+
+
 def main() -> None:
     dev = torch.device("cuda")
     prov = common.provenance(dev, SEED)
@@ -59,28 +81,20 @@ def main() -> None:
         spec = get_spec(name)
         p = make_problem(spec, max(TOKENS), torch.bfloat16, dev, SEED)
         for T in TOKENS:
-            fn = IMPLS["tritonmoe_fused"](replace(p, x=p.x[:T]))
-            graph, _ = common.capture_graph(fn)
-            replays = timeline(graph)
-            spans = [r[-1]["start_us"] + r[-1]["dur_us"] - r[0]["start_us"] for r in replays]
-            order = [k["kernel"] for k in replays[0]]
-            kernels = []
-            for i, kernel in enumerate(order):
-                durs = [r[i]["dur_us"] for r in replays]
-                gaps = [r[i]["start_us"] - (r[i - 1]["start_us"] + r[i - 1]["dur_us"]) if i else 0.0 for r in replays]
-                kernels.append({"kernel": kernel, "dur_us": statistics.median(durs),
-                                "gap_before_us": statistics.median(gaps)})
-            rows.append({**prov, **ceilings, "probe": "decode_graph", "model": name, "T": T, "replays": REPLAYS,
-                         "span_us_p50": statistics.median(spans), "span_us_min": min(spans),
-                         "span_us_max": max(spans), "kernels": kernels})
-            line = " | ".join(f"{k['kernel']} {k['dur_us']:.1f}" + (f" (+{k['gap_before_us']:.1f})" if i else "")
-                              for i, k in enumerate(kernels))
-            print(f"{name} T={T}: span {statistics.median(spans):.1f} us: {line}", flush=True)
-            del graph, fn
+            for variant, options in VARIANTS.items():
+                default = dict(_launch.OPTIONS)
+                _launch.OPTIONS.update(options)
+                _launch._compiled.clear()  # kernels compiled with other options
+                try:
+                    rows.append(_profile(p, name, T, variant, prov, ceilings))
+                finally:
+                    _launch.OPTIONS.clear()
+                    _launch.OPTIONS.update(default)
+                    _launch._compiled.clear()
         del p
         torch.cuda.empty_cache()
     path = common.REPO / "results" / common.device_name(dev) / "probe_decode.jsonl"
-    common.write_rows(path, rows, ("probe", "model", "T", "commit"))
+    common.write_rows(path, rows, ("probe", "model", "T", "variant", "commit"))
     print(f"{len(rows)} rows -> {path.relative_to(common.REPO)}")
 
 
