@@ -117,7 +117,8 @@ EXTREMES = {
 def test_schedule_extremes(case, block_m, schedule, tma, device, poison):
     T, k, E, ids = EXTREMES[case]
     T = ids.shape[0]
-    # group_m=3: groups of blocks end inside an expert, at its end and (fixed) across two experts
+    # group_m=3: groups of blocks end inside an expert, at its end and (fixed) across two experts; on a
+    # GPU expert groups take at least as many blocks as half of L2 holds rows for, so there they end at it
     tiles = tritonmoe.TileConfig(block_m=block_m, block_n=32, block_k=32, group_m=3, num_stages=2, min_block_m=16,
                                  tma=tma)
     for dtype in dtypes_for(device):
