@@ -214,7 +214,8 @@ def _plan(S: int, num_experts: int, block_m: int):
     num_chunks = 1 if one_launch else cdiv(S, block_s)
     nmax = max_blocks(S, num_experts, block_m)
     # One allocation for every buffer; parts padded to 4 int32 so each view stays 16-byte aligned.
-    sizes = [num_experts, num_experts + 2, S, S, nmax, nmax, nmax, nmax, 1, 1] + ([] if one_launch else [num_chunks * nbins] * 2)
+    sizes = [num_experts, num_experts + 2, S, S, nmax, nmax, nmax, nmax, 1, 1]
+    sizes += [] if one_launch else [num_chunks * nbins] * 2
     bounds, end = [], 0
     for n in sizes:
         bounds.append((end, end + n))
