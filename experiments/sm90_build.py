@@ -28,24 +28,29 @@ from . import common  # noqa: E402
 CASES = [("gate_up", 128, 128, 64, 8, 4), ("gate_up", 128, 64, 64, 8, 4), ("down", 128, 256, 64, 8, 4),
          ("gate_up", 16, 64, 128, 4, 4)]
 INSTRUCTIONS = {"wgmma": r"wgmma\.mma_async", "bulk_tensor_copy": r"cp\.async\.bulk\.tensor",
-                "cp_async": r"cp\.async\.(?:ca|cg)", "local_memory": r"(?:ld|st)\.local"}
+                "cp_async": r"cp\.async\.(?:ca|cg)", "local_memory": r"(?:ld|st)\.local",
+                "setmaxnreg": r"setmaxnreg"}
 DIVISIBLE = ("N", "K", "stride_am", "stride_om", "stride_wn", "k_per_split", "n_offset", "up_offset", "stride_we")
 
 
-def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: bool) -> dict:
+def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: bool, persistent: bool = False,
+          warp_specialize: bool = False, permute_input: bool = False) -> dict:
     gate_up = kernel == "gate_up"
-    a_tma = tma and not gate_up  # gathered inputs stay pointer loads
+    gather = gate_up and not permute_input
+    a_tma = tma and not gather  # gathered inputs stay pointer loads
     names = _expert_gemm_kernel.arg_names
-    consts = dict(GATHER_A=gate_up, GATE_UP_SILU=gate_up, SCATTER_WEIGHTED=not gate_up, BLOCK_M=bm, BLOCK_N=bn,
+    consts = dict(GATHER_A=gather, GATE_UP_SILU=gate_up, SCATTER_WEIGHTED=not gate_up, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_K=bk, GROUP_M=8, EXPERT_GROUPS=True, MIN_BLOCK_M=bm, EVEN_K=True, DOT_PRECISION="tf32",
-                  WEIGHT_TMA=tma, A_TMA=a_tma, stride_ak=1, stride_wk=1, stride_on=1)
+                  WEIGHT_TMA=tma, A_TMA=a_tma, PERSISTENT=persistent, WARP_SPECIALIZE=warp_specialize,
+                  stride_ak=1, stride_wk=1, stride_on=1)
     if not tma:
         consts["w_desc"] = None
     if not a_tma:
         consts["a_desc"] = None
     types = dict(w_desc=f"tensordesc<bf16[{bn}, {bk}]>", a_desc=f"tensordesc<bf16[{bm}, {bk}]>",
                  sorted_slots_ptr="*i32", topk_weights_ptr="*fp32", block_expert_ptr="*i32", block_row_ptr="*i32",
-                 block_rank_ptr="*i32", block_siblings_ptr="*i32", expert_offsets_ptr="*i32", stride_we="i64")
+                 block_rank_ptr="*i32", block_siblings_ptr="*i32", expert_offsets_ptr="*i32", num_blocks_ptr="*i32",
+                 stride_we="i64")
     sig = {n: "constexpr" if n in consts else types.get(n, "*bf16" if n.endswith("_ptr") else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in DIVISIBLE}
     src = ASTSource(_expert_gemm_kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()},

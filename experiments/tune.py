@@ -25,6 +25,7 @@ import tritonmoe
 from tritonmoe import TileConfig, build_schedule, combine, gate_up_silu, grouped_gemm
 from tritonmoe import configs
 from tritonmoe.configs import CONFIG_DIR, default_tiles, device_key, problem_key
+from tritonmoe.functional import _schedule_tiles
 from . import common
 from .latency import check, make_problem
 
@@ -154,6 +155,9 @@ class _Bench:
         return self._sched[block_m]
 
     def fn(self, kernel, t: TileConfig):
+        # the tiles as the forward runs them (full-height tiles, expert groups), not as a direct call
+        # would (which compiles the tail-tile heights of min_block_m in too)
+        t = _schedule_tiles(t, "expert_groups")
         s, p = self.sched(t.block_m), self.p
         if kernel == "gate_up":
             return lambda: gate_up_silu(p.x, p.w13, s, t)

@@ -125,6 +125,33 @@ def test_schedule_extremes(case, block_m, schedule, tma, device, poison):
         check(*make_inputs(T, k, E, device, dtype, ids=ids), tiles=(tiles, tiles), schedule=schedule)
 
 
+# Persistent programs (a few on the CPU, one per SM on a GPU) each walk many tiles, warp-specialised or
+# not, with the gate+up input gathered per tile or copied into expert order first (TMA-loadable).
+PERSISTENT = {
+    "persistent": dict(persistent=True),
+    "persistent-tma-permuted": dict(persistent=True, tma=True, permute_input=True),
+    "warp-specialized": dict(persistent=True, tma=True, permute_input=True, warp_specialize=True),
+    "permuted": dict(permute_input=True, tma=True),
+}
+
+
+@pytest.mark.parametrize("schedule", ["expert_groups", "fixed"])
+@pytest.mark.parametrize("variant", PERSISTENT)
+@pytest.mark.parametrize("case", ["all-on-one-expert", "E256-most-empty", "every-tail-height"])
+def test_persistent_tiles(case, variant, schedule, device, poison):
+    T, k, E, ids = EXTREMES[case]
+    tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, group_m=3, num_stages=2, **PERSISTENT[variant])
+    for dtype in dtypes_for(device):
+        check(*make_inputs(ids.shape[0], k, E, device, dtype, ids=ids), tiles=(tiles, tiles), schedule=schedule)
+
+
+def test_persistent_needs_full_tiles(device):
+    tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, persistent=True)
+    with pytest.raises(ValueError, match="persistent=True runs full-height tiles only"):
+        tritonmoe.fused_experts(*make_inputs(40, 2, 8, device, torch.float32), tiles=(tiles, tiles),
+                                schedule="tail_tiles")
+
+
 def test_bad_schedule(device):
     with pytest.raises(ValueError, match="schedule must be one of"):
         tritonmoe.fused_experts(*make_inputs(4, 2, 8, device, torch.float32), schedule="dynamic")

@@ -26,6 +26,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 log = logging.getLogger("tritonmoe")
 
 
+FLAGS = ("tma", "expert_groups", "persistent", "warp_specialize", "permute_input")  # TileConfig's bool fields
+
+
 @dataclass(frozen=True)
 class TileConfig:
     block_m: int = 64        # rows per M-block; the schedule uses it, so both GEMMs share it
@@ -44,13 +47,24 @@ class TileConfig:
     # Groups of M-blocks that sweep N together never span two experts (fused_experts' default
     # schedule); False: groups of group_m consecutive blocks (schedule="fixed", "tail_tiles").
     expert_groups: bool = True
+    # One program per SM walking the used tiles (consecutive tiles' K loops pipelined as one loop);
+    # full-height tiles only.
+    persistent: bool = False
+    # persistent only: copy warps and MMA warps apart (Triton's automatic warp specialisation); needs
+    # every loop load through TMA (tma=True, and for gate_up permute_input=True).
+    warp_specialize: bool = False
+    # gate_up only: copy the tokens into expert order first (one more launch, T*k*H elements
+    # written and read) so the input tiles go through TMA as well, instead of a gather per tile.
+    permute_input: bool = False
 
     def __post_init__(self):
-        for name in ("tma", "expert_groups"):
+        for name in FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TileConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.warp_specialize and not (self.persistent and self.tma):
+            raise ValueError("TileConfig.warp_specialize needs persistent=True and tma=True")
         for name, value in asdict(self).items():
-            if name in ("tma", "expert_groups"):
+            if name in FLAGS:
                 continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TileConfig.{name} must be a positive int, got {value!r}")

@@ -23,6 +23,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._launch import launch
 from ._utils import check_matmul_dtype, dot_precision
+from .permute import permute
 from .schedule import Schedule
 
 __all__ = ["gate_up_silu", "grouped_gemm", "silu_mul"]
@@ -32,7 +33,7 @@ __all__ = ["gate_up_silu", "grouped_gemm", "silu_mul"]
 def _expert_gemm_kernel(
     # pointers
     a_ptr, w_ptr, out_ptr, sorted_slots_ptr, topk_weights_ptr, block_expert_ptr, block_row_ptr,
-    block_rank_ptr, block_siblings_ptr, expert_offsets_ptr,
+    block_rank_ptr, block_siblings_ptr, expert_offsets_ptr, num_blocks_ptr,
     w_desc,                          # WEIGHT_TMA: a tensor descriptor over w as (E * rows, K), else None
     a_desc,                          # A_TMA: a tensor descriptor over a (sorted rows, K), else None
     # sizes
@@ -50,25 +51,28 @@ def _expert_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
     WEIGHT_TMA: tl.constexpr,        # weight tiles through the copy engine (Hopper's TMA) instead of pointers
     A_TMA: tl.constexpr,             # input tiles too (rows in sorted order, full-height tiles only)
+    PERSISTENT: tl.constexpr,        # one program per SM walks the used tiles (full-height tiles only)
+    WARP_SPECIALIZE: tl.constexpr,   # PERSISTENT: producer warps issue the copies, consumers the MMAs
 ):
-    # Program -> (M-block, N-block): a group of up to GROUP_M M-blocks sweeps N together, so their
-    # input rows stay in L2 and blocks of one expert share its weight tiles as they stream in.
-    # EXPERT_GROUPS: groups never span two experts (an expert's blocks, GROUP_M at a time), so an
-    # expert's weights stream from HBM once per group wherever its blocks start; consecutive
-    # groups would let a skewed expert's blocks straddle two groups that run apart in time.
-    pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    if EXPERT_GROUPS:
-        r = pid // num_pid_n  # a block of this program's group
-        rank = tl.load(block_rank_ptr + r)
-        first_m = r - rank % GROUP_M
-        group_rows = tl.minimum(tl.load(block_siblings_ptr + r) - (rank - rank % GROUP_M), GROUP_M)
-    else:
-        first_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
-        group_rows = tl.minimum(max_blocks - first_m, GROUP_M)
-    local = pid - first_m * num_pid_n
-    pid_m = first_m + local % group_rows
-    pid_n = local // group_rows
+    if PERSISTENT:
+        # The tiles of the used M-blocks (their count is on the device), grid-strided over the programs;
+        # consecutive tiles' K loops run as one pipelined loop, so one tile's epilogue overlaps the next's
+        # loads (or, warp-specialised, the copy warps run ahead while the MMA warps finish a tile).
+        used = tl.load(num_blocks_ptr)
+        for tile in tl.range(tl.program_id(0), used * num_pid_n, tl.num_programs(0), flatten=not WARP_SPECIALIZE,
+                             warp_specialize=WARP_SPECIALIZE):
+            pid_m, pid_n = _tile_position(tile, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
+                                          EXPERT_GROUPS)
+            expert = tl.load(block_expert_ptr + pid_m)
+            _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
+                         tl.load(block_row_ptr + pid_m), tl.load(expert_offsets_ptr + expert + 1), pid_n, N, K, TOP_K,
+                         n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                         stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
+                         EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA)
+        return
+    pid_m, pid_n = _tile_position(tl.program_id(0), num_pid_n, max_blocks, block_rank_ptr, block_siblings_ptr, GROUP_M,
+                                  EXPERT_GROUPS)
 
     # The schedule: this M-block's expert (-1: unused block of the upper-bound grid) and rows.
     expert = tl.load(block_expert_ptr + pid_m)
@@ -94,6 +98,26 @@ def _expert_gemm_kernel(
                              stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
                              SCATTER_WEIGHTED, BLOCK_M >> h, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, WEIGHT_TMA,
                              A_TMA and h == 0)
+
+
+@triton.jit
+def _tile_position(pid, num_pid_n, max_blocks, block_rank_ptr, block_siblings_ptr, GROUP_M: tl.constexpr,
+                   EXPERT_GROUPS: tl.constexpr):
+    """Program (or tile) index -> (M-block, N-block): a group of up to GROUP_M M-blocks sweeps N together,
+    so their input rows stay in L2 and blocks of one expert share its weight tiles as they stream in.
+    EXPERT_GROUPS: groups never span two experts (an expert's blocks, GROUP_M at a time), so an expert's
+    weights stream from HBM once per group wherever its blocks start; consecutive groups would let a
+    skewed expert's blocks straddle two groups that run apart in time."""
+    if EXPERT_GROUPS:
+        r = pid // num_pid_n  # a block of this program's group
+        rank = tl.load(block_rank_ptr + r)
+        first_m = r - rank % GROUP_M
+        group_rows = tl.minimum(tl.load(block_siblings_ptr + r) - (rank - rank % GROUP_M), GROUP_M)
+    else:
+        first_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
+        group_rows = tl.minimum(max_blocks - first_m, GROUP_M)
+    local = pid - first_m * num_pid_n
+    return first_m + local % group_rows, local // group_rows
 
 
 @triton.jit
@@ -192,6 +216,12 @@ def _l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    # the interpreter runs programs one after another: a few persistent ones still walk many tiles each
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
 def _group_blocks(tiles, a: torch.Tensor, block_m: int, K: int) -> int:
     """M-blocks per group. Expert groups take up to as many blocks as half of L2 holds input rows
     for (at least ``group_m``): a skewed expert's blocks then all stream its weights at once,
@@ -209,7 +239,10 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     weighted = topk_weights is not None
     K = w.shape[2]
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), tiles.block_k) * tiles.block_k
-    grid = (sched.max_blocks * triton.cdiv(n, tiles.block_n), split_k)
+    tiles_bound = sched.max_blocks * triton.cdiv(n, tiles.block_n)
+    if tiles.persistent and tiles.min_block_m < sched.block_m:
+        raise ValueError("tiles: persistent=True runs full-height tiles only, not schedule='tail_tiles'")
+    grid = (min(tiles_bound, _num_sms(a.device)) if tiles.persistent else tiles_bound, split_k)
     w_desc = a_desc = None
     if tiles.tma:
         w_desc = _descriptor(w, (tiles.block_n, tiles.block_k))
@@ -217,13 +250,15 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
             a_desc = _descriptor(a, (sched.block_m, tiles.block_k))
     launch(_expert_gemm_kernel, grid, (
         a, w, out, sched.sorted_slots, topk_weights if weighted else out, sched.block_expert,
-        sched.block_row_start, sched.block_rank, sched.block_siblings, sched.expert_offsets, w_desc, a_desc,
+        sched.block_row_start, sched.block_rank, sched.block_siblings, sched.expert_offsets, sched.num_blocks,
+        w_desc, a_desc,
         n, K, sched.top_k, n_offset, up_offset, sched.max_blocks, k_per_split,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         gather_a, gate_up_silu, weighted,  # GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED
         sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
         min(tiles.min_block_m, sched.block_m),
-        K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None,
+        K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
+        tiles.warp_specialize,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
@@ -231,7 +266,8 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
 def gate_up_silu(hidden_states: torch.Tensor, w13: torch.Tensor, sched: Schedule, tiles) -> torch.Tensor:
     """Fused first GEMM: (T, H) tokens, (E, 2F, H) w13 -> (T*k, F) ``silu(gate) * up`` in sorted order.
 
-    Input rows are gathered through the schedule. Rows of the result past the valid slots
+    Input rows are gathered through the schedule (with ``tiles.permute_input``, copied into
+    expert order first, so that TMA can load them). Rows of the result past the valid slots
     (out-of-range ids) are left unwritten.
     """
     if tiles.split_k != 1:
@@ -239,7 +275,8 @@ def gate_up_silu(hidden_states: torch.Tensor, w13: torch.Tensor, sched: Schedule
                          f"split_k={tiles.split_k}")
     S, F = sched.num_tokens * sched.top_k, w13.shape[1] // 2
     out = torch.empty(S, F, dtype=hidden_states.dtype, device=hidden_states.device)
-    return _launch(hidden_states, w13, out, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True,
+    a = permute(hidden_states, sched) if tiles.permute_input else hidden_states
+    return _launch(a, w13, out, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=not tiles.permute_input,
                    gate_up_silu=True, topk_weights=None)
 
 

@@ -1,0 +1,121 @@
+"""Probe: persistent and warp-specialised GEMMs at the compute-bound end (PERF_LOG gaps 1 and 4).
+
+Each GEMM kernel program computes one output tile and exits; at large T the kernels reach 60-76 %
+of the measured bf16 matmul rate. This times, per (model, T) on the model's real routing and with
+each candidate's output checked against the tuned tiles' output first (``tune._Bench``):
+
+* gate_up: the tuned tiles; + persistent (one program per SM, consecutive tiles' K loops flattened
+  into one pipelined loop); + the input copied into expert order (``permute_input``, TMA input
+  tiles instead of a gather); both; warp-specialised persistent tiles (4 MMA warps per consumer
+  group plus copy warps; Triton builds them on Hopper only with num_warps=4 and every loop load
+  through TMA, so with the input in expert order);
+* down: the tuned tiles; + persistent; warp-specialised 128x128 and 128x256 tiles;
+* the whole forward with the tuned tiles and with the fastest variant of each GEMM.
+
+The share of padded rows (M-blocks x block_m over T*k) is recorded beside each point: it is
+work the tensor cores do that the floor does not count.
+
+    python -m experiments.probe_persistent          # -> results/<GPU>/probe_persistent.jsonl
+    python -m experiments.probe_persistent --smoke  # CPU interpreter, tiny shapes: the probe runs, nothing written
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, replace
+
+import torch
+
+import tritonmoe
+from tritonmoe import TileConfig
+from tritonmoe.configs import get_tiles
+from . import common
+from .latency import check, make_problem
+from .tune import _Bench
+
+POINTS = {"mixtral_8x7b": (512, 1024, 2048, 8192), "qwen2_57b_a14b": (1024, 2048, 4096),
+          "deepseek_v3": (4096, 8192)}
+SEED = 0
+WARMUP_MS, REP_MS = 25, 200
+SMOKE_SHAPES = {"hidden_size": 64, "intermediate_size": 32, "max_experts": 16, "shared_intermediate_size": 48}
+
+
+def _variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
+    ws = dict(block_n=128, block_k=64, num_warps=4, persistent=True, tma=True, warp_specialize=True)
+    if kernel == "gate_up":
+        return {"tuned": tuned, "persistent": replace(tuned, persistent=True),
+                "permuted": replace(tuned, permute_input=True, tma=True),
+                "persistent+permuted": replace(tuned, persistent=True, permute_input=True, tma=True),
+                "ws_128x128_s3": replace(tuned, **ws, permute_input=True, num_stages=3),
+                "ws_128x128_s4": replace(tuned, **ws, permute_input=True, num_stages=4),
+                "ws_128x64_s4": replace(tuned, **{**ws, "block_n": 64}, permute_input=True, num_stages=4)}
+    return {"tuned": tuned, "persistent": replace(tuned, persistent=True),
+            "persistent+tma": replace(tuned, persistent=True, tma=True),
+            "ws_128x128_s4": replace(tuned, **ws, num_stages=4),
+            "ws_128x256_s3": replace(tuned, **{**ws, "block_n": 256}, num_stages=3)}
+
+
+def _flops(spec, T: int, kernel: str) -> float:
+    per_row = 2 * spec.hidden_size * spec.intermediate_size
+    return T * spec.top_k * per_row * (2 if kernel == "gate_up" else 1)
+
+
+def main(smoke: bool = False) -> None:
+    dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
+    points = {m: (8, 40) for m in POINTS} if smoke else POINTS
+    prov = common.provenance(dev, SEED)
+    ceilings = common.measure_ceilings(dev, 100, 500)
+    peak = ceilings["bf16_flops"]
+    print(f"ceilings: HBM {ceilings['hbm_read_Bps'] / 1e12:.2f} TB/s, bf16 {peak / 1e12:.0f} TFLOP/s", flush=True)
+    rows = []
+    progress = common.Progress(sum(map(len, points.values())), "points")
+    for model, tokens in points.items():
+        spec = common.model_spec(model, SMOKE_SHAPES if smoke else None)
+        big = make_problem(spec, max(tokens), dtype, dev, SEED)
+        for T in tokens:
+            p = replace(big, x=big.x[:T])
+            bench = _Bench(p, spec, T, dtype, WARMUP_MS, REP_MS)
+            tuned = get_tiles(T, spec.top_k, spec.num_experts, spec.intermediate_size, spec.hidden_size, dtype, dev)
+            sched = bench.sched(tuned[0].block_m)
+            padded = int(sched.num_blocks.item()) * sched.block_m / (T * spec.top_k) - 1
+            base = {**prov, **ceilings, "experiment": "probe_persistent", "model": model, "T": T,
+                    "padded_rows_frac": padded}
+            best = {}
+            for i, kernel in enumerate(("gate_up", "down")):
+                for name, t in _variants(kernel, tuned[i]).items():
+                    r = {**base, "kernel": kernel, "variant": name, "tiles": asdict(t), **bench.measure(kernel, t)}
+                    if r["status"] == "ok":
+                        r["TFLOPs"] = _flops(spec, T, kernel) / r["ms_p50"] / 1e9
+                        r["pct_of_peak"] = 100 * r["TFLOPs"] * 1e12 / peak
+                        if kernel not in best or r["ms_p50"] < best[kernel][1]:
+                            best[kernel] = (t, r["ms_p50"], name)
+                    rows.append(r)
+            # the whole forward (routing included), tuned against the fastest GEMM variants
+            w, ids = tritonmoe.route(p.router_logits(), spec, correction_bias=p.bias)
+            forward = {"tuned": tuned, "best": (best["gate_up"][0], best["down"][0])}
+            expect = tritonmoe.fused_experts(p.x, p.w13, p.w2, w, ids, tiles=tuned)
+            for name, tiles in forward.items():
+                fn = lambda tiles=tiles: tritonmoe.fused_experts(p.x, p.w13, p.w2, w, ids, tiles=tiles)  # noqa: E731
+                err = check(fn(), expect)
+                q = common.quantiles(common.time_ms(fn, dev, WARMUP_MS, REP_MS)) if err <= 1e-2 else {}
+                rows.append({**base, "kernel": "forward_experts", "variant": name, "rel_err": err,
+                             "status": "ok" if q else "wrong", **q,
+                             "tiles": [asdict(t) for t in tiles],
+                             "choice": [best["gate_up"][2], best["down"][2]] if name == "best" else None})
+            progress.step(f"{model} T={T}")
+        del big, p, bench
+        torch.cuda.empty_cache()
+    path = common.REPO / "results" / common.device_name(dev) / "probe_persistent.jsonl"
+    if not smoke:
+        common.write_rows(path, rows, ("experiment", "model", "T", "kernel", "variant", "commit"))
+    print(f"\n{'model':15s} {'T':>5s} {'pad':>5s} {'kernel':15s} {'variant':22s} {'ms':>8s} {'TFLOP/s':>8s} {'%peak':>6s}")
+    for r in rows:
+        ms = f"{r['ms_p50']:.3f}" if "ms_p50" in r else r["status"]
+        tf = f"{r['TFLOPs']:.0f}" if "TFLOPs" in r else ""
+        pk = f"{r['pct_of_peak']:.0f}" if "pct_of_peak" in r else ""
+        print(f"{r['model']:15s} {r['T']:>5d} {r['padded_rows_frac']:>5.2f} {r['kernel']:15s} {r['variant']:22s} "
+              f"{ms:>8s} {tf:>8s} {pk:>6s}" + (f"  {r.get('reason', '')[:80]}" if r["status"] == "error" else ""))
+    print(f"{len(rows)} rows" + (" (smoke: not written)" if smoke else f" -> {path.relative_to(common.REPO)}"))
+
+
+if __name__ == "__main__":
+    main(smoke="--smoke" in sys.argv[1:])
