@@ -20,6 +20,7 @@ work the tensor cores do that the floor does not count.
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, replace
 
@@ -40,6 +41,12 @@ SMOKE_SHAPES = {"hidden_size": 64, "intermediate_size": 32, "max_experts": 16, "
 
 
 def _variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
+    only = os.environ.get("PROBE_VARIANTS")  # comma list of variant names, e.g. "tuned,persistent"
+    variants = _all_variants(kernel, tuned)
+    return {k: v for k, v in variants.items() if not only or k in only.split(",")}
+
+
+def _all_variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
     ws = dict(block_n=128, block_k=64, num_warps=4, persistent=True, tma=True, warp_specialize=True)
     if kernel == "gate_up":
         return {"tuned": tuned, "persistent": replace(tuned, persistent=True),
@@ -62,6 +69,11 @@ def _flops(spec, T: int, kernel: str) -> float:
 def main(smoke: bool = False) -> None:
     dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
     points = {m: (8, 40) for m in POINTS} if smoke else POINTS
+    if os.environ.get("PROBE_POINTS"):  # e.g. "qwen2_57b_a14b:2048,mixtral_8x7b:1024"
+        points = {}
+        for item in os.environ["PROBE_POINTS"].split(","):
+            model, T = item.split(":")
+            points[model] = points.get(model, ()) + (int(T),)
     prov = common.provenance(dev, SEED)
     ceilings = common.measure_ceilings(dev, 100, 500)
     peak = ceilings["bf16_flops"]
@@ -89,6 +101,8 @@ def main(smoke: bool = False) -> None:
                         if kernel not in best or r["ms_p50"] < best[kernel][1]:
                             best[kernel] = (t, r["ms_p50"], name)
                     rows.append(r)
+                    print(f"  {model} T={T} {kernel} {name}: " + (f"{r['ms_p50']:.3f} ms, {r['pct_of_peak']:.0f} % of peak"
+                          if r["status"] == "ok" else f"{r['status']} {r.get('reason', r.get('rel_err'))}"), flush=True)
             # the whole forward (routing included), tuned against the fastest GEMM variants
             w, ids = tritonmoe.route(p.router_logits(), spec, correction_bias=p.bias)
             forward = {"tuned": tuned, "best": (best["gate_up"][0], best["down"][0])}
