@@ -1,4 +1,4 @@
-"""Probe: persistent and warp-specialised GEMMs at the compute-bound end (PERF_LOG gaps 1 and 4).
+"""Probe: the compute-bound end (PERF_LOG gaps 1 and 4): persistent, warp-specialised and 64-row tiles, and padding.
 
 Each GEMM kernel program computes one output tile and exits; at large T the kernels reach 60-76 %
 of the measured bf16 matmul rate. This times, per (model, T) on the model's real routing and with
@@ -41,24 +41,41 @@ SMOKE_SHAPES = {"hidden_size": 64, "intermediate_size": 32, "max_experts": 16, "
 
 
 def _variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
-    only = os.environ.get("PROBE_VARIANTS")  # comma list of variant names, e.g. "tuned,persistent"
-    variants = _all_variants(kernel, tuned)
-    return {k: v for k, v in variants.items() if not only or k in only.split(",")}
+    only = os.environ.get("PROBE_VARIANTS", ",".join(DEFAULT_VARIANTS)).split(",")  # e.g. "tuned,persistent"
+    return {k: v for k, v in _all_variants(kernel, tuned).items() if k in only}
 
 
 def _all_variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
+    """Name -> tiles. Warp-specialised persistent tiles (``ws_*``) are not in the default list: on
+    the H100 (triton 3.6) the first one hung the GPU (PERF_LOG v11)."""
     ws = dict(block_n=128, block_k=64, num_warps=4, persistent=True, tma=True, warp_specialize=True)
+    m64 = dict(block_m=64, block_k=64, tma=True, group_m=8)
     if kernel == "gate_up":
         return {"tuned": tuned, "persistent": replace(tuned, persistent=True),
                 "permuted": replace(tuned, permute_input=True, tma=True),
                 "persistent+permuted": replace(tuned, persistent=True, permute_input=True, tma=True),
-                "ws_128x128_s3": replace(tuned, **ws, permute_input=True, num_stages=3),
-                "ws_128x128_s4": replace(tuned, **ws, permute_input=True, num_stages=4),
-                "ws_128x64_s4": replace(tuned, **{**ws, "block_n": 64}, permute_input=True, num_stages=4)}
+                "m64_n128_w4": replace(tuned, **m64, block_n=128, num_warps=4, num_stages=4),
+                "m64_n128_w8": replace(tuned, **m64, block_n=128, num_warps=8, num_stages=4),
+                "m64_n256_w8": replace(tuned, **m64, block_n=256, num_warps=8, num_stages=3),
+                "ws_128x128_s4": replace(tuned, **ws, permute_input=True, num_stages=4)}
     return {"tuned": tuned, "persistent": replace(tuned, persistent=True),
             "persistent+tma": replace(tuned, persistent=True, tma=True),
-            "ws_128x128_s4": replace(tuned, **ws, num_stages=4),
-            "ws_128x256_s3": replace(tuned, **{**ws, "block_n": 256}, num_stages=3)}
+            "m64_n128_w4": replace(tuned, **m64, block_n=128, num_warps=4, num_stages=4),
+            "m64_n256_w4": replace(tuned, **m64, block_n=256, num_warps=4, num_stages=4),
+            "m64_n256_w8": replace(tuned, **m64, block_n=256, num_warps=8, num_stages=4),
+            "ws_128x128_s4": replace(tuned, **ws, num_stages=4)}
+
+
+DEFAULT_VARIANTS = ("tuned", "permuted", "m64_n128_w4", "m64_n128_w8", "m64_n256_w8", "m64_n256_w4")
+
+
+def _balanced_bench(p, spec, T, dtype):
+    """The same problem with every expert given T*k/E rows (token t's choice j -> expert (t*k+j) mod E):
+    no expert has a partial M-block when T*k/E is a multiple of block_m, so nothing is padded."""
+    bench = _Bench(p, spec, T, dtype, WARMUP_MS, REP_MS)
+    slots = torch.arange(T * spec.top_k, device=p.x.device)
+    bench.ids = (slots % spec.num_experts).view(T, spec.top_k).to(torch.int32)
+    return bench
 
 
 def _flops(spec, T: int, kernel: str) -> float:
@@ -91,30 +108,49 @@ def main(smoke: bool = False) -> None:
             padded = int(sched.num_blocks.item()) * sched.block_m / (T * spec.top_k) - 1
             base = {**prov, **ceilings, "experiment": "probe_persistent", "model": model, "T": T,
                     "padded_rows_frac": padded}
-            best = {}
+            best = {}  # (kernel, block_m) -> (tiles, ms, name)
+
+            def record(r, kernel, name, t):
+                if r["status"] == "ok":
+                    r["TFLOPs"] = _flops(spec, T, kernel) / r["ms_p50"] / 1e9
+                    r["pct_of_peak"] = 100 * r["TFLOPs"] * 1e12 / peak
+                rows.append(r)
+                print(f"  {model} T={T} {kernel} {name}: " + (f"{r['ms_p50']:.3f} ms, {r['pct_of_peak']:.0f} % of peak"
+                      if r["status"] == "ok" else f"{r['status']} {r.get('reason', r.get('rel_err'))}"), flush=True)
+
             for i, kernel in enumerate(("gate_up", "down")):
                 for name, t in _variants(kernel, tuned[i]).items():
                     r = {**base, "kernel": kernel, "variant": name, "tiles": asdict(t), **bench.measure(kernel, t)}
-                    if r["status"] == "ok":
-                        r["TFLOPs"] = _flops(spec, T, kernel) / r["ms_p50"] / 1e9
-                        r["pct_of_peak"] = 100 * r["TFLOPs"] * 1e12 / peak
-                        if kernel not in best or r["ms_p50"] < best[kernel][1]:
-                            best[kernel] = (t, r["ms_p50"], name)
-                    rows.append(r)
-                    print(f"  {model} T={T} {kernel} {name}: " + (f"{r['ms_p50']:.3f} ms, {r['pct_of_peak']:.0f} % of peak"
-                          if r["status"] == "ok" else f"{r['status']} {r.get('reason', r.get('rel_err'))}"), flush=True)
-            # the whole forward (routing included), tuned against the fastest GEMM variants
+                    record(r, kernel, name, t)
+                    key = (kernel, t.block_m)
+                    if r["status"] == "ok" and (key not in best or r["ms_p50"] < best[key][1]):
+                        best[key] = (t, r["ms_p50"], name)
+            # the tuned tiles on routing that pads nothing (when T*k/E is a multiple of block_m)
+            balanced = _balanced_bench(p, spec, T, dtype)
+            for i, kernel in enumerate(("gate_up", "down")):
+                r = {**base, "kernel": kernel, "variant": "tuned@balanced", "tiles": asdict(tuned[i]),
+                     "padded_rows_frac": int(balanced.sched(tuned[i].block_m).num_blocks.item()) * tuned[i].block_m
+                     / (T * spec.top_k) - 1, **balanced.measure(kernel, tuned[i])}
+                record(r, kernel, "tuned@balanced", tuned[i])
+            # the whole forward (routing included): tuned tiles, the fastest variants per block_m, tuned again
             w, ids = tritonmoe.route(p.router_logits(), spec, correction_bias=p.bias)
-            forward = {"tuned": tuned, "best": (best["gate_up"][0], best["down"][0])}
+            forward = {"tuned": (tuned, None)}
+            for bm in sorted({bm for _, bm in best}):
+                if ("gate_up", bm) in best and ("down", bm) in best:
+                    gu, dn = best[("gate_up", bm)], best[("down", bm)]
+                    forward[f"best_m{bm}"] = ((gu[0], dn[0]), [gu[2], dn[2]])
+            forward["tuned_again"] = (tuned, None)  # drift over the point's measurements
             expect = tritonmoe.fused_experts(p.x, p.w13, p.w2, w, ids, tiles=tuned)
-            for name, tiles in forward.items():
+            for name, (tiles, choice) in forward.items():
                 fn = lambda tiles=tiles: tritonmoe.fused_experts(p.x, p.w13, p.w2, w, ids, tiles=tiles)  # noqa: E731
                 err = check(fn(), expect)
                 q = common.quantiles(common.time_ms(fn, dev, WARMUP_MS, REP_MS)) if err <= 1e-2 else {}
                 rows.append({**base, "kernel": "forward_experts", "variant": name, "rel_err": err,
-                             "status": "ok" if q else "wrong", **q,
-                             "tiles": [asdict(t) for t in tiles],
-                             "choice": [best["gate_up"][2], best["down"][2]] if name == "best" else None})
+                             "status": "ok" if q else "wrong", **q, "tiles": [asdict(t) for t in tiles],
+                             "choice": choice})
+                print(f"  {model} T={T} forward {name}: {q.get('ms_p50', float('nan')):.3f} ms "
+                      f"(p20-p80 {q.get('ms_p20', float('nan')):.3f}-{q.get('ms_p80', float('nan')):.3f}) {choice or ''}",
+                      flush=True)
             progress.step(f"{model} T={T}")
         del big, p, bench
         torch.cuda.empty_cache()
