@@ -8,6 +8,7 @@
 #     stages Megablocks + T3 per-stage times and launch counts (experiment=stages, Mixtral and DeepSeek-V3)
 #     traffic T4 DRAM bytes of the first GEMM, fused vs unfused, with Nsight Compute (experiment=traffic, Mixtral)
 #     hf_model transformers' Mixtral (2 layers) per experts implementation, eager and CUDA graph (experiment=hf_model)
+#     decode the per-kernel timeline of T <= 2 forwards replayed from a CUDA graph (probe_decode)
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
@@ -80,6 +81,7 @@ stage_skew() { megablocks_ready; run_experiment skew model=mixtral_8x7b; }
 stage_stages() { megablocks_ready; run_experiment stages -m model=mixtral_8x7b,deepseek_v3; }
 stage_traffic() { run_experiment traffic model=mixtral_8x7b; }
 stage_hf_model() { run_experiment hf_model model=mixtral_8x7b; }
+stage_decode() { python3 -m experiments.probe_decode 2>&1 | tee "$OUT/probe_decode.log"; }
 
 for stage in $stages; do "stage_$stage"; done
 [[ -n $mb_pid ]] && wait "$mb_pid"

@@ -163,12 +163,14 @@ EXPERTS = {
 
 
 def _forward(name: str):
-    """The whole layer forward of an implementation: router matmul, the model's routing (tritonmoe's
-    own kernel for tritonmoe, PyTorch ops for the others), then its experts."""
+    """The whole layer forward of an implementation: router matmul and the model's routing (tritonmoe's
+    own kernels for tritonmoe, PyTorch ops for the others), then its experts."""
     def make(p: Problem):
         experts = EXPERTS[name](p)
         if name.startswith("tritonmoe"):
-            return lambda: experts(*tritonmoe.route(p.router_logits(), p.spec, correction_bias=p.bias))
+            fp32 = p.spec.router_fp32
+            return lambda: experts(*tritonmoe.route(tritonmoe.router_logits(p.x, p.router_weight, float32=fp32),
+                                                    p.spec, correction_bias=p.bias))
         return lambda: experts(*torch_route(p.router_logits(), p.spec, p.bias))
     return make
 

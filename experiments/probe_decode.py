@@ -7,7 +7,8 @@ idle gap before it, per model and T, so the gap to the floor splits into the GEM
 what the small kernels and the boundaries between kernels cost. The profiler's clock is the
 GPU's; a replay's span is from its first kernel's start to its last kernel's end. Variant
 "sanitize_overflow" is the control for the launch option that leaves out Triton's int32 overflow
-checks (``tritonmoe._launch.OPTIONS``), which the schedule's debug=True kernels otherwise compile in.
+checks (``tritonmoe._launch.OPTIONS``), which the schedule's debug=True kernels otherwise compile in;
+"torch_router" the control for ``tritonmoe.router_logits`` (the router matmul as PyTorch runs it).
 
     python -m experiments.probe_decode            # -> results/<GPU>/probe_decode.jsonl
 """
@@ -18,21 +19,23 @@ from dataclasses import replace
 
 import torch
 
+import tritonmoe
 from tritonmoe import _launch
 from tritonmoe.specs import get_spec
 from . import common
-from .impls import IMPLS
+from .impls import EXPERTS, IMPLS
 from .latency import make_problem
 
 MODELS = ("mixtral_8x7b", "qwen2_57b_a14b", "deepseek_v3")
 TOKENS = (1, 2)
 REPLAYS = 20
 SEED = 0
-VARIANTS = {"default": {}, "sanitize_overflow": {"sanitize_overflow": True}}  # launch options over the default
+# launch options over the default; "torch_router": the router matmul in PyTorch instead of tritonmoe.router_logits
+VARIANTS = {"default": {}, "sanitize_overflow": {"sanitize_overflow": True}, "torch_router": {}}
 
 
 def _short(name: str) -> str:
-    for key in ("_route", "_schedule", "_histogram", "_scan", "_scatter", "_expert_gemm", "_combine"):
+    for key in ("_router", "_route", "_schedule", "_histogram", "_scan", "_scatter", "_expert_gemm", "_combine"):
         if key in name:
             return key.strip("_")
     return "torch:" + name[:40]
@@ -55,7 +58,12 @@ def timeline(graph) -> list[list[dict]]:
 
 
 def _profile(p, name: str, T: int, variant: str, prov: dict, ceilings: dict) -> dict:
-    fn = IMPLS["tritonmoe_fused"](replace(p, x=p.x[:T]))
+    pt = replace(p, x=p.x[:T])
+    if variant == "torch_router":  # the router matmul as PyTorch computes it (the other implementations' way)
+        experts = EXPERTS["tritonmoe_fused"](pt)
+        fn = lambda: experts(*tritonmoe.route(pt.router_logits(), pt.spec, correction_bias=pt.bias))  # noqa: E731
+    else:
+        fn = IMPLS["tritonmoe_fused"](pt)
     graph, _ = common.capture_graph(fn)
     replays = timeline(graph)
     spans = [r[-1]["start_us"] + r[-1]["dur_us"] - r[0]["start_us"] for r in replays]

@@ -1,18 +1,20 @@
-"""Probe: the compute-bound end (PERF_LOG gaps 1 and 4): persistent, warp-specialised and 64-row tiles, and padding.
+"""Probe: the compute-bound end (PERF_LOG gaps 1 and 4): persistent tiles, 64-row tiles, padding.
 
 Each GEMM kernel program computes one output tile and exits; at large T the kernels reach 60-76 %
 of the measured bf16 matmul rate. This times, per (model, T) on the model's real routing and with
-each candidate's output checked against the tuned tiles' output first (``tune._Bench``):
+each candidate's output checked against the tuned tiles' output first (``tune._Bench``, the tiles
+as the forward runs them):
 
 * gate_up: the tuned tiles; + persistent (one program per SM, consecutive tiles' K loops flattened
-  into one pipelined loop); + the input copied into expert order (``permute_input``, TMA input
-  tiles instead of a gather); both; warp-specialised persistent tiles (4 MMA warps per consumer
-  group plus copy warps; Triton builds them on Hopper only with num_warps=4 and every loop load
-  through TMA, so with the input in expert order);
-* down: the tuned tiles; + persistent; warp-specialised 128x128 and 128x256 tiles;
-* the whole forward with the tuned tiles and with the fastest variant of each GEMM.
+  into one pipelined loop); + the input copied into expert order first (``permute_input``: TMA
+  input tiles instead of a gather); both; 64-row tiles (half the padding of an expert's last block);
+* down: the tuned tiles; + persistent; 64-row tiles;
+* both with the tuned tiles on a routing that pads nothing (every expert T*k/E rows, a multiple of
+  block_m at these points): what the padded rows of the real routing cost;
+* the whole forward with the tuned tiles, with the fastest variants per block_m, and the tuned tiles
+  again (the drift over the point's measurements).
 
-The share of padded rows (M-blocks x block_m over T*k) is recorded beside each point: it is
+The share of padded rows (M-blocks x block_m over T*k, minus one) is recorded beside each point:
 work the tensor cores do that the floor does not count.
 
     python -m experiments.probe_persistent          # -> results/<GPU>/probe_persistent.jsonl
@@ -46,9 +48,7 @@ def _variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
 
 
 def _all_variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
-    """Name -> tiles. Warp-specialised persistent tiles (``ws_*``) are not in the default list: on
-    the H100 (triton 3.6) the first one hung the GPU (PERF_LOG v11)."""
-    ws = dict(block_n=128, block_k=64, num_warps=4, persistent=True, tma=True, warp_specialize=True)
+    """Name -> tiles (warp-specialised persistent tiles were tried at 1d9ebac and hung the H100: PERF_LOG v11)."""
     m64 = dict(block_m=64, block_k=64, tma=True, group_m=8)
     if kernel == "gate_up":
         return {"tuned": tuned, "persistent": replace(tuned, persistent=True),
@@ -56,17 +56,16 @@ def _all_variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
                 "persistent+permuted": replace(tuned, persistent=True, permute_input=True, tma=True),
                 "m64_n128_w4": replace(tuned, **m64, block_n=128, num_warps=4, num_stages=4),
                 "m64_n128_w8": replace(tuned, **m64, block_n=128, num_warps=8, num_stages=4),
-                "m64_n256_w8": replace(tuned, **m64, block_n=256, num_warps=8, num_stages=3),
-                "ws_128x128_s4": replace(tuned, **ws, permute_input=True, num_stages=4)}
+                "m64_n256_w8": replace(tuned, **m64, block_n=256, num_warps=8, num_stages=3)}
     return {"tuned": tuned, "persistent": replace(tuned, persistent=True),
             "persistent+tma": replace(tuned, persistent=True, tma=True),
             "m64_n128_w4": replace(tuned, **m64, block_n=128, num_warps=4, num_stages=4),
             "m64_n256_w4": replace(tuned, **m64, block_n=256, num_warps=4, num_stages=4),
-            "m64_n256_w8": replace(tuned, **m64, block_n=256, num_warps=8, num_stages=4),
-            "ws_128x128_s4": replace(tuned, **ws, num_stages=4)}
+            "m64_n256_w8": replace(tuned, **m64, block_n=256, num_warps=8, num_stages=4)}
 
 
-DEFAULT_VARIANTS = ("tuned", "permuted", "m64_n128_w4", "m64_n128_w8", "m64_n256_w8", "m64_n256_w4")
+DEFAULT_VARIANTS = ("tuned", "persistent", "permuted", "persistent+permuted", "persistent+tma", "m64_n128_w4",
+                    "m64_n128_w8", "m64_n256_w8", "m64_n256_w4")
 
 
 def _balanced_bench(p, spec, T, dtype):

@@ -34,14 +34,14 @@ DIVISIBLE = ("N", "K", "stride_am", "stride_om", "stride_wn", "k_per_split", "n_
 
 
 def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: bool, persistent: bool = False,
-          warp_specialize: bool = False, permute_input: bool = False) -> dict:
+          permute_input: bool = False) -> dict:
     gate_up = kernel == "gate_up"
     gather = gate_up and not permute_input
     a_tma = tma and not gather  # gathered inputs stay pointer loads
     names = _expert_gemm_kernel.arg_names
     consts = dict(GATHER_A=gather, GATE_UP_SILU=gate_up, SCATTER_WEIGHTED=not gate_up, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_K=bk, GROUP_M=8, EXPERT_GROUPS=True, MIN_BLOCK_M=bm, EVEN_K=True, DOT_PRECISION="tf32",
-                  WEIGHT_TMA=tma, A_TMA=a_tma, PERSISTENT=persistent, WARP_SPECIALIZE=warp_specialize,
+                  WEIGHT_TMA=tma, A_TMA=a_tma, PERSISTENT=persistent,
                   stride_ak=1, stride_wk=1, stride_on=1)
     if not tma:
         consts["w_desc"] = None

@@ -125,12 +125,11 @@ def test_schedule_extremes(case, block_m, schedule, tma, device, poison):
         check(*make_inputs(T, k, E, device, dtype, ids=ids), tiles=(tiles, tiles), schedule=schedule)
 
 
-# Persistent programs (a few on the CPU, one per SM on a GPU) each walk many tiles, warp-specialised or
-# not, with the gate+up input gathered per tile or copied into expert order first (TMA-loadable).
+# Persistent programs (a few on the CPU, one per SM on a GPU) each walk many tiles, with the gate+up
+# input gathered per tile or copied into expert order first (TMA-loadable).
 PERSISTENT = {
     "persistent": dict(persistent=True),
     "persistent-tma-permuted": dict(persistent=True, tma=True, permute_input=True),
-    "warp-specialized": dict(persistent=True, tma=True, permute_input=True, warp_specialize=True),
     "permuted": dict(permute_input=True, tma=True),
 }
 

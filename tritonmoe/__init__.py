@@ -3,7 +3,7 @@
     weights, ids = tritonmoe.route(router_logits, tritonmoe.specs.MIXTRAL_8X7B)
     out = tritonmoe.fused_experts(x, w13, w2, weights, ids)
 
-Stages (each callable on its own): ``route`` -> ``build_schedule`` -> ``gate_up_silu``
+Stages (each callable on its own): ``router_logits`` -> ``route`` -> ``build_schedule`` -> ``gate_up_silu``
 (fused) or ``permute`` + ``grouped_gemm`` x2 + ``silu_mul`` (unfused) -> ``grouped_gemm``
 (down) -> ``combine``. ``tritonmoe.reference`` holds the PyTorch oracle of each.
 
@@ -31,9 +31,10 @@ from .gemm import gate_up_silu, grouped_gemm, silu_mul  # noqa: E402
 from .layer import MoELayer  # noqa: E402
 from .permute import combine, permute  # noqa: E402
 from .route import route  # noqa: E402
+from .router import router_logits  # noqa: E402
 from .schedule import Schedule, build_schedule  # noqa: E402
 from .specs import ModelSpec  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["route", "fused_experts", "MoELayer", "ModelSpec", "specs", "reference", "build_schedule", "Schedule",
+__all__ = ["router_logits", "route", "fused_experts", "MoELayer", "ModelSpec", "specs", "reference", "build_schedule", "Schedule",
            "gate_up_silu", "grouped_gemm", "silu_mul", "permute", "combine", "TileConfig", "get_tiles", "ops"]

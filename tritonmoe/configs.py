@@ -26,7 +26,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 log = logging.getLogger("tritonmoe")
 
 
-FLAGS = ("tma", "expert_groups", "persistent", "warp_specialize", "permute_input")  # TileConfig's bool fields
+FLAGS = ("tma", "expert_groups", "persistent", "permute_input")  # TileConfig's bool fields
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,8 @@ class TileConfig:
     # schedule); False: groups of group_m consecutive blocks (schedule="fixed", "tail_tiles").
     expert_groups: bool = True
     # One program per SM walking the used tiles (consecutive tiles' K loops pipelined as one loop);
-    # full-height tiles only.
+    # full-height tiles only. Slower than one program per tile on the H100 (PERF_LOG v11).
     persistent: bool = False
-    # persistent only: copy warps and MMA warps apart (Triton's automatic warp specialisation); needs
-    # every loop load through TMA (tma=True, and for gate_up permute_input=True).
-    warp_specialize: bool = False
     # gate_up only: copy the tokens into expert order first (one more launch, T*k*H elements
     # written and read) so the input tiles go through TMA as well, instead of a gather per tile.
     permute_input: bool = False
@@ -61,8 +58,6 @@ class TileConfig:
         for name in FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TileConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.warp_specialize and not (self.persistent and self.tma):
-            raise ValueError("TileConfig.warp_specialize needs persistent=True and tma=True")
         for name, value in asdict(self).items():
             if name in FLAGS:
                 continue

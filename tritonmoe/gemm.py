@@ -52,16 +52,14 @@ def _expert_gemm_kernel(
     WEIGHT_TMA: tl.constexpr,        # weight tiles through the copy engine (Hopper's TMA) instead of pointers
     A_TMA: tl.constexpr,             # input tiles too (rows in sorted order, full-height tiles only)
     PERSISTENT: tl.constexpr,        # one program per SM walks the used tiles (full-height tiles only)
-    WARP_SPECIALIZE: tl.constexpr,   # PERSISTENT: producer warps issue the copies, consumers the MMAs
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
         # The tiles of the used M-blocks (their count is on the device), grid-strided over the programs;
-        # consecutive tiles' K loops run as one pipelined loop, so one tile's epilogue overlaps the next's
-        # loads (or, warp-specialised, the copy warps run ahead while the MMA warps finish a tile).
+        # consecutive tiles' K loops run as one pipelined loop, so one tile's epilogue can overlap the
+        # next's loads. Measured slower than one program per tile on the H100 (PERF_LOG v11).
         used = tl.load(num_blocks_ptr)
-        for tile in tl.range(tl.program_id(0), used * num_pid_n, tl.num_programs(0), flatten=not WARP_SPECIALIZE,
-                             warp_specialize=WARP_SPECIALIZE):
+        for tile in tl.range(tl.program_id(0), used * num_pid_n, tl.num_programs(0), flatten=True):
             pid_m, pid_n = _tile_position(tile, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
                                           EXPERT_GROUPS)
             expert = tl.load(block_expert_ptr + pid_m)
@@ -258,7 +256,6 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
         min(tiles.min_block_m, sched.block_m),
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
-        tiles.warp_specialize,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from .functional import fused_experts
 from .route import route
+from .router import router_logits
 from .specs import ModelSpec
 
 __all__ = ["MoELayer"]
@@ -67,8 +68,7 @@ class MoELayer(nn.Module):
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(T, H) -> (T, E), in float32 where the model computes its router in float32 (DeepSeek-V3)."""
-        dtype = torch.float32 if self.spec.router_fp32 else x.dtype
-        return x.to(dtype) @ self.router_weight.to(dtype).T
+        return router_logits(x, self.router_weight, float32=self.spec.router_fp32)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         H = self.spec.hidden_size

@@ -1,0 +1,72 @@
+"""Stage 0 -- the router matmul: (T, H) tokens x (E, H) router weight -> (T, E) logits.
+
+At decode sizes it is a matrix-vector product whose cost is one read of the router weight
+(DeepSeek-V3: 256 x 7168 bf16, 3.7 MB). PyTorch spends three kernels on the float32 form that
+DeepSeek-V3 uses (upcast the tokens, upcast the weight -- 7.3 MB written and read again -- then
+the matmul), 15 us on an H100, and a matmul plus a split-K reduction on the others (5-6 us;
+``experiments/probe_decode.py``). ``router_logits`` reads the weight once, in its own dtype, and
+multiplies in float32 in one launch, many programs wide. Past ``GEMV_TOKENS`` tokens it is a
+real matmul, left to PyTorch as the models write it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import launch
+from ._utils import SUPPORTED_DTYPES, check_tensor, next_pow2
+
+__all__ = ["router_logits", "GEMV_TOKENS"]
+
+GEMV_TOKENS = 16     # up to this many tokens, the kernel; above, x @ w.T in PyTorch
+_PROGRAMS = 128      # at least this many programs where E allows: the weight read needs the SMs
+_ELEMENTS = 4096     # per program and step, tokens x experts x hidden: the product's registers
+
+
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_xt, stride_xh, stride_we, stride_wh, stride_ot, stride_oe,
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+    # Each program: all T tokens against BLOCK_E experts' rows, over H in BLOCK_H steps. Products of
+    # 16-bit inputs are exact in float32, so this is the float32 matmul of the upcast inputs up to
+    # the order of the sums.
+    offs_t = tl.arange(0, BLOCK_T)                                                            # [BT]
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)                               # [BE]
+    offs_h = tl.arange(0, BLOCK_H)                                                            # [BH]
+    mask_t, mask_e = offs_t < T, offs_e < E
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        mask_h = h0 + offs_h < H
+        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + (h0 + offs_h)[None, :] * stride_xh,
+                    mask=mask_t[:, None] & mask_h[None, :], other=0.0).to(tl.float32)       # [BT, BH]
+        w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + (h0 + offs_h)[None, :] * stride_wh,
+                    mask=mask_e[:, None] & mask_h[None, :], other=0.0).to(tl.float32)       # [BE, BH]
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)                                 # [BT, BE]
+    tl.store(out_ptr + offs_t[:, None] * stride_ot + offs_e[None, :] * stride_oe,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_e[None, :])
+
+
+def router_logits(hidden_states: torch.Tensor, router_weight: torch.Tensor, *, float32: bool = False) -> torch.Tensor:
+    """``hidden_states @ router_weight.T`` as the models compute it: (T, H), (E, H) -> (T, E).
+
+    ``float32=True`` (DeepSeek-V3) is the matmul of both upcast to float32, returned in float32;
+    otherwise the matmul in the tokens' dtype (float32 accumulation, rounded to that dtype), as
+    Mixtral and Qwen2-MoE do. Any strides; the weight may have another floating dtype than the tokens
+    (it is read as stored).
+    """
+    check_tensor("hidden_states", hidden_states, ndim=2, dtypes=SUPPORTED_DTYPES)
+    check_tensor("router_weight", router_weight, ndim=2, dtypes=SUPPORTED_DTYPES, device=hidden_states.device)
+    (T, H), E = hidden_states.shape, router_weight.shape[0]
+    if router_weight.shape[1] != H:
+        raise ValueError(f"router_weight has hidden size {router_weight.shape[1]} (dim 1) but hidden_states has H={H}")
+    dtype = torch.float32 if float32 else hidden_states.dtype
+    if T > GEMV_TOKENS or T == 0 or E == 0:
+        return hidden_states.to(dtype) @ router_weight.to(dtype).T
+    out = torch.empty(T, E, dtype=dtype, device=hidden_states.device)
+    block_t = next_pow2(T)
+    block_e = min(next_pow2(max(1, E // _PROGRAMS)), max(1, _ELEMENTS // (block_t * 64)))
+    block_h = min(next_pow2(H), max(64, _ELEMENTS // (block_t * block_e)))
+    launch(_router_kernel, (triton.cdiv(E, block_e),), (
+        hidden_states, router_weight, out, T, E, H, hidden_states.stride(0), hidden_states.stride(1),
+        router_weight.stride(0), router_weight.stride(1), out.stride(0), out.stride(1), block_t, block_e, block_h))
+    return out
