@@ -30,7 +30,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 overrides=()
-[[ -n ${TOKENS:-} ]] && overrides+=("profile.tokens=$TOKENS")
+[[ -n ${TOKENS:-} ]] && overrides+=("++profile.tokens=$TOKENS")  # the gpu profile has no tokens key: add it
 read -ra extra <<<"${HYDRA_ARGS:-}"; overrides+=("${extra[@]}")
 
 mb_pid=
