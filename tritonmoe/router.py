@@ -20,8 +20,8 @@ from ._utils import SUPPORTED_DTYPES, check_tensor, next_pow2
 __all__ = ["router_logits", "GEMV_TOKENS"]
 
 GEMV_TOKENS = 16     # up to this many tokens, the kernel; above, x @ w.T in PyTorch
-_PROGRAMS = 128      # at least this many programs where E allows: the weight read needs the SMs
-_ELEMENTS = 4096     # per program and step, tokens x experts x hidden: the product's registers
+_PROGRAMS = 256      # at least this many programs where E allows: the weight read needs every SM busy
+_ELEMENTS = 8192     # per program and step, tokens x experts x hidden (64 float32 registers a thread)
 
 
 @triton.jit
