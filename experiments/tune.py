@@ -2,11 +2,15 @@
 real shapes and routing, keep the fastest that computes the right thing, and write the
 table the package reads (``tritonmoe/configs/<device>.json``).
 
-Per (model, T) and per candidate block_m (it fixes the schedule, so both GEMMs share it):
+Per (model, T) and per candidate block_m (the schedule's M-blocks):
 1. coarse: every (block_n, block_k, num_warps, tma) of the space at 4 stages;
-2. refine around the best: num_stages, group_m, and split_k for the down projection.
+2. refine around the best: num_stages, group_m, split_k for the down projection, the input copied
+   into expert order for the gate+up (``permute_input``).
+The pair kept is the fastest gate+up and down over the block_m candidates; a down projection with
+another block_m than the gate+up's pays the build of its own block map (timed beside it).
 "gate_up" times ``gate_up_silu``; "down" times the weighted down projection plus
-``combine`` (so split-K pays for summing its partials). Every candidate's output is
+``combine`` (so split-K pays for summing its partials), each as the forward runs the tiles
+(full-height tiles, expert groups). Every candidate's output is
 compared with the default tiles' output first; a mismatch is recorded as "wrong" and never
 chosen. Compilation dominates a naive sweep, so a process pool compiles all candidates
 into Triton's on-disk cache on a tiny problem of the same specialisation first.
@@ -45,12 +49,12 @@ def _fits(kernel: str, t: TileConfig) -> bool:
 
 
 def block_m_candidates(tokens_per_expert: float) -> list[int]:
-    """16..128 within 2x of the mean tokens per expert; only wgmma-sized blocks once compute-bound."""
+    """16..128 within 2x of the mean tokens per expert; 64 and 128 (wgmma-sized) once compute-bound,
+    where 64-row blocks pad half as many rows (PERF_LOG v11)."""
+    if tokens_per_expert >= 128:
+        return [64, 128]
     p2 = 1 << max(0, int(-(-tokens_per_expert // 1)) - 1).bit_length()
-    bms = [bm for bm in (16, 32, 64, 128) if p2 // 2 <= bm <= 2 * p2] or [16 if p2 < 16 else 128]
-    if tokens_per_expert >= 256:
-        bms = [bm for bm in bms if bm >= 64]
-    return bms
+    return [bm for bm in (16, 32, 64, 128) if p2 // 2 <= bm <= 2 * p2] or [16]
 
 
 def coarse(kernel: str, block_m: int, space) -> list[TileConfig]:
@@ -73,6 +77,8 @@ def refine(kernel: str, best: TileConfig, space, split_useful: bool) -> list[Til
     out += [replace(best, group_m=g) for g in space.group_m if g != best.group_m]
     if kernel == "down" and split_useful:
         out += [replace(best, split_k=s) for s in space.split_k if s != best.split_k]
+    if kernel == "gate_up" and space.get("permute_input") and not best.permute_input:
+        out.append(replace(best, permute_input=True, tma=True))  # TMA input tiles after a copy into expert order
     return [t for t in out if _fits(kernel, t)]
 
 
@@ -164,6 +170,11 @@ class _Bench:
         k = self.spec.top_k * t.split_k
         return lambda: combine(grouped_gemm(self.inter, p.w2, s, t, topk_weights=self.weights), k, dtype=p.x.dtype)
 
+    def schedule_ms(self, block_m) -> float:
+        """Median time of one more schedule build (the block map of a down projection with its own block_m)."""
+        fn = lambda: build_schedule(self.ids, self.spec.num_experts, block_m)  # noqa: E731
+        return statistics.median(common.time_ms(fn, self.p.x.device, self.warmup_ms, self.rep_ms))
+
     def expected(self, kernel, block_m):
         """The default tiles' output: gate_up in sorted order depends on block_m only through the schedule."""
         key = (kernel, block_m)
@@ -209,9 +220,8 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
         tpe = T * spec.top_k / spec.num_experts
         base = dict(experiment="tune", model=spec.name, dtype=str(dtype).replace("torch.", ""), T=T,
                     tokens_per_expert=tpe, **prov)
-        best_pair = None
+        best = {}  # (kernel, block_m) -> (tiles, row)
         for bm in block_m_candidates(tpe):
-            best = {}
             for kernel in ("gate_up", "down"):
                 measured = []
                 for stage in ("coarse", "refine"):
@@ -232,11 +242,8 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
                                      "tiles": asdict(t), **r})
                 ok = [m for m in measured if m[1]["status"] == "ok"]
                 if ok:
-                    best[kernel] = min(ok, key=lambda m: m[1]["ms_p50"])
-            if len(best) == 2:
-                total = best["gate_up"][1]["ms_p50"] + best["down"][1]["ms_p50"]
-                if best_pair is None or total < best_pair[0]:
-                    best_pair = (total, best["gate_up"], best["down"])
+                    best[(kernel, bm)] = min(ok, key=lambda m: m[1]["ms_p50"])
+        best_pair = _choose_pair(best, bench)
         if best_pair is not None:
             total, (gt, gr), (dt, dr) = best_pair
             default_ms = _default_total(bench, tpe)
@@ -251,6 +258,18 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
     if chosen and gpu and cfg.experiment.write_configs:
         _write_table(spec, dtype, device, chosen, prov)
     return rows
+
+
+def _choose_pair(best: dict, bench) -> tuple | None:
+    """(total ms, gate_up (tiles, row), down (tiles, row)): the fastest pair, where a down projection with
+    another block_m than the gate+up's pays the build of its own block map (timed here)."""
+    pairs = []
+    for (ku, bu), up in best.items():
+        for (kd, bd), down in best.items():
+            if (ku, kd) == ("gate_up", "down"):
+                extra = 0.0 if bu == bd else bench.schedule_ms(bd)
+                pairs.append((up[1]["ms_p50"] + down[1]["ms_p50"] + extra, up, down))
+    return min(pairs, key=lambda p: p[0]) if pairs else None
 
 
 def _default_total(bench, tpe) -> float:

@@ -58,7 +58,6 @@ def test_shipped_tables_are_valid(path):
         assert key in table["sources"], f"{key}: no source results named"
         for m, pair in buckets.items():
             up, down = TileConfig(**pair["gate_up"]), TileConfig(**pair["down"])
-            assert up.block_m == down.block_m, f"{key} M={m}: the two GEMMs must share block_m"
             assert up.split_k == 1, f"{key} M={m}: the fused gate+up has no split-K"
             assert set(pair) <= {"gate_up", "down", "chunk_tokens"}, f"{key} M={m}: unknown fields {set(pair)}"
             if "chunk_tokens" in pair:

@@ -65,6 +65,16 @@ def test_explicit_tiles(block_m, split_k, tma, device, poison):
             check(*make_inputs(21, 2, 8, device, dtype, H=64, F=80), tiles=(up, down), fused=fused)
 
 
+@pytest.mark.parametrize("blocks", [(16, 32), (64, 16)], ids=["gate_up16-down32", "gate_up64-down16"])
+def test_block_m_per_gemm(blocks, device, poison):
+    # each GEMM with its own M-blocks: the down projection gets its own block map over the same rows
+    up = tritonmoe.TileConfig(block_m=blocks[0], block_n=32, block_k=32, group_m=2, num_stages=2)
+    down = tritonmoe.TileConfig(block_m=blocks[1], block_n=32, block_k=32, group_m=2, num_stages=2)
+    for fused in (True, False):
+        for dtype in dtypes_for(device):
+            check(*make_inputs(150, 2, 8, device, dtype, H=64, F=48), tiles=(up, down), fused=fused)
+
+
 @pytest.mark.parametrize("H,F", [(40, 24), (41, 24), (40, 23)], ids=["aligned", "odd-H", "odd-F"])
 def test_tma_tiles_any_shape(H, F, device, poison):
     # rows of 41 or 23 half-precision values are not 16-byte multiples: the copy engine cannot take

@@ -31,7 +31,7 @@ FLAGS = ("tma", "expert_groups", "persistent", "permute_input")  # TileConfig's 
 
 @dataclass(frozen=True)
 class TileConfig:
-    block_m: int = 64        # rows per M-block; the schedule uses it, so both GEMMs share it
+    block_m: int = 64        # rows per M-block (the schedule's block map); the two GEMMs may differ
     block_n: int = 64
     block_k: int = 64
     group_m: int = 8         # M-blocks that sweep N together (L2 reuse); expert groups: at least this many
@@ -120,7 +120,7 @@ def default_tiles(tokens_per_expert: float, interpreter: bool) -> tuple[TileConf
 
 def get_tiles(num_tokens: int, top_k: int, E: int, F: int, H: int, dtype: torch.dtype,
               device: torch.device) -> tuple[TileConfig, TileConfig]:
-    """(gate_up, down) tiles for a call; both share block_m (one schedule serves both GEMMs)."""
+    """(gate_up, down) tiles for a call (their block_m may differ: each GEMM gets its own block map)."""
     cpu = interpreting() or device.type != "cuda"
     # cached: this runs on every forward, and small-T forwards are bound by host time
     return _tiles(num_tokens, top_k, E, F, H, dtype, "interpreter" if cpu else device_key(device))

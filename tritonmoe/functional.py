@@ -108,7 +108,8 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         topk_ids: (T, k) int32/int64 in [0, E). Checked on the CPU before running; on a GPU an
             out-of-range id trips a device-side assertion in the schedule (no host sync).
         fused: False runs the unfused pipeline (permute, gate GEMM, up GEMM, activation).
-        tiles: optional ``(gate_up, down)`` ``TileConfig`` pair overriding the tuned tables.
+        tiles: optional ``(gate_up, down)`` ``TileConfig`` pair overriding the tuned tables; their
+            block_m may differ (the down projection then gets its own block map, one more launch or three).
         schedule: every M-block is block_m rows tall, and up to group_m M-blocks sweep the output
             columns together (L2 reuse). "expert_groups" (default): a group never spans two
             experts, so a skewed expert's blocks share its weight reads wherever they start
@@ -150,10 +151,11 @@ def _forward(hidden_states, w13, w2, weights, ids, fused, tiles, schedule, out=N
     F = two_f // 2
     gate_up_tiles, down_tiles = tiles if tiles is not None else get_tiles(T, k, E, F, H, hidden_states.dtype,
                                                                           hidden_states.device)
-    if gate_up_tiles.block_m != down_tiles.block_m:
-        raise ValueError("tiles: gate_up and down must share block_m (one schedule serves both GEMMs)")
     gate_up_tiles, down_tiles = _schedule_tiles(gate_up_tiles, schedule), _schedule_tiles(down_tiles, schedule)
     sched = build_schedule(ids, E, gate_up_tiles.block_m)
+    # The sorted order does not depend on block_m, so a down projection with other M-blocks only needs
+    # its own block map over the same rows: one more schedule build (the tuner weighs it in).
+    down_sched = sched if down_tiles.block_m == sched.block_m else build_schedule(ids, E, down_tiles.block_m)
     if fused:
         inter = gate_up_silu(hidden_states, w13, sched, gate_up_tiles)
     else:
@@ -161,5 +163,5 @@ def _forward(hidden_states, w13, w2, weights, ids, fused, tiles, schedule, out=N
         gate = grouped_gemm(x_sorted, w13, sched, gate_up_tiles, n_offset=0, n=F)
         up = grouped_gemm(x_sorted, w13, sched, gate_up_tiles, n_offset=F, n=F)
         inter = silu_mul(gate, up)
-    slot_rows = grouped_gemm(inter, w2, sched, down_tiles, topk_weights=weights)
+    slot_rows = grouped_gemm(inter, w2, down_sched, down_tiles, topk_weights=weights)
     return combine(slot_rows, k * down_tiles.split_k, out, dtype=hidden_states.dtype)
