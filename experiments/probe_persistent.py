@@ -147,16 +147,17 @@ def main(smoke: bool = False) -> None:
                 rows.append({**base, "kernel": "forward_experts", "variant": name, "rel_err": err,
                              "status": "ok" if q else "wrong", **q, "tiles": [asdict(t) for t in tiles],
                              "choice": choice})
-                print(f"  {model} T={T} forward {name}: {q.get('ms_p50', float('nan')):.3f} ms "
-                      f"(p20-p80 {q.get('ms_p20', float('nan')):.3f}-{q.get('ms_p80', float('nan')):.3f}) {choice or ''}",
-                      flush=True)
+                nan = float("nan")
+                print(f"  {model} T={T} forward {name}: {q.get('ms_p50', nan):.3f} ms "
+                      f"(p20-p80 {q.get('ms_p20', nan):.3f}-{q.get('ms_p80', nan):.3f}) {choice or ''}", flush=True)
             progress.step(f"{model} T={T}")
         del big, p, bench
         torch.cuda.empty_cache()
     path = common.REPO / "results" / common.device_name(dev) / "probe_persistent.jsonl"
     if not smoke:
         common.write_rows(path, rows, ("experiment", "model", "T", "kernel", "variant", "commit"))
-    print(f"\n{'model':15s} {'T':>5s} {'pad':>5s} {'kernel':15s} {'variant':22s} {'ms':>8s} {'TFLOP/s':>8s} {'%peak':>6s}")
+    print(f"\n{'model':15s} {'T':>5s} {'pad':>5s} {'kernel':15s} {'variant':22s} {'ms':>8s} {'TFLOP/s':>8s} "
+          f"{'%peak':>6s}")
     for r in rows:
         ms = f"{r['ms_p50']:.3f}" if "ms_p50" in r else r["status"]
         tf = f"{r['TFLOPs']:.0f}" if "TFLOPs" in r else ""

@@ -34,7 +34,8 @@ from . import common
 from .latency import check, make_problem
 
 KEY = ("experiment", "model", "dtype", "T", "kernel", "config")
-SMEM_BYTES = 227 * 1024  # Hopper's limit per block: a tile whose epilogue does not fit fails to launch (recorded, never chosen)
+# Hopper's limit per block: a tile whose epilogue does not fit fails to launch (recorded, never chosen)
+SMEM_BYTES = 227 * 1024
 
 
 def _smem(kernel: str, t: TileConfig, elem: int = 2) -> int:

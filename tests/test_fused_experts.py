@@ -156,7 +156,7 @@ def test_persistent_tiles(case, variant, schedule, device, poison):
 
 def test_persistent_needs_full_tiles(device):
     tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, persistent=True)
-    with pytest.raises(ValueError, match="persistent=True runs full-height tiles only"):
+    with pytest.raises(ValueError, match="persistent=True runs full-height tiles only: min_block_m must equal"):
         tritonmoe.fused_experts(*make_inputs(40, 2, 8, device, torch.float32), tiles=(tiles, tiles),
                                 schedule="tail_tiles")
 

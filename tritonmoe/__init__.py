@@ -1,11 +1,11 @@
 """tritonmoe: the Mixture-of-Experts forward pass in pure Triton.
 
-    weights, ids = tritonmoe.route(router_logits, tritonmoe.specs.MIXTRAL_8X7B)
+    weights, ids = tritonmoe.route(tritonmoe.router_logits(x, router_weight), tritonmoe.specs.MIXTRAL_8X7B)
     out = tritonmoe.fused_experts(x, w13, w2, weights, ids)
 
-Stages (each callable on its own): ``router_logits`` -> ``route`` -> ``build_schedule`` -> ``gate_up_silu``
-(fused) or ``permute`` + ``grouped_gemm`` x2 + ``silu_mul`` (unfused) -> ``grouped_gemm``
-(down) -> ``combine``. ``tritonmoe.reference`` holds the PyTorch oracle of each.
+Stages (each callable on its own): ``router_logits`` -> ``route`` -> ``build_schedule`` ->
+``gate_up_silu`` (fused) or ``permute`` + ``grouped_gemm`` x2 + ``silu_mul`` (unfused) ->
+``grouped_gemm`` (down) -> ``combine``. ``tritonmoe.reference`` holds the PyTorch oracle of each.
 
 Without a visible CUDA device, kernels run through Triton's CPU interpreter: importing
 tritonmoe then sets TRITON_INTERPRET=1 unless it is already set.
@@ -36,5 +36,6 @@ from .schedule import Schedule, build_schedule  # noqa: E402
 from .specs import ModelSpec  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["router_logits", "route", "fused_experts", "MoELayer", "ModelSpec", "specs", "reference", "build_schedule", "Schedule",
-           "gate_up_silu", "grouped_gemm", "silu_mul", "permute", "combine", "TileConfig", "get_tiles", "ops"]
+__all__ = ["router_logits", "route", "fused_experts", "MoELayer", "ModelSpec", "specs", "reference", "build_schedule",
+           "Schedule", "gate_up_silu", "grouped_gemm", "silu_mul", "permute", "combine", "TileConfig", "get_tiles",
+           "ops"]

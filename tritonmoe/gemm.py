@@ -239,7 +239,9 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), tiles.block_k) * tiles.block_k
     tiles_bound = sched.max_blocks * triton.cdiv(n, tiles.block_n)
     if tiles.persistent and tiles.min_block_m < sched.block_m:
-        raise ValueError("tiles: persistent=True runs full-height tiles only, not schedule='tail_tiles'")
+        raise ValueError(f"tiles: persistent=True runs full-height tiles only: min_block_m must equal block_m "
+                         f"(got {tiles.min_block_m} < {sched.block_m}; fused_experts sets it but for "
+                         f"schedule='tail_tiles')")
     grid = (min(tiles_bound, _num_sms(a.device)) if tiles.persistent else tiles_bound, split_k)
     w_desc = a_desc = None
     if tiles.tma:
