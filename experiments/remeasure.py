@@ -13,7 +13,10 @@ timing or floor code. Shared, and said so: the Megablocks and grouped_mm adapter
   not a near-tie; relative error at most 1e-2 (bf16).
 - Timing: one call between two CUDA events, each call after a 256 MB write that evicts L2; the
   implementations take turns call by call (round robin), so clock and power drift hit them alike;
-  5 warm-up rounds, 40 timed rounds; median and p20-p80.
+  5 warm-up rounds, 40 timed rounds; median and p20-p80. Before each call the GPU first sleeps for
+  about 1 ms, so a call's launches are queued before its start event fires, as they are when one
+  implementation runs back to back (what the grid times); without it, a neighbour that waits for
+  the GPU (Megablocks reads its expert counts on the host) left the next call's launches exposed.
 - Floor: bytes = the distinct experts the routing touches x 3HF + tokens in and out, FLOPs = 2 T k 3 H F;
   ceilings measured here with PyTorch only: HBM read by ``torch.sum`` over 4 GiB of bf16, the bf16 rate
   by ``torch.mm`` at 8192^3 (the grid uses a Triton read kernel and do_bench).
@@ -41,6 +44,7 @@ IMPLS = ("tritonmoe_fused", "megablocks", "torch_grouped_mm")
 SEED = 1
 WARMUP_ROUNDS, ROUNDS = 5, 40
 CHECK_TOKENS, CHECK_TOL, NEAR_TIE = 32, 1e-2, 1e-6
+PAD_CYCLES = 2_000_000  # GPU cycles slept before each timed call: about 1 ms at the H100's 1.98 GHz
 SMOKE = {"hidden_size": 64, "intermediate_size": 32, "max_experts": 16, "shared_intermediate_size": 48}
 
 
@@ -134,6 +138,7 @@ def _round_robin(fns: dict, device, flush=True) -> dict[str, list[float]]:
     events = {name: [] for name in fns}
     for r in range(WARMUP_ROUNDS + ROUNDS):
         for name, fn in fns.items():
+            torch.cuda._sleep(PAD_CYCLES)  # the host enqueues this call's launches meanwhile
             if flush:
                 _flush(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
