@@ -8,7 +8,8 @@ what the small kernels and the boundaries between kernels cost. The profiler's c
 GPU's; a replay's span is from its first kernel's start to its last kernel's end. Variant
 "sanitize_overflow" is the control for the launch option that leaves out Triton's int32 overflow
 checks (``tritonmoe._launch.OPTIONS``), which the schedule's debug=True kernels otherwise compile in;
-"torch_router" the control for ``tritonmoe.router_logits`` (the router matmul as PyTorch runs it).
+"torch_router" the control for ``tritonmoe.router_logits`` (the router matmul as PyTorch runs it);
+"route_4_warps" the routing kernel with 4 warps at every size (the control for PERF_LOG v14).
 
     python -m experiments.probe_decode            # -> results/<GPU>/probe_decode.jsonl
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import replace
+from importlib import import_module
 
 import torch
 
@@ -26,12 +28,14 @@ from . import common
 from .impls import EXPERTS, IMPLS
 from .latency import make_problem
 
+route = import_module("tritonmoe.route")  # the module (tritonmoe.route is the function)
 MODELS = ("mixtral_8x7b", "qwen2_57b_a14b", "deepseek_v3")
 TOKENS = (1, 2)
 REPLAYS = 20
 SEED = 0
-# launch options over the default; "torch_router": the router matmul in PyTorch instead of tritonmoe.router_logits
-VARIANTS = {"default": {}, "sanitize_overflow": {"sanitize_overflow": True}, "torch_router": {}}
+# launch options over the default; "torch_router": the router matmul in PyTorch instead of tritonmoe.router_logits;
+# "route_4_warps": the routing kernel with 4 warps at every size (before PERF_LOG v14)
+VARIANTS = {"default": {}, "sanitize_overflow": {"sanitize_overflow": True}, "torch_router": {}, "route_4_warps": {}}
 
 
 def _short(name: str) -> str:
@@ -90,14 +94,17 @@ def main() -> None:
         p = make_problem(spec, max(TOKENS), torch.bfloat16, dev, SEED)
         for T in TOKENS:
             for variant, options in VARIANTS.items():
-                default = dict(_launch.OPTIONS)
+                default, one_warp = dict(_launch.OPTIONS), route.ONE_WARP_ELEMENTS
                 _launch.OPTIONS.update(options)
+                if variant == "route_4_warps":
+                    route.ONE_WARP_ELEMENTS = 0
                 _launch._compiled.clear()  # kernels compiled with other options
                 try:
                     rows.append(_profile(p, name, T, variant, prov, ceilings))
                 finally:
                     _launch.OPTIONS.clear()
                     _launch.OPTIONS.update(default)
+                    route.ONE_WARP_ELEMENTS = one_warp
                     _launch._compiled.clear()
         del p
         torch.cuda.empty_cache()

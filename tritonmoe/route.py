@@ -15,6 +15,8 @@ from .specs import ModelSpec
 
 __all__ = ["route"]
 
+ONE_WARP_ELEMENTS = 1024  # tiles of up to this many (token, expert) elements route in one warp
+
 
 @triton.jit
 def _argmax_available(select, available, offs_e, E_PAD: tl.constexpr):
@@ -144,10 +146,13 @@ def route(router_logits: torch.Tensor, spec: ModelSpec, *, correction_bias: torc
     e_pad = next_pow2(E)
     # Keep the [BLOCK_T, E_PAD] tile near 4K elements: one program per token for E=256.
     block_t = max(1, min(next_pow2(T), 4096 // e_pad, 64))
+    # The selection is a chain of dozens of row reductions (DeepSeek-V3: about 80); across 4 warps each
+    # goes through shared memory and a barrier, within one warp through shuffles.
+    warps = 1 if block_t * e_pad <= ONE_WARP_ELEMENTS else 4
     launch(_route_kernel, (triton.cdiv(T, block_t),), (
         router_logits, correction_bias if correction_bias is not None else weights, weights, ids,
         T, E, router_logits.stride(0), router_logits.stride(1), float(spec.routed_scaling_factor),
         k, next_pow2(k), spec.scoring == "sigmoid", spec.renormalize,  # TOP_K, K_PAD, SIGMOID, RENORMALIZE
         correction_bias is not None, spec.n_group, next_pow2(spec.n_group), spec.topk_group,  # HAS_BIAS .. TOPK_GROUP
-        spec.group_size, spec.group_score_topk, block_t, e_pad))  # GROUP_SIZE .. E_PAD
+        spec.group_size, spec.group_score_topk, block_t, e_pad), num_warps=warps)  # GROUP_SIZE .. E_PAD
     return weights, ids
