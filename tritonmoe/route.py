@@ -15,7 +15,7 @@ from .specs import ModelSpec
 
 __all__ = ["route"]
 
-ONE_WARP_ELEMENTS = 1024  # tiles of up to this many (token, expert) elements route in one warp
+ONE_WARP_ELEMENTS = 256  # tiles of up to this many (token, expert) elements route in one warp (PERF_LOG v14)
 
 
 @triton.jit
