@@ -2,8 +2,10 @@
 is re-measured independently on the same GPU model with a separate harness").
 
 A second harness beside ``experiments/latency.py`` that shares none of its inputs, reference check,
-timing or floor code. Shared, and said so: the Megablocks and grouped_mm adapters of
-``experiments/impls.py`` (they define the baselines, not the measurement) and their PyTorch routing.
+timing or ceilings. Shared, and said so: the Megablocks and grouped_mm adapters of
+``experiments/impls.py`` (they define the baselines, not the measurement) and their PyTorch routing,
+the issue's byte and FLOP counts (``common.floor_terms``) and the quantiles of a list of times
+(``common.quantiles``).
 
 - Inputs: seed 1 (the grid uses 0), drawn here; tritonmoe runs through its public functions
   (``router_logits``, ``route``, ``fused_experts``), the baselines through their adapters with the
@@ -189,9 +191,8 @@ def main(smoke: bool = False) -> None:
             terms = common.floor_terms(spec, T, int(torch.unique(ids).numel()))
             floor = max(terms["bytes"] / ceilings["hbm_read_Bps"], terms["flops"] / ceilings["bf16_flops"]) * 1e3
             for name, ms in times.items():
-                q = statistics.quantiles(ms, n=10) if len(ms) > 1 else [ms[0]] * 9
-                point[name].update(ms_p20=q[1], ms_p50=statistics.median(ms), ms_p80=q[7], repeats=len(ms),
-                                   floor_ms=floor, **terms, grid_ms_p50=committed.get((model, T, name)))
+                point[name].update(**common.quantiles(ms), floor_ms=floor, **terms,
+                                   grid_ms_p50=committed.get((model, T, name)))
             rows += point.values()
             line = "  ".join(f"{n} {r['ms_p50']:.3f}" if "ms_p50" in r else f"{n} {r['status']}"
                              for n, r in point.items())
