@@ -9,12 +9,14 @@
 #     traffic T4 DRAM bytes of the first GEMM, fused vs unfused, with Nsight Compute (experiment=traffic, Mixtral)
 #     hf_model transformers' Mixtral (2 layers) per experts implementation, eager and CUDA graph (experiment=hf_model)
 #     decode the per-kernel timeline of T <= 2 forwards replayed from a CUDA graph (probe_decode)
+#     sweep  the GEMMs' tile order: N swept a few tiles at a time over all M-blocks (probe_sweep)
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
 # Megablocks wheels built by an earlier call come back as $OUT/mbwheels.tar; unpacked into
 # .carry/mbwheels/ they are installed instead of building again (~3 minutes).
-# Environment: MODELS (comma list), TOKENS (Hydra list, e.g. [1,64]), TEST_TIMEOUT (s), TUNE_MINUTES,
+# Environment: MODELS (comma list), TOKENS (Hydra list, e.g. [1,64]), TEST_TIMEOUT (s), TEST_SELECT (pytest -k),
+# TUNE_MINUTES,
 # BUILD_MEGABLOCKS=1 (build it in the background even without the bench stage),
 # HYDRA_ARGS (more overrides, space-separated), SESSION_SECONDS (deadline for the tests stage),
 # TRITONMOE_COMMIT (the commit, for provenance: the tree sent here has no trustworthy .git; write the
@@ -58,7 +60,8 @@ stage_tests() {
   # call's limit (SESSION_SECONDS, default 570) so the files still get packed.
   limit=$(( ${SESSION_SECONDS:-570} - SECONDS - 20 )); (( limit > ${TEST_TIMEOUT:-400} )) && limit=${TEST_TIMEOUT:-400}
   echo "tests: up to $limit s"
-  timeout -s INT "$limit" python3 -m pytest -n 16 -q -rfE --tb=short tests --device cuda \
+  select=(); [[ -n ${TEST_SELECT:-} ]] && select=(-k "$TEST_SELECT")
+  timeout -s INT "$limit" python3 -m pytest -n 16 -q -rfE --tb=short tests --device cuda "${select[@]}" \
     --junitxml "$OUT/junit_cuda.xml" -p no:cacheprovider -W ignore::pytest.PytestWarning >"$OUT/pytest_cuda.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_cuda.txt" | tail -40
 }
@@ -82,6 +85,7 @@ stage_stages() { megablocks_ready; run_experiment stages -m model=mixtral_8x7b,d
 stage_traffic() { run_experiment traffic model=mixtral_8x7b; }
 stage_hf_model() { run_experiment hf_model model=mixtral_8x7b; }
 stage_decode() { python3 -m experiments.probe_decode 2>&1 | tee "$OUT/probe_decode.log"; }
+stage_sweep() { python3 -m experiments.probe_sweep 2>&1 | tee "$OUT/probe_sweep.log"; }
 
 for stage in $stages; do "stage_$stage"; done
 [[ -n $mb_pid ]] && wait "$mb_pid"

@@ -41,7 +41,7 @@ def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: 
     names = _expert_gemm_kernel.arg_names
     consts = dict(GATHER_A=gather, GATE_UP_SILU=gate_up, SCATTER_WEIGHTED=not gate_up, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_K=bk, GROUP_M=8, EXPERT_GROUPS=True, MIN_BLOCK_M=bm, EVEN_K=True, DOT_PRECISION="tf32",
-                  WEIGHT_TMA=tma, A_TMA=a_tma, PERSISTENT=persistent,
+                  WEIGHT_TMA=tma, A_TMA=a_tma, PERSISTENT=persistent, SWEEP_N=0,
                   stride_ak=1, stride_wk=1, stride_on=1)
     if not tma:
         consts["w_desc"] = None

@@ -287,7 +287,8 @@ def _default_total(bench, tpe) -> float:
 def _cfg_str(t: TileConfig) -> str:
     return (f"m{t.block_m}n{t.block_n}k{t.block_k}g{t.group_m}w{t.num_warps}s{t.num_stages}"
             + (f"sk{t.split_k}" if t.split_k > 1 else "") + ("tma" if t.tma else "")
-            + ("perm" if t.permute_input else "") + ("pers" if t.persistent else ""))
+            + ("perm" if t.permute_input else "") + ("pers" if t.persistent else "")
+            + (f"sw{t.sweep_n}" if t.sweep_n else ""))
 
 
 def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:

@@ -154,6 +154,19 @@ def test_persistent_tiles(case, variant, schedule, device, poison):
         check(*make_inputs(ids.shape[0], k, E, device, dtype, ids=ids), tiles=(tiles, tiles), schedule=schedule)
 
 
+# N swept a few tiles at a time over all M-blocks: slices of one N-tile, of two with a last slice of one
+# (block_n=32 over F=48 and H=80: 2 and 3 N-tiles), and whole; the grid's surplus programs exit.
+@pytest.mark.parametrize("sweep_n", [1, 2, 8])
+@pytest.mark.parametrize("schedule", ["expert_groups", "fixed"])
+@pytest.mark.parametrize("case", ["all-on-one-expert", "E256-most-empty", "every-tail-height"])
+def test_sweep_n(case, schedule, sweep_n, device, poison):
+    T, k, E, ids = EXTREMES[case]
+    tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, group_m=3, num_stages=2, sweep_n=sweep_n)
+    for dtype in dtypes_for(device):
+        check(*make_inputs(ids.shape[0], k, E, device, dtype, ids=ids, H=80, F=48), tiles=(tiles, tiles),
+              schedule=schedule)
+
+
 def test_persistent_needs_full_tiles(device):
     tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, persistent=True)
     with pytest.raises(ValueError, match="persistent=True runs full-height tiles only: min_block_m must equal"):

@@ -53,6 +53,11 @@ class TileConfig:
     # gate_up only: copy the tokens into expert order first (one more launch, T*k*H elements
     # written and read) so the input tiles go through TMA as well, instead of a gather per tile.
     permute_input: bool = False
+    # N-tiles per sweep of the output columns: every M-block (all experts) takes a slice of this many
+    # before the next slice starts, so the programs running at once mix experts with many rows
+    # (compute-bound tiles) and few (weight-bound ones), e.g. under skewed routing, at the price of
+    # reading the input rows once per slice. 0: all of N in one sweep, one group of blocks at a time.
+    sweep_n: int = 0
 
     def __post_init__(self):
         for name in FLAGS:
@@ -60,6 +65,10 @@ class TileConfig:
                 raise ValueError(f"TileConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name, value in asdict(self).items():
             if name in FLAGS:
+                continue
+            if name == "sweep_n":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"TileConfig.sweep_n must be an int >= 0 (0: all of N in one sweep), got {value!r}")
                 continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TileConfig.{name} must be a positive int, got {value!r}")

@@ -52,6 +52,7 @@ def _expert_gemm_kernel(
     WEIGHT_TMA: tl.constexpr,        # weight tiles through the copy engine (Hopper's TMA) instead of pointers
     A_TMA: tl.constexpr,             # input tiles too (rows in sorted order, full-height tiles only)
     PERSISTENT: tl.constexpr,        # one program per SM walks the used tiles (full-height tiles only)
+    SWEEP_N: tl.constexpr,           # N-tiles per sweep over all M-blocks (0: all of N in one sweep)
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
@@ -61,7 +62,7 @@ def _expert_gemm_kernel(
         used = tl.load(num_blocks_ptr)
         for tile in tl.range(tl.program_id(0), used * num_pid_n, tl.num_programs(0), flatten=True):
             pid_m, pid_n = _tile_position(tile, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
-                                          EXPERT_GROUPS)
+                                          EXPERT_GROUPS, SWEEP_N)
             expert = tl.load(block_expert_ptr + pid_m)
             _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
                          tl.load(block_row_ptr + pid_m), tl.load(expert_offsets_ptr + expert + 1), pid_n, N, K, TOP_K,
@@ -69,8 +70,17 @@ def _expert_gemm_kernel(
                          stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
                          EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA)
         return
-    pid_m, pid_n = _tile_position(tl.program_id(0), num_pid_n, max_blocks, block_rank_ptr, block_siblings_ptr, GROUP_M,
-                                  EXPERT_GROUPS)
+    pid = tl.program_id(0)
+    if SWEEP_N > 0:
+        # sweeps take the used M-blocks only (their count is on the device); the grid's surplus exits
+        used = tl.load(num_blocks_ptr)
+        if pid >= used * num_pid_n:
+            return
+        pid_m, pid_n = _tile_position(pid, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
+                                      EXPERT_GROUPS, SWEEP_N)
+    else:
+        pid_m, pid_n = _tile_position(pid, num_pid_n, max_blocks, block_rank_ptr, block_siblings_ptr, GROUP_M,
+                                      EXPERT_GROUPS, SWEEP_N)
 
     # The schedule: this M-block's expert (-1: unused block of the upper-bound grid) and rows.
     expert = tl.load(block_expert_ptr + pid_m)
@@ -100,12 +110,24 @@ def _expert_gemm_kernel(
 
 @triton.jit
 def _tile_position(pid, num_pid_n, max_blocks, block_rank_ptr, block_siblings_ptr, GROUP_M: tl.constexpr,
-                   EXPERT_GROUPS: tl.constexpr):
+                   EXPERT_GROUPS: tl.constexpr, SWEEP_N: tl.constexpr):
     """Program (or tile) index -> (M-block, N-block): a group of up to GROUP_M M-blocks sweeps N together,
     so their input rows stay in L2 and blocks of one expert share its weight tiles as they stream in.
     EXPERT_GROUPS: groups never span two experts (an expert's blocks, GROUP_M at a time), so an expert's
     weights stream from HBM once per group wherever its blocks start; consecutive groups would let a
-    skewed expert's blocks straddle two groups that run apart in time."""
+    skewed expert's blocks straddle two groups that run apart in time.
+    SWEEP_N > 0: N is swept SWEEP_N tiles at a time, every group (of max_blocks blocks: the used ones)
+    within one such slice before the next slice. The programs resident at once then span many groups,
+    so an expert with many blocks (compute-bound tiles) runs beside experts with few (weight-bound
+    tiles) instead of alone, at the price of reading every input row once per slice."""
+    if SWEEP_N > 0:
+        per_sweep = max_blocks * SWEEP_N
+        sweep = pid // per_sweep
+        pid -= sweep * per_sweep
+        n_first = sweep * SWEEP_N
+        num_pid_n = tl.minimum(num_pid_n - n_first, SWEEP_N)  # N-tiles of this slice
+    else:
+        n_first = 0
     if EXPERT_GROUPS:
         r = pid // num_pid_n  # a block of this program's group
         rank = tl.load(block_rank_ptr + r)
@@ -115,7 +137,7 @@ def _tile_position(pid, num_pid_n, max_blocks, block_rank_ptr, block_siblings_pt
         first_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
         group_rows = tl.minimum(max_blocks - first_m, GROUP_M)
     local = pid - first_m * num_pid_n
-    return first_m + local % group_rows, local // group_rows
+    return first_m + local % group_rows, n_first + local // group_rows
 
 
 @triton.jit
@@ -258,6 +280,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
         min(tiles.min_block_m, sched.block_m),
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
+        tiles.sweep_n if 0 < tiles.sweep_n < triton.cdiv(n, tiles.block_n) else 0,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
