@@ -1,22 +1,27 @@
-"""Probe: the order of the GEMMs' tiles -- N swept a few tiles at a time over all M-blocks (``sweep_n``).
+"""Probe: experts with uneven row counts -- the GEMMs' tile order (``sweep_n``) and tail heights.
 
 Each GEMM program takes one (M-block, N-tile); the M-blocks of one expert's group sweep N together
-(their weight tiles stream from HBM once). The programs resident at once are a contiguous run of
-tiles, so with whole-N sweeps they belong to one or two groups: an expert with many M-blocks runs
-its compute-bound tiles alone, an expert with one its weight-bound tiles alone, and the two never
-overlap. Under skew this follows the phase model sum_e max(weights_e / HBM, blocks_e * tile time)
-instead of max(sum of weights / HBM, sum of blocks * tile time) (PERF_LOG v15). ``sweep_n`` > 0
-sweeps N in slices of that many N-tiles, every group within a slice before the next, so the
-resident programs mix groups; the input rows are then read once per slice.
+(their weight tiles stream from HBM once), and every M-block is block_m rows tall, so an expert's
+last block pads up to block_m - 1 rows. Two variants for routings whose experts differ in rows:
+
+* order (``sweep_n`` > 0): the programs resident at once are a contiguous run of tiles, so with
+  whole-N sweeps they belong to one or two groups: an expert with many M-blocks runs its
+  compute-bound tiles alone, an expert with one its weight-bound tiles alone. Sweeping N in slices
+  of sweep_n N-tiles, every group within a slice before the next, mixes them (input rows are then
+  read once per slice).
+* tail heights (``min_block_m`` < block_m, the kernel's tail-tile branches, with expert groups):
+  an expert's last block runs with the smallest power-of-two height that holds its rows, so the
+  tensor cores skip most padded rows; v4 found the extra branches slowed the full tiles at 8192
+  tokens, before TMA tiles and expert groups.
 
 Per point (a model's real routing, or the skew experiment's routing at E experts) this times each
-GEMM with the tuned tiles at sweep_n in SWEEPS (each output checked against the tuned tiles'
-first), then the whole forward with the tuned tiles, with the fastest sweep per GEMM, and with the
-tuned tiles again (drift).
+GEMM with the tuned tiles and each variant (outputs checked against the tuned tiles' first), then
+the GEMM stages of the forward (schedule, both GEMMs, combine; no routing) with the tuned tiles,
+with the fastest variant per GEMM, and with the tuned tiles again (the drift).
 
     python -m experiments.probe_sweep          # -> results/<GPU>/probe_sweep.jsonl
     python -m experiments.probe_sweep --smoke  # CPU interpreter, tiny shapes: the probe runs, nothing written
-    PROBE_POINTS="mixtral_8x7b:512,E8:512:1.5" python -m experiments.probe_sweep
+    PROBE_POINTS="mixtral_8x7b:512,E8:512:1.5" PROBE_VARIANTS="tuned,tail16" python -m experiments.probe_sweep
 """
 from __future__ import annotations
 
@@ -28,12 +33,15 @@ import torch
 
 import tritonmoe
 from tritonmoe.configs import get_tiles
+from tritonmoe.gemm import gate_up_silu, grouped_gemm
+from tritonmoe.permute import combine
+from tritonmoe.schedule import build_schedule
 from . import common
 from .latency import check, make_problem
 from .skew import skewed_topk_ids
 from .tune import _Bench
 
-SWEEPS = (0, 1, 2, 4, 8, 16)
+VARIANTS = ("tuned", "sweep1", "sweep2", "sweep4", "tail16", "tail32", "tail64")
 # (model or "E<experts>", T, skew or None): real routing; skew experiment's routing (Mixtral's H and
 # weight bytes, k=2 at E=8, 4 at 16, else 8) at its uniform control and two skews
 POINTS = [("mixtral_8x7b", 512, None), ("mixtral_8x7b", 1024, None), ("mixtral_8x7b", 2048, None),
@@ -72,6 +80,38 @@ def _spec(name: str, smoke: bool):
                         intermediate_size=max(16, base.num_experts * base.intermediate_size // E))
 
 
+def _variant(name: str, tuned):
+    """The tuned tiles as the forward runs them (full-height tiles, expert groups), changed by ``name``;
+    None where it does not apply (a tail height not below block_m)."""
+    t = replace(tuned, min_block_m=tuned.block_m, expert_groups=True)
+    if name.startswith("sweep"):
+        return replace(t, sweep_n=int(name[5:]))
+    if name.startswith("tail"):
+        height = int(name[4:])
+        return replace(t, min_block_m=height) if height < t.block_m else None
+    return t
+
+
+class _ExactBench(_Bench):
+    """``_Bench`` with the tiles run exactly as given (it resets them to the forward's full-height tiles)."""
+
+    def fn(self, kernel, t):
+        s, p = self.sched(t.block_m), self.p
+        if kernel == "gate_up":
+            return lambda: gate_up_silu(p.x, p.w13, s, t)
+        return lambda: combine(grouped_gemm(self.inter, p.w2, s, t, topk_weights=self.weights),
+                               self.spec.top_k * t.split_k, dtype=p.x.dtype)
+
+    def forward(self, tiles):
+        """The GEMM stages of the forward with exactly these tiles: schedule(s), both GEMMs, combine."""
+        (gu, dn), p, E = tiles, self.p, self.spec.num_experts
+        sched = build_schedule(self.ids, E, gu.block_m)
+        down_sched = sched if dn.block_m == gu.block_m else build_schedule(self.ids, E, dn.block_m)
+        inter = gate_up_silu(p.x, p.w13, sched, gu)
+        return combine(grouped_gemm(inter, p.w2, down_sched, dn, topk_weights=self.weights),
+                       self.spec.top_k * dn.split_k, dtype=p.x.dtype)
+
+
 def main(smoke: bool = False) -> None:
     dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
     prov = common.provenance(dev, SEED)
@@ -90,7 +130,7 @@ def main(smoke: bool = False) -> None:
             problems[name] = make_problem(spec, max(t for n, t, _ in points if n == name), dtype, dev, SEED)
         p = replace(problems[name], x=problems[name].x[:T])
         E, k = spec.num_experts, spec.top_k
-        bench = _Bench(p, spec, T, dtype, WARMUP_MS, REP_MS)
+        bench = _ExactBench(p, spec, T, dtype, WARMUP_MS, REP_MS)
         if skew is not None:
             g = torch.Generator(device=dev).manual_seed(SEED)
             bench.ids = skewed_topk_ids(T, k, E, skew, seed=SEED).to(dev)
@@ -101,45 +141,47 @@ def main(smoke: bool = False) -> None:
         base = {**prov, **ceilings, "experiment": "probe_sweep", "model": name, "E": E, "k": k, "T": T,
                 "routing": "model" if skew is None else f"skew={skew}", "max_count": int(counts.max()),
                 "distinct_experts": int((counts > 0).sum())}
-        best = []
+        only = os.environ.get("PROBE_VARIANTS", ",".join(VARIANTS)).split(",")
+        best, tuned_exact = [], [_variant("tuned", t) for t in tuned]
         for i, kernel in enumerate(("gate_up", "down")):
             sched = bench.sched(tuned[i].block_m)
             blocks = int(sched.num_blocks.item())
             fastest = None
-            for sweep in SWEEPS:
-                t = replace(tuned[i], sweep_n=sweep)
-                r = {**base, "kernel": kernel, "variant": f"sweep{sweep}", "tiles": asdict(t), "m_blocks": blocks,
+            for variant in only:
+                t = _variant(variant, tuned[i])
+                if t is None:
+                    continue
+                r = {**base, "kernel": kernel, "variant": variant, "tiles": asdict(t), "m_blocks": blocks,
                      "padded_rows_frac": blocks * t.block_m / (T * k) - 1, **bench.measure(kernel, t)}
                 rows.append(r)
-                print(f"  {name} T={T} {base['routing']} {kernel} sweep_n={sweep}: "
+                print(f"  {name} T={T} {base['routing']} {kernel} {variant}: "
                       + (f"{r['ms_p50']:.3f} ms" if r["status"] == "ok" else r["status"]), flush=True)
                 if r["status"] == "ok" and (fastest is None or r["ms_p50"] < fastest[1]):
-                    fastest = (t, r["ms_p50"])
-            best.append(fastest[0] if fastest else tuned[i])
-        forward = {"tuned": tuned, "best_sweep": tuple(best), "tuned_again": tuned}
-        expect = tritonmoe.fused_experts(p.x, p.w13, p.w2, bench.weights, bench.ids, tiles=tuned)
+                    fastest = (t, r["ms_p50"], variant)
+            best.append(fastest if fastest else (tuned_exact[i], None, "tuned"))
+        forward = {"tuned": tuned_exact, "best": [b[0] for b in best], "tuned_again": tuned_exact}
+        expect = bench.forward(tuned_exact)
         ms = {}
         for variant, tiles in forward.items():
-            fn = lambda tiles=tiles: tritonmoe.fused_experts(p.x, p.w13, p.w2, bench.weights, bench.ids,  # noqa: E731
-                                                             tiles=tiles)
+            fn = lambda tiles=tiles: bench.forward(tiles)  # noqa: E731
             err = check(fn(), expect)
             q = common.quantiles(common.time_ms(fn, dev, WARMUP_MS, REP_MS)) if err <= 1e-2 else {}
-            rows.append({**base, "kernel": "forward_experts", "variant": variant, "rel_err": err,
+            rows.append({**base, "kernel": "forward_gemms", "variant": variant, "rel_err": err,
                          "status": "ok" if q else "wrong", **q, "tiles": [asdict(t) for t in tiles],
-                         "sweep_n": [t.sweep_n for t in tiles]})
+                         "choice": [b[2] for b in best] if variant == "best" else None})
             ms[variant] = q.get("ms_p50", float("nan"))
-        table.append((name, T, base["routing"], [t.sweep_n for t in best], ms))
-        progress.step(f"{name} T={T} {base['routing']}: tuned {ms['tuned']:.3f} ms, "
-                      f"sweep {[t.sweep_n for t in best]} {ms['best_sweep']:.3f} ms")
+        choice = [b[2] for b in best]
+        table.append((name, T, base["routing"], choice, ms))
+        progress.step(f"{name} T={T} {base['routing']}: tuned {ms['tuned']:.3f} ms, best {choice} {ms['best']:.3f} ms")
     path = common.REPO / "results" / common.device_name(dev) / "probe_sweep.jsonl"
     if not smoke:
         common.write_rows(path, rows, ("experiment", "model", "T", "routing", "kernel", "variant", "commit"))
-    print(f"\n{'point':16s} {'T':>5s} {'routing':10s} {'sweep (gu, dn)':>14s} {'tuned ms':>9s} {'sweep ms':>9s} "
+    print(f"\n{'point':16s} {'T':>5s} {'routing':10s} {'best (gate_up, down)':>22s} {'tuned ms':>9s} {'best ms':>9s} "
           f"{'again ms':>9s} {'gain':>6s}")
-    for name, T, routing, sweeps, ms in table:
-        gain = 100 * (1 - ms["best_sweep"] / ms["tuned"])
-        print(f"{name:16s} {T:>5d} {routing:10s} {str(tuple(sweeps)):>14s} {ms['tuned']:>9.3f} "
-              f"{ms['best_sweep']:>9.3f} {ms['tuned_again']:>9.3f} {gain:>5.1f}%")
+    for name, T, routing, choice, ms in table:
+        gain = 100 * (1 - ms["best"] / min(ms["tuned"], ms["tuned_again"]))
+        print(f"{name:16s} {T:>5d} {routing:10s} {', '.join(choice):>22s} {ms['tuned']:>9.3f} "
+              f"{ms['best']:>9.3f} {ms['tuned_again']:>9.3f} {gain:>5.1f}%")
     print(f"{len(rows)} rows" + (" (smoke: not written)" if smoke else f" -> {path.relative_to(common.REPO)}"))
 
 
