@@ -5,7 +5,8 @@ table the package reads (``tritonmoe/configs/<device>.json``).
 Per (model, T) and per candidate block_m (the schedule's M-blocks):
 1. coarse: every (block_n, block_k, num_warps, tma) of the space at 4 stages;
 2. refine around the best: num_stages, group_m, split_k for the down projection, the input copied
-   into expert order for the gate+up (``permute_input``).
+   into expert order for the gate+up (``permute_input``), tail tiles (``min_block_m``: an expert's
+   last, partial M-block with a smaller tile height).
 The pair kept is the fastest gate+up and down over the block_m candidates; a down projection with
 another block_m than the gate+up's pays the build of its own block map (timed beside it).
 "gate_up" times ``gate_up_silu``; "down" times the weighted down projection plus
@@ -80,6 +81,8 @@ def refine(kernel: str, best: TileConfig, space, split_useful: bool) -> list[Til
         out += [replace(best, split_k=s) for s in space.split_k if s != best.split_k]
     if kernel == "gate_up" and space.get("permute_input") and not best.permute_input:
         out.append(replace(best, permute_input=True, tma=True))  # TMA input tiles after a copy into expert order
+    if not best.min_block_m:
+        out += [replace(best, min_block_m=h) for h in space.get("min_block_m", []) if h < best.block_m]
     return [t for t in out if _fits(kernel, t)]
 
 
@@ -163,8 +166,7 @@ class _Bench:
         return self._sched[block_m]
 
     def fn(self, kernel, t: TileConfig):
-        # the tiles as the forward runs them (full-height tiles, expert groups), not as a direct call
-        # would (which compiles the tail-tile heights of min_block_m in too)
+        # the tiles as the forward runs them (expert groups)
         t = _schedule_tiles(t, "expert_groups")
         s, p = self.sched(t.block_m), self.p
         if kernel == "gate_up":
@@ -288,7 +290,7 @@ def _cfg_str(t: TileConfig) -> str:
     return (f"m{t.block_m}n{t.block_n}k{t.block_k}g{t.group_m}w{t.num_warps}s{t.num_stages}"
             + (f"sk{t.split_k}" if t.split_k > 1 else "") + ("tma" if t.tma else "")
             + ("perm" if t.permute_input else "") + ("pers" if t.persistent else "")
-            + (f"sw{t.sweep_n}" if t.sweep_n else ""))
+            + (f"sw{t.sweep_n}" if t.sweep_n else "") + (f"tail{t.min_block_m}" if t.min_block_m else ""))
 
 
 def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:

@@ -12,7 +12,8 @@ BENCHMARK_MODELS = ("mixtral_8x7b", "qwen2_57b_a14b", "deepseek_v3")
 
 def test_tile_config_validation():
     for bad in (dict(block_m=24), dict(block_n=8), dict(num_warps=0), dict(split_k=0), dict(group_m=1.5),
-                dict(tma=1), dict(expert_groups="yes"), dict(sweep_n=-1), dict(sweep_n=True), dict(sweep_n=2.0)):
+                dict(tma=1), dict(expert_groups="yes"), dict(sweep_n=-1), dict(sweep_n=True), dict(sweep_n=2.0),
+                dict(min_block_m=8), dict(min_block_m=-16)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TileConfig(**bad)
 

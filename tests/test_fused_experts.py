@@ -120,17 +120,22 @@ EXTREMES = {
 }
 
 
+# (schedule, min_block_m): full-height tiles and tail tiles down to 16 rows for both group orders;
+# "tail_tiles" sets 16 itself where the tiles set 0
+SCHEDULE_TAILS = [("expert_groups", 0), ("expert_groups", 16), ("fixed", 0), ("fixed", 16), ("tail_tiles", 0)]
+
+
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
-@pytest.mark.parametrize("schedule", ["expert_groups", "fixed", "tail_tiles"])
+@pytest.mark.parametrize("schedule,min_block_m", SCHEDULE_TAILS, ids=[f"{s}-tail{m}" for s, m in SCHEDULE_TAILS])
 @pytest.mark.parametrize("block_m", [64, 128])
 @pytest.mark.parametrize("case", EXTREMES)
-def test_schedule_extremes(case, block_m, schedule, tma, device, poison):
+def test_schedule_extremes(case, block_m, schedule, min_block_m, tma, device, poison):
     T, k, E, ids = EXTREMES[case]
     T = ids.shape[0]
     # group_m=3: groups of blocks end inside an expert, at its end and (fixed) across two experts; on a
     # GPU expert groups take at least as many blocks as half of L2 holds rows for, so there they end at it
-    tiles = tritonmoe.TileConfig(block_m=block_m, block_n=32, block_k=32, group_m=3, num_stages=2, min_block_m=16,
-                                 tma=tma)
+    tiles = tritonmoe.TileConfig(block_m=block_m, block_n=32, block_k=32, group_m=3, num_stages=2,
+                                 min_block_m=min_block_m, tma=tma)
     for dtype in dtypes_for(device):
         check(*make_inputs(T, k, E, device, dtype, ids=ids), tiles=(tiles, tiles), schedule=schedule)
 
@@ -167,11 +172,12 @@ def test_sweep_n(case, schedule, sweep_n, device, poison):
               schedule=schedule)
 
 
-def test_persistent_needs_full_tiles(device):
-    tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, persistent=True)
-    with pytest.raises(ValueError, match="persistent=True runs full-height tiles only: min_block_m must equal"):
+@pytest.mark.parametrize("schedule,min_block_m", [("expert_groups", 16), ("tail_tiles", 0)])
+def test_persistent_needs_full_tiles(schedule, min_block_m, device):
+    tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, min_block_m=min_block_m, persistent=True)
+    with pytest.raises(ValueError, match="persistent=True runs full-height tiles only: min_block_m must be 0 or"):
         tritonmoe.fused_experts(*make_inputs(40, 2, 8, device, torch.float32), tiles=(tiles, tiles),
-                                schedule="tail_tiles")
+                                schedule=schedule)
 
 
 def test_bad_schedule(device):

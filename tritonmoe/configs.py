@@ -38,9 +38,11 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1         # down projection only: programs sharing one output tile's reduction
-    # fused_experts(schedule="tail_tiles") only: smallest tile height for an expert's last,
-    # partial M-block (block_m halved down to this).
-    min_block_m: int = 16
+    # Tail tiles: an expert's last, partial M-block runs with the smallest tile height (block_m halved,
+    # down to this) that holds its rows, so fewer padded rows reach the tensor cores; 0: every block
+    # full height. Tuned per bucket: faster where experts average a few blocks, slower at 8192 tokens
+    # (PERF_LOG v4, v15). fused_experts(schedule="tail_tiles") uses 16 where this is 0.
+    min_block_m: int = 0
     # Tiles through Hopper's copy engine (TMA descriptors): the weights, and the input rows where they
     # are contiguous (the down projection's full-height tiles); pointer loads where it cannot serve.
     tma: bool = False
@@ -63,18 +65,18 @@ class TileConfig:
         for name in FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TileConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        zero_means = {"sweep_n": "all of N in one sweep", "min_block_m": "full-height tiles only"}
         for name, value in asdict(self).items():
             if name in FLAGS:
                 continue
-            if name == "sweep_n":
+            if name in zero_means:
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ValueError(f"TileConfig.sweep_n must be an int >= 0 (0: all of N in one sweep), got {value!r}")
-                continue
-            if not isinstance(value, int) or value <= 0:
+                    raise ValueError(f"TileConfig.{name} must be an int >= 0 (0: {zero_means[name]}), got {value!r}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"TileConfig.{name} must be a positive int, got {value!r}")
         for name in ("block_m", "block_n", "block_k", "min_block_m"):
             value = getattr(self, name)
-            if value < 16 or value & (value - 1):
+            if (value < 16 or value & (value - 1)) and not (name == "min_block_m" and value == 0):
                 raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {value}")
 
 

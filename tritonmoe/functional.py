@@ -21,6 +21,7 @@ __all__ = ["fused_experts", "check_routing", "check_expert_weights"]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 SCHEDULES = ("expert_groups", "fixed", "tail_tiles")
+TAIL_TILES_MIN_BLOCK_M = 16  # schedule="tail_tiles" with tiles that set no min_block_m
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -87,9 +88,9 @@ def _check_args(hidden_states, w13, w2, topk_weights, topk_ids):
 
 @functools.lru_cache(maxsize=256)  # a cached lookup: small-T forwards are bound by host time
 def _schedule_tiles(tiles, schedule: str):
-    """``tiles`` as ``schedule`` runs them: full-height tiles alone (min_block_m = block_m) but for
-    "tail_tiles"; groups of M-blocks within one expert for "expert_groups" alone."""
-    min_block_m = tiles.min_block_m if schedule == "tail_tiles" else tiles.block_m
+    """``tiles`` as ``schedule`` runs them: groups of M-blocks within one expert for "expert_groups" alone;
+    tail tiles down to ``tiles.min_block_m`` where it is set, and down to 16 at least for "tail_tiles"."""
+    min_block_m = tiles.min_block_m or (TAIL_TILES_MIN_BLOCK_M if schedule == "tail_tiles" else 0)
     return dataclasses.replace(tiles, min_block_m=min_block_m, expert_groups=schedule == "expert_groups")
 
 
@@ -110,14 +111,14 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         fused: False runs the unfused pipeline (permute, gate GEMM, up GEMM, activation).
         tiles: optional ``(gate_up, down)`` ``TileConfig`` pair overriding the tuned tables; their
             block_m may differ (the down projection then gets its own block map, one more launch or three).
-        schedule: every M-block is block_m rows tall, and up to group_m M-blocks sweep the output
-            columns together (L2 reuse). "expert_groups" (default): a group never spans two
+        schedule: M-blocks are block_m rows tall (an expert's last, partial one with the smallest
+            tile height down to ``tiles.min_block_m`` that holds its rows, where the tiles set it:
+            the tuned tables do per bucket, PERF_LOG v15), and up to group_m M-blocks sweep the
+            output columns together (L2 reuse). "expert_groups" (default): a group never spans two
             experts, so a skewed expert's blocks share its weight reads wherever they start
             (experiments/PERF_LOG.md, v9); "fixed": groups of group_m consecutive blocks (the
-            preprint's design); "tail_tiles": as "fixed", and an expert's last, partial M-block runs
-            with the smallest tile height (block_m halved, down to ``min_block_m``) that holds its
-            rows. Measured on an H100 it is slower where it matters (the extra tile heights slow the
-            full tiles too; PERF_LOG v4).
+            preprint's design); "tail_tiles": as "fixed", with tail tiles down to 16 rows at least
+            (PERF_LOG v4: slower than "fixed" on the H100 at 8192 tokens).
         chunk_tokens: run the forward in chunks of this many tokens, each with its own schedule
             and tiles. Default: the tuned table's choice for the device and shape (on the H100,
             Mixtral-8x7B at T >= 8192 runs in chunks of 4096, measured faster: experiments/PERF_LOG.md,

@@ -260,9 +260,10 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     K = w.shape[2]
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), tiles.block_k) * tiles.block_k
     tiles_bound = sched.max_blocks * triton.cdiv(n, tiles.block_n)
-    if tiles.persistent and tiles.min_block_m < sched.block_m:
-        raise ValueError(f"tiles: persistent=True runs full-height tiles only: min_block_m must equal block_m "
-                         f"(got {tiles.min_block_m} < {sched.block_m}; fused_experts sets it but for "
+    min_block_m = min(tiles.min_block_m or sched.block_m, sched.block_m)  # 0: full-height tiles only
+    if tiles.persistent and min_block_m < sched.block_m:
+        raise ValueError(f"tiles: persistent=True runs full-height tiles only: min_block_m must be 0 or block_m "
+                         f"(got {tiles.min_block_m} < {sched.block_m}; fused_experts sets it for "
                          f"schedule='tail_tiles')")
     grid = (min(tiles_bound, _num_sms(a.device)) if tiles.persistent else tiles_bound, split_k)
     w_desc = a_desc = None
@@ -278,7 +279,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         gather_a, gate_up_silu, weighted,  # GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED
         sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
-        min(tiles.min_block_m, sched.block_m),
+        min_block_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
         tiles.sweep_n if 0 < tiles.sweep_n < triton.cdiv(n, tiles.block_n) else 0,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
