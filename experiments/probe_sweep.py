@@ -33,9 +33,6 @@ import torch
 
 import tritonmoe
 from tritonmoe.configs import get_tiles
-from tritonmoe.gemm import gate_up_silu, grouped_gemm
-from tritonmoe.permute import combine
-from tritonmoe.schedule import build_schedule
 from . import common
 from .latency import check, make_problem
 from .skew import skewed_topk_ids
@@ -92,26 +89,6 @@ def _variant(name: str, tuned):
     return t
 
 
-class _ExactBench(_Bench):
-    """``_Bench`` with the tiles run exactly as given (it resets them to the forward's full-height tiles)."""
-
-    def fn(self, kernel, t):
-        s, p = self.sched(t.block_m), self.p
-        if kernel == "gate_up":
-            return lambda: gate_up_silu(p.x, p.w13, s, t)
-        return lambda: combine(grouped_gemm(self.inter, p.w2, s, t, topk_weights=self.weights),
-                               self.spec.top_k * t.split_k, dtype=p.x.dtype)
-
-    def forward(self, tiles):
-        """The GEMM stages of the forward with exactly these tiles: schedule(s), both GEMMs, combine."""
-        (gu, dn), p, E = tiles, self.p, self.spec.num_experts
-        sched = build_schedule(self.ids, E, gu.block_m)
-        down_sched = sched if dn.block_m == gu.block_m else build_schedule(self.ids, E, dn.block_m)
-        inter = gate_up_silu(p.x, p.w13, sched, gu)
-        return combine(grouped_gemm(inter, p.w2, down_sched, dn, topk_weights=self.weights),
-                       self.spec.top_k * dn.split_k, dtype=p.x.dtype)
-
-
 def main(smoke: bool = False) -> None:
     dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
     prov = common.provenance(dev, SEED)
@@ -130,7 +107,7 @@ def main(smoke: bool = False) -> None:
             problems[name] = make_problem(spec, max(t for n, t, _ in points if n == name), dtype, dev, SEED)
         p = replace(problems[name], x=problems[name].x[:T])
         E, k = spec.num_experts, spec.top_k
-        bench = _ExactBench(p, spec, T, dtype, WARMUP_MS, REP_MS)
+        bench = _Bench(p, spec, T, dtype, WARMUP_MS, REP_MS)  # runs tiles as the forward does
         if skew is not None:
             g = torch.Generator(device=dev).manual_seed(SEED)
             bench.ids = skewed_topk_ids(T, k, E, skew, seed=SEED).to(dev)
@@ -160,10 +137,11 @@ def main(smoke: bool = False) -> None:
                     fastest = (t, r["ms_p50"], variant)
             best.append(fastest if fastest else (tuned_exact[i], None, "tuned"))
         forward = {"tuned": tuned_exact, "best": [b[0] for b in best], "tuned_again": tuned_exact}
-        expect = bench.forward(tuned_exact)
+        run = lambda tiles: tritonmoe.fused_experts(p.x, p.w13, p.w2, bench.weights, bench.ids, tiles=tiles)  # noqa: E731
+        expect = run(tuned_exact)
         ms = {}
         for variant, tiles in forward.items():
-            fn = lambda tiles=tiles: bench.forward(tiles)  # noqa: E731
+            fn = lambda tiles=tiles: run(tiles)  # noqa: E731
             err = check(fn(), expect)
             q = common.quantiles(common.time_ms(fn, dev, WARMUP_MS, REP_MS)) if err <= 1e-2 else {}
             rows.append({**base, "kernel": "forward_gemms", "variant": variant, "rel_err": err,
