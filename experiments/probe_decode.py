@@ -5,11 +5,12 @@ This replays the whole layer forward (router matmul, routing, schedule, gate+up,
 from a CUDA graph under the PyTorch profiler (CUPTI) and records each kernel's duration and the
 idle gap before it, per model and T, so the gap to the floor splits into the GEMMs' own time and
 what the small kernels and the boundaries between kernels cost. The profiler's clock is the
-GPU's; a replay's span is from its first kernel's start to its last kernel's end. Variant
-"sanitize_overflow" is the control for the launch option that leaves out Triton's int32 overflow
-checks (``tritonmoe._launch.OPTIONS``), which the schedule's debug=True kernels otherwise compile in;
-"torch_router" the control for ``tritonmoe.router_logits`` (the router matmul as PyTorch runs it);
-"route_4_warps" the routing kernel with 4 warps at every size (the control for PERF_LOG v14).
+GPU's; a replay's span is from its first kernel's start to its last kernel's end. Variants:
+"default" (a slot schedule at T = 1, ``functional.SLOT_SCHEDULE_MAX_TOKENS``), "built_schedule"
+(the schedule kernel at every T: the control for PERF_LOG v16) and "slot_schedule" (a slot schedule
+at every T: the measurement for raising that limit). The controls of earlier versions (Triton's
+overflow checks, PyTorch's router matmul, the routing kernel in 4 warps) are in the rows of commits
+3b60a07, 81a41d4 and 0245d56, with the code that ran them.
 
     python -m experiments.probe_decode            # -> results/<GPU>/probe_decode.jsonl
 """
@@ -17,25 +18,21 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import replace
-from importlib import import_module
 
 import torch
 
-import tritonmoe
-from tritonmoe import _launch
+from tritonmoe import functional
 from tritonmoe.specs import get_spec
 from . import common
-from .impls import EXPERTS, IMPLS
+from .impls import IMPLS
 from .latency import make_problem
 
-route = import_module("tritonmoe.route")  # the module (tritonmoe.route is the function)
 MODELS = ("mixtral_8x7b", "qwen2_57b_a14b", "deepseek_v3")
-TOKENS = (1, 2)
+TOKENS = (1, 2, 4)
 REPLAYS = 20
 SEED = 0
-# launch options over the default; "torch_router": the router matmul in PyTorch instead of tritonmoe.router_logits;
-# "route_4_warps": the routing kernel with 4 warps at every size (before PERF_LOG v14)
-VARIANTS = {"default": {}, "sanitize_overflow": {"sanitize_overflow": True}, "torch_router": {}, "route_4_warps": {}}
+# functional.SLOT_SCHEDULE_MAX_TOKENS per variant (None: as shipped)
+VARIANTS = {"default": None, "built_schedule": 0, "slot_schedule": max(TOKENS)}
 
 
 def _short(name: str) -> str:
@@ -62,12 +59,8 @@ def timeline(graph) -> list[list[dict]]:
 
 
 def _profile(p, name: str, T: int, variant: str, prov: dict, ceilings: dict) -> dict:
-    pt = replace(p, x=p.x[:T])
-    if variant == "torch_router":  # the router matmul as PyTorch computes it (the other implementations' way)
-        experts = EXPERTS["tritonmoe_fused"](pt)
-        fn = lambda: experts(*tritonmoe.route(pt.router_logits(), pt.spec, correction_bias=pt.bias))  # noqa: E731
-    else:
-        fn = IMPLS["tritonmoe_fused"](pt)
+    fn = IMPLS["tritonmoe_fused"](replace(p, x=p.x[:T]))
+    eager = common.quantiles(common.time_ms(fn, p.x.device, 100, 500))  # the forward as the latency grid times it
     graph, _ = common.capture_graph(fn)
     replays = timeline(graph)
     spans = [r[-1]["start_us"] + r[-1]["dur_us"] - r[0]["start_us"] for r in replays]
@@ -78,8 +71,10 @@ def _profile(p, name: str, T: int, variant: str, prov: dict, ceilings: dict) -> 
         kernels.append({"kernel": kernel, "dur_us": statistics.median(durs), "gap_before_us": statistics.median(gaps)})
     line = " | ".join(f"{k['kernel']} {k['dur_us']:.1f}" + (f" (+{k['gap_before_us']:.1f})" if i else "")
                       for i, k in enumerate(kernels))
-    print(f"{name} T={T} {variant}: span {statistics.median(spans):.1f} us: {line}", flush=True)
+    print(f"{name} T={T} {variant}: eager {1e3 * eager['ms_p50']:.1f} us, graph span {statistics.median(spans):.1f} us: "
+          f"{line}", flush=True)
     return {**prov, **ceilings, "probe": "decode_graph", "variant": variant, "model": name, "T": T,
+            "eager_ms": eager,
             "replays": REPLAYS, "span_us_p50": statistics.median(spans), "span_us_min": min(spans),
             "span_us_max": max(spans), "kernels": kernels}
 
@@ -93,19 +88,14 @@ def main() -> None:
         spec = get_spec(name)
         p = make_problem(spec, max(TOKENS), torch.bfloat16, dev, SEED)
         for T in TOKENS:
-            for variant, options in VARIANTS.items():
-                default, one_warp = dict(_launch.OPTIONS), route.ONE_WARP_ELEMENTS
-                _launch.OPTIONS.update(options)
-                if variant == "route_4_warps":
-                    route.ONE_WARP_ELEMENTS = 0
-                _launch._compiled.clear()  # kernels compiled with other options
+            for variant, max_tokens in VARIANTS.items():
+                shipped = functional.SLOT_SCHEDULE_MAX_TOKENS
+                if max_tokens is not None:
+                    functional.SLOT_SCHEDULE_MAX_TOKENS = max_tokens
                 try:
                     rows.append(_profile(p, name, T, variant, prov, ceilings))
                 finally:
-                    _launch.OPTIONS.clear()
-                    _launch.OPTIONS.update(default)
-                    route.ONE_WARP_ELEMENTS = one_warp
-                    _launch._compiled.clear()
+                    functional.SLOT_SCHEDULE_MAX_TOKENS = shipped
         del p
         torch.cuda.empty_cache()
     path = common.REPO / "results" / common.device_name(dev) / "probe_decode.jsonl"

@@ -180,6 +180,46 @@ def test_persistent_needs_full_tiles(schedule, min_block_m, device):
                                 schedule=schedule)
 
 
+# Slot schedules (every slot its own one-row M-block, no schedule built): what a single token runs by
+# default, and schedule="slots" at any T, where tokens share experts (the same expert in many blocks).
+SLOT_CASES = {
+    "T1-E256-k8": (torch.tensor([[255, 0, 17, 3, 128, 64, 200, 1]]), 256),
+    "T1-E8-k2-int64": (torch.tensor([[7, 2]], dtype=torch.int64), 8),
+    "T5-shared-experts": (torch.tensor([[1, 3], [3, 1], [1, 0], [3, 1], [1, 2]]), 4),
+    "all-on-one-expert": (torch.full((40, 1), 5, dtype=torch.int32), 16),
+}
+
+
+@pytest.mark.parametrize("down", [dict(), dict(split_k=3), dict(tma=True)], ids=["plain", "split3", "tma"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("case", SLOT_CASES)
+def test_slot_schedule(case, fused, down, device, poison, monkeypatch):
+    ids, E = SLOT_CASES[case]
+    T, k = ids.shape
+    from tritonmoe import functional
+    built = []
+    monkeypatch.setattr(functional, "build_schedule", lambda *a: built.append(a) or tritonmoe.build_schedule(*a))
+    gate_up = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, num_stages=2, tma=down.get("tma", False))
+    tiles = (gate_up, tritonmoe.TileConfig(block_m=64, block_n=32, block_k=32, num_stages=2, **down))
+    for dtype in dtypes_for(device):
+        # a single token runs a slot schedule by default; more tokens ask for it
+        check(*make_inputs(T, k, E, device, dtype, ids=ids), fused=fused, tiles=tiles,
+              schedule="expert_groups" if T == 1 else "slots")
+    assert not built, "a slot schedule builds no schedule"
+    if T > 1:  # and the default builds one there
+        check(*make_inputs(T, k, E, device, torch.float32, ids=ids), fused=fused, tiles=tiles)
+        assert built
+
+
+def test_slot_schedule_needs_no_block_walk(device, poison):
+    # persistent tiles walk a built schedule's blocks: refused for schedule="slots", and a single token
+    # with them by default gets a built schedule instead
+    tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, persistent=True)
+    with pytest.raises(ValueError, match="a slot schedule has none"):
+        tritonmoe.fused_experts(*make_inputs(3, 2, 8, device, torch.float32), tiles=(tiles, tiles), schedule="slots")
+    check(*make_inputs(1, 2, 8, device, torch.float32), tiles=(tiles, tiles))
+
+
 def test_bad_schedule(device):
     with pytest.raises(ValueError, match="schedule must be one of"):
         tritonmoe.fused_experts(*make_inputs(4, 2, 8, device, torch.float32), schedule="dynamic")
@@ -242,7 +282,8 @@ def test_bad_input(changes, error, match, device):
         _bad(device, **changes)
 
 
-@pytest.mark.parametrize("T", [4, 700])  # one schedule chunk (one launch) / several (three launches)
+# a slot schedule (the GEMMs check the ids) / one schedule chunk (one launch) / several (three launches)
+@pytest.mark.parametrize("T", [1, 4, 700])
 @pytest.mark.parametrize("bad_id", [8, -1, 2**32 + 1])  # the last: int64, 1 if narrowed before the check
 def test_out_of_range_ids(bad_id, T, device):
     if device.type == "cpu":

@@ -1,6 +1,6 @@
 """The MoE forward pass: validate the arguments, then chain the stages.
 
-route (tritonmoe.route) -> build_schedule -> [fused] gate_up_silu -> grouped_gemm (down,
+route (tritonmoe.route) -> build_schedule (or a slot schedule, no launch) -> [fused] gate_up_silu -> grouped_gemm (down,
 weighted, scattered to slots) -> combine. The unfused pipeline (``fused=False``, the
 preprint's ablation) replaces the first GEMM by permute -> gate GEMM -> up GEMM -> silu_mul.
 """
@@ -15,13 +15,16 @@ from ._utils import SUPPORTED_DTYPES, check_matmul_dtype, check_tensor
 from .configs import get_chunk_tokens, get_tiles
 from .gemm import gate_up_silu, grouped_gemm, silu_mul
 from .permute import combine, permute
-from .schedule import build_schedule
+from .schedule import build_schedule, slot_schedule
 
 __all__ = ["fused_experts", "check_routing", "check_expert_weights"]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
-SCHEDULES = ("expert_groups", "fixed", "tail_tiles")
+SCHEDULES = ("expert_groups", "fixed", "tail_tiles", "slots")
 TAIL_TILES_MIN_BLOCK_M = 16  # schedule="tail_tiles" with tiles that set no min_block_m
+# schedule="expert_groups" runs a slot schedule up to this many tokens: at T = 1 the same blocks with no
+# schedule kernel (PERF_LOG v16); from T = 2 tokens may share experts, which a slot schedule reads twice.
+SLOT_SCHEDULE_MAX_TOKENS = 1
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -118,7 +121,10 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
             experts, so a skewed expert's blocks share its weight reads wherever they start
             (experiments/PERF_LOG.md, v9); "fixed": groups of group_m consecutive blocks (the
             preprint's design); "tail_tiles": as "fixed", with tail tiles down to 16 rows at least
-            (PERF_LOG v4: slower than "fixed" on the H100 at 8192 tokens).
+            (PERF_LOG v4: slower than "fixed" on the H100 at 8192 tokens); "slots": every slot (token,
+            choice) its own M-block of one row, its expert read from ``topk_ids`` by the GEMMs, so no
+            schedule is built (no launch): what "expert_groups" runs for a single token, where the k
+            choices are k distinct experts and the blocks are the same (PERF_LOG v16).
         chunk_tokens: run the forward in chunks of this many tokens, each with its own schedule
             and tiles. Default: the tuned table's choice for the device and shape (on the H100,
             Mixtral-8x7B at T >= 8192 runs in chunks of 4096, measured faster: experiments/PERF_LOG.md,
@@ -153,10 +159,14 @@ def _forward(hidden_states, w13, w2, weights, ids, fused, tiles, schedule, out=N
     gate_up_tiles, down_tiles = tiles if tiles is not None else get_tiles(T, k, E, F, H, hidden_states.dtype,
                                                                           hidden_states.device)
     gate_up_tiles, down_tiles = _schedule_tiles(gate_up_tiles, schedule), _schedule_tiles(down_tiles, schedule)
-    sched = build_schedule(ids, E, gate_up_tiles.block_m)
-    # The sorted order does not depend on block_m, so a down projection with other M-blocks only needs
-    # its own block map over the same rows: one more schedule build (the tuner weighs it in).
-    down_sched = sched if down_tiles.block_m == sched.block_m else build_schedule(ids, E, down_tiles.block_m)
+    walks_blocks = any(t.persistent or t.sweep_n for t in (gate_up_tiles, down_tiles))  # need a built schedule
+    if schedule == "slots" or (schedule == "expert_groups" and T <= SLOT_SCHEDULE_MAX_TOKENS and not walks_blocks):
+        sched = down_sched = slot_schedule(ids, E)
+    else:
+        sched = build_schedule(ids, E, gate_up_tiles.block_m)
+        # The sorted order does not depend on block_m, so a down projection with other M-blocks only needs
+        # its own block map over the same rows: one more schedule build (the tuner weighs it in).
+        down_sched = sched if down_tiles.block_m == sched.block_m else build_schedule(ids, E, down_tiles.block_m)
     if fused:
         inter = gate_up_silu(hidden_states, w13, sched, gate_up_tiles)
     else:

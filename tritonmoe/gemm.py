@@ -37,7 +37,7 @@ def _expert_gemm_kernel(
     w_desc,                          # WEIGHT_TMA: a tensor descriptor over w as (E * rows, K), else None
     a_desc,                          # A_TMA: a tensor descriptor over a (sorted rows, K), else None
     # sizes
-    N, K, TOP_K, n_offset, up_offset, max_blocks, k_per_split,
+    N, K, TOP_K, n_offset, up_offset, max_blocks, k_per_split, num_experts,
     # strides
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
     # meta-parameters
@@ -53,8 +53,24 @@ def _expert_gemm_kernel(
     A_TMA: tl.constexpr,             # input tiles too (rows in sorted order, full-height tiles only)
     PERSISTENT: tl.constexpr,        # one program per SM walks the used tiles (full-height tiles only)
     SWEEP_N: tl.constexpr,           # N-tiles per sweep over all M-blocks (0: all of N in one sweep)
+    SLOT_BLOCKS: tl.constexpr,       # a slot schedule: M-block b is slot b (one row), expert block_expert[b] = topk_ids
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
+    if SLOT_BLOCKS:
+        # max_blocks = T*k blocks, N-tile major: the programs of one N-tile run together, so slots
+        # that share an expert read its weight tile at once (L2) instead of apart.
+        pid_m = tl.program_id(0) % max_blocks
+        pid_n = tl.program_id(0) // max_blocks
+        expert = tl.load(block_expert_ptr + pid_m)                                  # int32 or int64 id
+        in_range = (expert >= 0) & (expert < num_experts)
+        tl.device_assert(in_range, "tritonmoe: topk_ids has an expert id outside [0, num_experts)")
+        if in_range:  # range-checked before narrowing; without the assertion (CPU) the block writes nothing
+            _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr,
+                         expert.to(tl.int32), pid_m, pid_m + 1, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split,
+                         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
+                         GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
+                         WEIGHT_TMA, False, True)
+        return
     if PERSISTENT:
         # The tiles of the used M-blocks (their count is on the device), grid-strided over the programs;
         # consecutive tiles' K loops run as one pipelined loop, so one tile's epilogue can overlap the
@@ -68,7 +84,7 @@ def _expert_gemm_kernel(
                          tl.load(block_row_ptr + pid_m), tl.load(expert_offsets_ptr + expert + 1), pid_n, N, K, TOP_K,
                          n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                          stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
-                         EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA)
+                         EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, False)
         return
     pid = tl.program_id(0)
     if SWEEP_N > 0:
@@ -105,7 +121,7 @@ def _expert_gemm_kernel(
                              row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak,
                              stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
                              SCATTER_WEIGHTED, BLOCK_M >> h, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, WEIGHT_TMA,
-                             A_TMA and h == 0)
+                             A_TMA and h == 0, False)
 
 
 @triton.jit
@@ -146,13 +162,16 @@ def _expert_tile(
     N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
     stride_om, stride_on, GATHER_A: tl.constexpr, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr,
     TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr, A_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr, A_TMA: tl.constexpr, SLOT_ORDER: tl.constexpr,
 ):
-    """One (TILE_M rows of one expert) x (BLOCK_N columns) output tile over one split-K slice."""
+    """One (TILE_M rows of one expert) x (BLOCK_N columns) output tile over one split-K slice.
+    SLOT_ORDER: rows are slots (a slot schedule), else sorted rows mapped to slots by sorted_slots."""
     pid_k = tl.program_id(1)  # split-K slice: [pid_k * k_per_split, ...) of the reduction
     offs_m = row_start + tl.arange(0, TILE_M)                                                   # [TM]
     mask_m = offs_m < row_end
-    if GATHER_A or SCATTER_WEIGHTED:
+    if SLOT_ORDER:
+        slots = offs_m.to(tl.int64)                                                             # [TM]
+    elif GATHER_A or SCATTER_WEIGHTED:
         slots = tl.load(sorted_slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)          # [TM]
     if GATHER_A:
         a_rows = slots // TOP_K
@@ -209,6 +228,11 @@ def _expert_tile(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+# The same kernel with its device-side check of expert ids compiled in (debug=True; the launch options
+# leave out the overflow checks), for slot schedules: the only ones whose ids no schedule kernel checked.
+_expert_gemm_kernel_checked = triton.jit(debug=True, do_not_specialize=["max_blocks"])(_expert_gemm_kernel.fn)
+
+
 @triton.jit
 def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -251,6 +275,10 @@ def _group_blocks(tiles, a: torch.Tensor, block_m: int, K: int) -> int:
     return max(tiles.group_m, _l2_bytes(a.device) // 2 // (block_m * K * a.element_size()))
 
 
+def _or(t, placeholder):
+    return placeholder if t is None else t
+
+
 def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offset: int, gather_a: bool,
             gate_up_silu: bool, topk_weights, split_k: int = 1):
     check_matmul_dtype("a", a.dtype)
@@ -261,6 +289,9 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), tiles.block_k) * tiles.block_k
     tiles_bound = sched.max_blocks * triton.cdiv(n, tiles.block_n)
     min_block_m = min(tiles.min_block_m or sched.block_m, sched.block_m)  # 0: full-height tiles only
+    if sched.slot_blocks and (tiles.persistent or tiles.sweep_n):
+        raise ValueError(f"tiles: persistent and sweep_n walk a built schedule's used blocks; a slot schedule has "
+                         f"none (persistent={tiles.persistent}, sweep_n={tiles.sweep_n})")
     if tiles.persistent and min_block_m < sched.block_m:
         raise ValueError(f"tiles: persistent=True runs full-height tiles only: min_block_m must be 0 or block_m "
                          f"(got {tiles.min_block_m} < {sched.block_m}; fused_experts sets it for "
@@ -269,19 +300,21 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     w_desc = a_desc = None
     if tiles.tma:
         w_desc = _descriptor(w, (tiles.block_n, tiles.block_k))
-        if not gather_a:
+        if not gather_a and not sched.slot_blocks:  # a slot schedule's one-row tiles load through pointers
             a_desc = _descriptor(a, (sched.block_m, tiles.block_k))
-    launch(_expert_gemm_kernel, grid, (
-        a, w, out, sched.sorted_slots, topk_weights if weighted else out, sched.block_expert,
-        sched.block_row_start, sched.block_rank, sched.block_siblings, sched.expert_offsets, sched.num_blocks,
+    unused = sched.block_expert  # a pointer for the slot schedule's absent tensors (never read)
+    launch(_expert_gemm_kernel_checked if sched.slot_blocks else _expert_gemm_kernel, grid, (
+        a, w, out, _or(sched.sorted_slots, unused), topk_weights if weighted else out, sched.block_expert,
+        _or(sched.block_row_start, unused), _or(sched.block_rank, unused), _or(sched.block_siblings, unused),
+        _or(sched.expert_offsets, unused), _or(sched.num_blocks, unused),
         w_desc, a_desc,
-        n, K, sched.top_k, n_offset, up_offset, sched.max_blocks, k_per_split,
+        n, K, sched.top_k, n_offset, up_offset, sched.max_blocks, k_per_split, sched.num_experts,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         gather_a, gate_up_silu, weighted,  # GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED
         sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
         min_block_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
-        tiles.sweep_n if 0 < tiles.sweep_n < triton.cdiv(n, tiles.block_n) else 0,
+        tiles.sweep_n if 0 < tiles.sweep_n < triton.cdiv(n, tiles.block_n) else 0, sched.slot_blocks,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 

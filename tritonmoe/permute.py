@@ -21,12 +21,15 @@ __all__ = ["permute", "combine"]
 
 @triton.jit
 def _permute_kernel(x_ptr, out_ptr, sorted_slots_ptr, S, H, TOP_K, stride_xt, stride_xh, stride_om, stride_oh,
-                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, SLOT_ORDER: tl.constexpr):
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)                   # [BR]
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)                                  # [BH]
     mask_r = offs_r < S
     mask = mask_r[:, None] & (offs_h[None, :] < H)
-    tokens = (tl.load(sorted_slots_ptr + offs_r, mask=mask_r, other=0) // TOP_K).to(tl.int64)
+    if SLOT_ORDER:  # a slot schedule: row r is slot r
+        tokens = offs_r // TOP_K
+    else:
+        tokens = (tl.load(sorted_slots_ptr + offs_r, mask=mask_r, other=0) // TOP_K).to(tl.int64)
     rows = tl.load(x_ptr + tokens[:, None] * stride_xt + offs_h[None, :] * stride_xh, mask=mask)
     tl.store(out_ptr + offs_r[:, None] * stride_om + offs_h[None, :] * stride_oh, rows, mask=mask)
 
@@ -46,14 +49,15 @@ def _combine_kernel(rows_ptr, out_ptr, T, H, stride_rm, stride_rh, stride_ot, st
 
 
 def permute(hidden_states: torch.Tensor, sched: Schedule) -> torch.Tensor:
-    """(T, H) -> (T*k, H): row i is the token of sorted slot i."""
+    """(T, H) -> (T*k, H): row i is the token of sorted slot i (of slot i, for a slot schedule)."""
     S, H = sched.num_tokens * sched.top_k, hidden_states.shape[1]
     out = torch.empty(S, H, dtype=hidden_states.dtype, device=hidden_states.device)
     if S:
         block_r, block_h = 16, min(1024, next_pow2(H))
         launch(_permute_kernel, (triton.cdiv(S, block_r), triton.cdiv(H, block_h)), (
-            hidden_states, out, sched.sorted_slots, S, H, sched.top_k, hidden_states.stride(0),
-            hidden_states.stride(1), out.stride(0), out.stride(1), block_r, block_h))
+            hidden_states, out, sched.block_expert if sched.slot_blocks else sched.sorted_slots, S, H, sched.top_k,
+            hidden_states.stride(0), hidden_states.stride(1), out.stride(0), out.stride(1), block_r, block_h,
+            sched.slot_blocks))
     return out
 
 

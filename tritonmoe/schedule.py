@@ -18,6 +18,13 @@ and by slot within an expert. Activations are never padded: an expert's last M-b
 simply masks rows past the expert's end. The grid of the GEMMs is a host-side upper
 bound on the number of M-blocks; programs past ``num_blocks`` (read on the device) exit.
 The GEMMs (``tritonmoe.gemm``) come next.
+
+``slot_schedule`` is the schedule with no launch at all: every slot its own M-block of one row, in
+slot order, its expert read from ``topk_ids`` by the GEMMs themselves. A token's k choices name k
+distinct experts in every router this package implements, so at T = 1 these are the blocks
+``build_schedule`` makes, less its kernel and the gap after it (the forward's default there,
+experiments/PERF_LOG.md v16). At larger T an expert chosen by several tokens gets one block per
+slot, each reading its weight tiles (together, so mostly from L2).
 """
 from __future__ import annotations
 
@@ -31,13 +38,14 @@ import triton.language as tl
 from ._launch import launch
 from ._utils import cdiv, next_pow2
 
-__all__ = ["Schedule", "build_schedule", "max_blocks"]
+__all__ = ["Schedule", "build_schedule", "slot_schedule", "max_blocks", "SLOT_BLOCK_M"]
 
 # Up to ONE_LAUNCH_SLOTS slots one program builds the whole schedule (small T is bound by host
 # time, and each launch costs it). Above, CHUNK_SLOTS per program of the histogram and the
 # scatter: smaller chunks mean more programs working at once.
 ONE_LAUNCH_SLOTS = 512
 CHUNK_SLOTS = 256
+SLOT_BLOCK_M = 16  # tile height of slot_schedule's one-row blocks: the smallest tl.dot takes
 
 
 @dataclass
@@ -49,17 +57,21 @@ class Schedule:
     num_experts: int              # E
     block_m: int                  # rows per GEMM M-block (every expert uses the same)
     max_blocks: int               # host-side upper bound on M-blocks: the GEMMs' grid size in M
-    expert_counts: torch.Tensor   # (E,) int32: slots routed to each expert
-    expert_offsets: torch.Tensor  # (E+2,) int32: first sorted row of each expert; [E] = valid slots,
-                                  # slots with out-of-range ids sort after them, [E+1] = T*k
-    sorted_slots: torch.Tensor    # (T*k,) int32: the slot at each sorted row
-    slot_positions: torch.Tensor  # (T*k,) int32: the sorted row of each slot (inverse of sorted_slots)
-    block_expert: torch.Tensor    # (max_blocks,) int32: expert of each M-block; -1 past num_blocks
-    block_row_start: torch.Tensor  # (max_blocks,) int32: first sorted row of each M-block
-    block_rank: torch.Tensor      # (max_blocks,) int32: index of each M-block among its expert's; 0 past num_blocks
-    block_siblings: torch.Tensor  # (max_blocks,) int32: M-blocks of each block's expert; 1 past num_blocks
-    num_blocks: torch.Tensor      # (1,) int32: M-blocks in use
-    num_invalid: torch.Tensor     # (1,) int32: slots whose expert id was out of [0, E)
+    # The tensors below are None in a slot schedule (``slot_blocks``): its M-block b is slot b, of
+    # expert topk_ids.flatten()[b], and its rows are in slot order.
+    expert_counts: torch.Tensor | None   # (E,) int32: slots routed to each expert
+    expert_offsets: torch.Tensor | None  # (E+2,) int32: first sorted row of each expert; [E] = valid slots,
+                                         # slots with out-of-range ids sort after them, [E+1] = T*k
+    sorted_slots: torch.Tensor | None    # (T*k,) int32: the slot at each sorted row
+    slot_positions: torch.Tensor | None  # (T*k,) int32: the sorted row of each slot (inverse of sorted_slots)
+    block_expert: torch.Tensor           # (max_blocks,) int32: expert of each M-block; -1 past num_blocks
+                                         # (slot schedule: topk_ids as given, flattened, int32 or int64)
+    block_row_start: torch.Tensor | None  # (max_blocks,) int32: first sorted row of each M-block
+    block_rank: torch.Tensor | None      # (max_blocks,) int32: index of each M-block among its expert's; 0 past num_blocks
+    block_siblings: torch.Tensor | None  # (max_blocks,) int32: M-blocks of each block's expert; 1 past num_blocks
+    num_blocks: torch.Tensor | None      # (1,) int32: M-blocks in use
+    num_invalid: torch.Tensor | None     # (1,) int32: slots whose expert id was out of [0, E)
+    slot_blocks: bool = False            # a slot schedule (``slot_schedule``)
 
 
 def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
@@ -260,3 +272,18 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Sc
     launch(_scatter_kernel, (num_chunks,), (ids, base, sched.sorted_slots, sched.slot_positions, S, num_experts,
                                             block_s, sub_s, nbins))
     return sched
+
+
+def slot_schedule(topk_ids: torch.Tensor, num_experts: int) -> Schedule:
+    """Every slot its own M-block of one row (``SLOT_BLOCK_M`` tall), rows in slot order: no launch.
+
+    The GEMMs read each block's expert from ``topk_ids`` (int32 or int64 (T, k)); on the GPU an
+    out-of-range id trips their device-side assertion (and its block writes nothing), as in
+    ``build_schedule``'s kernel.
+    """
+    T, k = topk_ids.shape
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    return Schedule(num_tokens=T, top_k=k, num_experts=num_experts, block_m=SLOT_BLOCK_M, max_blocks=T * k,
+                    expert_counts=None, expert_offsets=None, sorted_slots=None, slot_positions=None,
+                    block_expert=ids.view(-1), block_row_start=None, block_rank=None, block_siblings=None,
+                    num_blocks=None, num_invalid=None, slot_blocks=True)
