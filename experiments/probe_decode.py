@@ -71,8 +71,8 @@ def _profile(p, name: str, T: int, variant: str, prov: dict, ceilings: dict) -> 
         kernels.append({"kernel": kernel, "dur_us": statistics.median(durs), "gap_before_us": statistics.median(gaps)})
     line = " | ".join(f"{k['kernel']} {k['dur_us']:.1f}" + (f" (+{k['gap_before_us']:.1f})" if i else "")
                       for i, k in enumerate(kernels))
-    print(f"{name} T={T} {variant}: eager {1e3 * eager['ms_p50']:.1f} us, graph span {statistics.median(spans):.1f} us: "
-          f"{line}", flush=True)
+    print(f"{name} T={T} {variant}: eager {1e3 * eager['ms_p50']:.1f} us, graph span "
+          f"{statistics.median(spans):.1f} us: {line}", flush=True)
     return {**prov, **ceilings, "probe": "decode_graph", "variant": variant, "model": name, "T": T,
             "eager_ms": eager,
             "replays": REPLAYS, "span_us_p50": statistics.median(spans), "span_us_min": min(spans),

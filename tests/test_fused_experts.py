@@ -185,6 +185,7 @@ def test_persistent_needs_full_tiles(schedule, min_block_m, device):
 SLOT_CASES = {
     "T1-E256-k8": (torch.tensor([[255, 0, 17, 3, 128, 64, 200, 1]]), 256),
     "T1-E8-k2-int64": (torch.tensor([[7, 2]], dtype=torch.int64), 8),
+    "T2-shared-expert": (torch.tensor([[1, 3], [3, 0]], dtype=torch.int32), 4),
     "T5-shared-experts": (torch.tensor([[1, 3], [3, 1], [1, 0], [3, 1], [1, 2]]), 4),
     "all-on-one-expert": (torch.full((40, 1), 5, dtype=torch.int32), 16),
 }
@@ -201,12 +202,13 @@ def test_slot_schedule(case, fused, down, device, poison, monkeypatch):
     monkeypatch.setattr(functional, "build_schedule", lambda *a: built.append(a) or tritonmoe.build_schedule(*a))
     gate_up = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, num_stages=2, tma=down.get("tma", False))
     tiles = (gate_up, tritonmoe.TileConfig(block_m=64, block_n=32, block_k=32, num_stages=2, **down))
+    by_default = T <= functional.SLOT_SCHEDULE_MAX_TOKENS
     for dtype in dtypes_for(device):
-        # a single token runs a slot schedule by default; more tokens ask for it
+        # up to SLOT_SCHEDULE_MAX_TOKENS tokens run a slot schedule by default; more tokens ask for it
         check(*make_inputs(T, k, E, device, dtype, ids=ids), fused=fused, tiles=tiles,
-              schedule="expert_groups" if T == 1 else "slots")
+              schedule="expert_groups" if by_default else "slots")
     assert not built, "a slot schedule builds no schedule"
-    if T > 1:  # and the default builds one there
+    if not by_default:  # and the default builds one there
         check(*make_inputs(T, k, E, device, torch.float32, ids=ids), fused=fused, tiles=tiles)
         assert built
 

@@ -23,8 +23,9 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 SCHEDULES = ("expert_groups", "fixed", "tail_tiles", "slots")
 TAIL_TILES_MIN_BLOCK_M = 16  # schedule="tail_tiles" with tiles that set no min_block_m
 # schedule="expert_groups" runs a slot schedule up to this many tokens: at T = 1 the same blocks with no
-# schedule kernel (PERF_LOG v16); from T = 2 tokens may share experts, which a slot schedule reads twice.
-SLOT_SCHEDULE_MAX_TOKENS = 1
+# schedule kernel; at T = 2 a shared expert's blocks read its weights twice, and the graph replays were
+# still 0.5-1.3 % faster on the H100 for all three models; at T = 4 mixed (PERF_LOG v16).
+SLOT_SCHEDULE_MAX_TOKENS = 2
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -123,8 +124,8 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
             preprint's design); "tail_tiles": as "fixed", with tail tiles down to 16 rows at least
             (PERF_LOG v4: slower than "fixed" on the H100 at 8192 tokens); "slots": every slot (token,
             choice) its own M-block of one row, its expert read from ``topk_ids`` by the GEMMs, so no
-            schedule is built (no launch): what "expert_groups" runs for a single token, where the k
-            choices are k distinct experts and the blocks are the same (PERF_LOG v16).
+            schedule is built (no launch): what "expert_groups" runs up to ``SLOT_SCHEDULE_MAX_TOKENS``
+            (2) tokens (for one token the k choices are k distinct experts: the same blocks; PERF_LOG v16).
         chunk_tokens: run the forward in chunks of this many tokens, each with its own schedule
             and tiles. Default: the tuned table's choice for the device and shape (on the H100,
             Mixtral-8x7B at T >= 8192 runs in chunks of 4096, measured faster: experiments/PERF_LOG.md,

@@ -70,8 +70,7 @@ def _expert_gemm_kernel(
                          stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
                          GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
                          WEIGHT_TMA, False, True)
-        return
-    if PERSISTENT:
+    elif PERSISTENT:
         # The tiles of the used M-blocks (their count is on the device), grid-strided over the programs;
         # consecutive tiles' K loops run as one pipelined loop, so one tile's epilogue can overlap the
         # next's loads. Measured slower than one program per tile on the H100 (PERF_LOG v11).
@@ -85,43 +84,43 @@ def _expert_gemm_kernel(
                          n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                          stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
                          EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, False)
-        return
-    pid = tl.program_id(0)
-    if SWEEP_N > 0:
-        # sweeps take the used M-blocks only (their count is on the device); the grid's surplus exits
-        used = tl.load(num_blocks_ptr)
-        if pid >= used * num_pid_n:
-            return
-        pid_m, pid_n = _tile_position(pid, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
-                                      EXPERT_GROUPS, SWEEP_N)
     else:
-        pid_m, pid_n = _tile_position(pid, num_pid_n, max_blocks, block_rank_ptr, block_siblings_ptr, GROUP_M,
-                                      EXPERT_GROUPS, SWEEP_N)
+        pid = tl.program_id(0)
+        if SWEEP_N > 0:
+            # sweeps take the used M-blocks only (their count is on the device); the grid's surplus exits
+            used = tl.load(num_blocks_ptr)
+            if pid >= used * num_pid_n:
+                return
+            pid_m, pid_n = _tile_position(pid, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
+                                          EXPERT_GROUPS, SWEEP_N)
+        else:
+            pid_m, pid_n = _tile_position(pid, num_pid_n, max_blocks, block_rank_ptr, block_siblings_ptr, GROUP_M,
+                                          EXPERT_GROUPS, SWEEP_N)
 
-    # The schedule: this M-block's expert (-1: unused block of the upper-bound grid) and rows.
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
-        return
-    row_start = tl.load(block_row_ptr + pid_m)
-    row_end = tl.load(expert_offsets_ptr + expert + 1)
-    # An expert's last M-block is partial. With MIN_BLOCK_M < BLOCK_M (schedule="tail_tiles") its
-    # tile height is the smallest power of two (down to MIN_BLOCK_M) that holds its rows, so
-    # padding costs at most half a tile; one branch per height. With MIN_BLOCK_M = BLOCK_M (the
-    # default, fixed schedule) only the full-height branch is compiled.
-    rows = row_end - row_start
-    height = 0  # halvings of BLOCK_M
-    for h in tl.static_range(1, 4):
-        if BLOCK_M >> h >= MIN_BLOCK_M:
-            if rows <= BLOCK_M >> h:
-                height = h
-    for h in tl.static_range(0, 4):
-        if BLOCK_M >> h >= MIN_BLOCK_M:
-            if height == h:
-                _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start,
-                             row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak,
-                             stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
-                             SCATTER_WEIGHTED, BLOCK_M >> h, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, WEIGHT_TMA,
-                             A_TMA and h == 0, False)
+        # The schedule: this M-block's expert (-1: unused block of the upper-bound grid) and rows.
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        row_start = tl.load(block_row_ptr + pid_m)
+        row_end = tl.load(expert_offsets_ptr + expert + 1)
+        # An expert's last M-block is partial. With MIN_BLOCK_M < BLOCK_M (schedule="tail_tiles") its
+        # tile height is the smallest power of two (down to MIN_BLOCK_M) that holds its rows, so
+        # padding costs at most half a tile; one branch per height. With MIN_BLOCK_M = BLOCK_M (the
+        # default, fixed schedule) only the full-height branch is compiled.
+        rows = row_end - row_start
+        height = 0  # halvings of BLOCK_M
+        for h in tl.static_range(1, 4):
+            if BLOCK_M >> h >= MIN_BLOCK_M:
+                if rows <= BLOCK_M >> h:
+                    height = h
+        for h in tl.static_range(0, 4):
+            if BLOCK_M >> h >= MIN_BLOCK_M:
+                if height == h:
+                    _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
+                                 row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak,
+                                 stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
+                                 SCATTER_WEIGHTED, BLOCK_M >> h, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, WEIGHT_TMA,
+                                 A_TMA and h == 0, False)
 
 
 @triton.jit

@@ -22,9 +22,9 @@ The GEMMs (``tritonmoe.gemm``) come next.
 ``slot_schedule`` is the schedule with no launch at all: every slot its own M-block of one row, in
 slot order, its expert read from ``topk_ids`` by the GEMMs themselves. A token's k choices name k
 distinct experts in every router this package implements, so at T = 1 these are the blocks
-``build_schedule`` makes, less its kernel and the gap after it (the forward's default there,
-experiments/PERF_LOG.md v16). At larger T an expert chosen by several tokens gets one block per
-slot, each reading its weight tiles (together, so mostly from L2).
+``build_schedule`` makes, less its kernel and the gap after it. At larger T an expert chosen by
+several tokens gets one block per slot, each reading its weight tiles (together, so mostly from L2).
+The forward runs it up to ``functional.SLOT_SCHEDULE_MAX_TOKENS`` tokens (experiments/PERF_LOG.md v16).
 """
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ class Schedule:
     block_expert: torch.Tensor           # (max_blocks,) int32: expert of each M-block; -1 past num_blocks
                                          # (slot schedule: topk_ids as given, flattened, int32 or int64)
     block_row_start: torch.Tensor | None  # (max_blocks,) int32: first sorted row of each M-block
-    block_rank: torch.Tensor | None      # (max_blocks,) int32: index of each M-block among its expert's; 0 past num_blocks
+    block_rank: torch.Tensor | None      # (max_blocks,) int32: index of each M-block among its expert's;
+                                         # 0 past num_blocks
     block_siblings: torch.Tensor | None  # (max_blocks,) int32: M-blocks of each block's expert; 1 past num_blocks
     num_blocks: torch.Tensor | None      # (1,) int32: M-blocks in use
     num_invalid: torch.Tensor | None     # (1,) int32: slots whose expert id was out of [0, E)
