@@ -10,6 +10,7 @@
 #     hf_model transformers' Mixtral (2 layers) per experts implementation, eager and CUDA graph (experiment=hf_model)
 #     decode the per-kernel timeline of T <= 2 forwards replayed from a CUDA graph (probe_decode)
 #     sweep  the GEMMs' tile order: N swept a few tiles at a time over all M-blocks (probe_sweep)
+#     power  the compute-bound end timed in bursts of 25 ms and over 500 ms, clocks sampled (probe_power)
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
@@ -86,6 +87,7 @@ stage_traffic() { run_experiment traffic model=mixtral_8x7b; }
 stage_hf_model() { run_experiment hf_model model=mixtral_8x7b; }
 stage_decode() { python3 -m experiments.probe_decode 2>&1 | tee "$OUT/probe_decode.log"; }
 stage_sweep() { python3 -m experiments.probe_sweep 2>&1 | tee "$OUT/probe_sweep.log"; }
+stage_power() { python3 -m experiments.probe_power 2>&1 | tee "$OUT/probe_power.log"; }
 
 for stage in $stages; do "stage_$stage"; done
 [[ -n $mb_pid ]] && wait "$mb_pid"

@@ -82,6 +82,25 @@ def test_exact_ties_go_to_lowest_id(scheme, device):
     assert torch.equal(ids.cpu(), rids) and torch.allclose(w.cpu(), rw)
 
 
+# Group-limited routing both ways the kernel computes it: groups tiling a power-of-two row (all groups'
+# scores at once, kept groups by rank) and any other layout (a loop over groups), with 1 or 2 scores per
+# group, including NaN logits (never selected; the token's weights NaN).
+@pytest.mark.parametrize("E,n_group,topk_group,k,score_topk", [
+    (32, 4, 2, 4, 2), (256, 8, 4, 8, 2), (64, 8, 3, 6, 1),     # groups tile the row
+    (12, 4, 2, 3, 2), (24, 3, 2, 4, 2), (40, 5, 2, 8, 1),      # they do not
+])
+def test_group_limited_layouts(E, n_group, topk_group, k, score_topk, device):
+    spec = scheme_spec("deepseek_v3", E, k).replace(n_group=n_group, topk_group=topk_group,
+                                                    group_score_topk=score_topk)
+    logits, bias = _inputs(spec, 50, device, seed=E + k)
+    check_route(spec, logits, bias)
+    logits[3, 1] = float("nan")
+    w, ids = tritonmoe.route(logits, spec, correction_bias=bias)
+    rw, rids = reference.route(logits.cpu(), spec, correction_bias=bias.cpu())
+    assert ((ids >= 0) & (ids < E)).all() and not (ids[3] == 1).any()
+    assert torch.equal(torch.isnan(w.cpu()), torch.isnan(rw)) and torch.equal(ids[3].cpu(), rids[3])
+
+
 def test_non_finite_logits(device):
     spec = scheme_spec("mixtral", 8, 2)
     logits = torch.randn(4, 8, device=device)

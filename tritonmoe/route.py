@@ -63,22 +63,43 @@ def _route_kernel(
         # GROUP_SCORE_TOPK selection scores sum highest.
         group_of = offs_e // GROUP_SIZE
         offs_g = tl.arange(0, G_PAD)
-        group_score = tl.full((BLOCK_T, G_PAD), float("-inf"), tl.float32)
-        for g in tl.static_range(N_GROUP):
-            in_group = available & (group_of[None, :] == g)
-            total = tl.zeros((BLOCK_T,), tl.float32)
+        if N_GROUP * GROUP_SIZE == E_PAD:
+            # Groups tile the row exactly (E a power of two): every group's top scores at once, as
+            # [BT, N_GROUP, GROUP_SIZE] reductions, and the kept groups by rank in one more; the loop
+            # below takes a chain of about 40 row reductions for DeepSeek-V3 (PERF_LOG v16).
+            in_group = tl.arange(0, GROUP_SIZE)
+            sel = tl.reshape(tl.where(available, select, float("-inf")), (BLOCK_T, N_GROUP, GROUP_SIZE))
+            group_score = tl.zeros((BLOCK_T, N_GROUP), tl.float32)
             for _ in tl.static_range(GROUP_SCORE_TOPK):
-                i = _argmax_available(select, in_group, offs_e, E_PAD)
-                total += tl.sum(tl.where(offs_e[None, :] == i[:, None], select, 0.0), axis=1)
-                in_group = in_group & (offs_e[None, :] != i[:, None])
-            group_score = tl.where(offs_g[None, :] == g, total[:, None], group_score)
-        group_score = tl.where(group_score != group_score, float("-inf"), group_score)
-        group_free = (offs_g[None, :] < N_GROUP) & (offs_t[:, None] >= 0)
-        eligible = offs_t[:, None] < 0                                       # all False, [BT, E_PAD]
-        for _ in tl.static_range(TOPK_GROUP):
-            gi = _argmax_available(group_score, group_free, offs_g, G_PAD)
-            group_free = group_free & (offs_g[None, :] != gi[:, None])
-            eligible = eligible | (group_of[None, :] == gi[:, None])
+                best = tl.max(sel, axis=2)                                   # [BT, NG]
+                first = tl.min(tl.where(sel == best[:, :, None], in_group[None, None, :], GROUP_SIZE), axis=2)
+                group_score += best
+                sel = tl.where(in_group[None, None, :] == first[:, :, None], float("-inf"), sel)
+            group_score = tl.where(group_score != group_score, float("-inf"), group_score)
+            # a group's rank: the groups that beat it (a higher score, or the same and a lower index)
+            beats = ((group_score[:, :, None] > group_score[:, None, :]) |
+                     ((group_score[:, :, None] == group_score[:, None, :]) &
+                      (offs_g[:, None] < offs_g[None, :])[None, :, :]))              # [BT, h, g]: h beats g
+            kept = tl.sum(beats.to(tl.int32), axis=1) < TOPK_GROUP                   # [BT, NG]
+            eligible = tl.reshape(tl.broadcast_to(kept[:, :, None], (BLOCK_T, N_GROUP, GROUP_SIZE)),
+                                  (BLOCK_T, E_PAD))
+        else:
+            group_score = tl.full((BLOCK_T, G_PAD), float("-inf"), tl.float32)
+            for g in tl.static_range(N_GROUP):
+                in_group = available & (group_of[None, :] == g)
+                total = tl.zeros((BLOCK_T,), tl.float32)
+                for _ in tl.static_range(GROUP_SCORE_TOPK):
+                    i = _argmax_available(select, in_group, offs_e, E_PAD)
+                    total += tl.sum(tl.where(offs_e[None, :] == i[:, None], select, 0.0), axis=1)
+                    in_group = in_group & (offs_e[None, :] != i[:, None])
+                group_score = tl.where(offs_g[None, :] == g, total[:, None], group_score)
+            group_score = tl.where(group_score != group_score, float("-inf"), group_score)
+            group_free = (offs_g[None, :] < N_GROUP) & (offs_t[:, None] >= 0)
+            eligible = offs_t[:, None] < 0                                   # all False, [BT, E_PAD]
+            for _ in tl.static_range(TOPK_GROUP):
+                gi = _argmax_available(group_score, group_free, offs_g, G_PAD)
+                group_free = group_free & (offs_g[None, :] != gi[:, None])
+                eligible = eligible | (group_of[None, :] == gi[:, None])
         available = available & eligible
 
     offs_k = tl.arange(0, K_PAD)
