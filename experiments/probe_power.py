@@ -42,9 +42,11 @@ def main() -> None:
     out_dir = common.REPO / "results" / common.device_name(dev)
     out_dir.mkdir(parents=True, exist_ok=True)
     smi_path = out_dir / f"probe_power.{prov['commit'][:7]}.smi.csv"
+    # -f: nvidia-smi writes the file itself (its stdout into a file is block-buffered, and what was
+    # buffered when it is stopped is lost: the first run's file, cd0c93f, holds its first 25 s only)
     smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,power.limit,"
-                            "clocks_throttle_reasons.active", "--format=csv", "-lms", "100"],
-                           stdout=smi_path.open("w"), stderr=subprocess.DEVNULL)
+                            "clocks_throttle_reasons.active", "--format=csv", "-lms", "100", "-f", str(smi_path)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     rows = []
