@@ -101,18 +101,27 @@ def _tokens(cfg):
     return list(cfg.profile.get("tokens") or cfg.experiment.tokens)
 
 
+def skew_spec(spec, E: int, top_k):
+    """The shape this experiment runs at E experts: ``spec``'s H, F = E_model * F_model / E (the same
+    weight bytes), top-k from ``top_k`` ({"default": k, "<E>": k}, capped at E), plain softmax routing.
+    Named ``<model>_E<E>`` (the tuner writes tiles for these shapes too: tune.yaml ``skew_experts``)."""
+    k = min(int(top_k.get(str(E), top_k["default"])), E)
+    F = max(16, spec.num_experts * spec.intermediate_size // E)
+    return spec.replace(name=f"{spec.name}_E{E}", num_experts=E, top_k=k, intermediate_size=F, n_group=1,
+                        topk_group=1, uses_correction_bias=False, shared_intermediate_size=0,
+                        shared_expert_gate=False)
+
+
 def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
     e = cfg.experiment
     rows = []
-    H, weight_width = spec.hidden_size, spec.num_experts * spec.intermediate_size
+    H = spec.hidden_size
     experts = list(e.experts)
     if cfg.profile.shrink:  # the smoke profile: at most shrink.max_experts
         experts = sorted({min(E, cfg.profile.shrink["max_experts"]) for E in experts})
     for E in experts:
-        k = min(int(e.top_k.get(str(E), e.top_k.default)), E)
-        F = max(16, weight_width // E)
-        sub = spec.replace(num_experts=E, top_k=k, intermediate_size=F, n_group=1, topk_group=1,
-                           uses_correction_bias=False, shared_intermediate_size=0, shared_expert_gate=False)
+        sub = skew_spec(spec, E, e.top_k)
+        k, F = sub.top_k, sub.intermediate_size
         g = torch.Generator(device=device).manual_seed(seed)
         w13 = torch.empty(E, 2 * F, H, device=device, dtype=dtype)
         w2 = torch.empty(E, H, F, device=device, dtype=dtype)

@@ -33,6 +33,7 @@ from tritonmoe.configs import CONFIG_DIR, default_tiles, device_key, problem_key
 from tritonmoe.functional import _schedule_tiles
 from . import common
 from .latency import check, make_problem
+from .skew import skew_spec
 
 KEY = ("experiment", "model", "dtype", "T", "kernel", "config")
 # Hopper's limit per block: a tile whose epilogue does not fit fails to launch (recorded, never chosen)
@@ -205,10 +206,21 @@ class _Bench:
 
 
 def num_steps(cfg) -> int:
-    return len(list(cfg.profile.get("tokens") or cfg.experiment.tokens))
+    return len(list(cfg.profile.get("tokens") or cfg.experiment.tokens)) * max(1, len(cfg.experiment.skew_experts))
 
 
 def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
+    """Tiles for ``spec``'s shape, or, with ``experiment.skew_experts``, for the skew experiment's shapes
+    at those E (each on its own routing of random router weights: close to uniform)."""
+    e = cfg.experiment
+    specs = [skew_spec(spec, E, e.skew_top_k) for E in e.skew_experts] if e.skew_experts else [spec]
+    rows = []
+    for s in specs:
+        rows += _tune_shape(cfg, s, device, dtype, seed, prov, progress)
+    return rows
+
+
+def _tune_shape(cfg, spec, device, dtype, seed, prov, progress) -> list[dict]:
     # On the CPU (profile=smoke) the sweep only proves itself: interpreter times, no table written.
     gpu = device.type == "cuda"
     space = cfg.experiment.space
@@ -221,7 +233,7 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
     rows, chosen = [], {}
     for T in tokens:
         if time.time() > deadline:
-            progress.step(f"T={T}: skipped (experiment.max_minutes={cfg.experiment.max_minutes} reached)")
+            progress.step(f"{spec.name} T={T}: skipped (experiment.max_minutes={cfg.experiment.max_minutes} reached)")
             continue
         p = replace(big, x=big.x[:T])
         bench = _Bench(p, spec, T, dtype, cfg.experiment.warmup_ms, cfg.experiment.rep_ms)
@@ -257,10 +269,10 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
             default_ms = _default_total(bench, tpe)
             chosen[T] = {"gate_up": asdict(gt), "down": asdict(dt), "gate_up_ms": gr["ms_p50"],
                          "down_ms": dr["ms_p50"], "default_ms": default_ms}
-            progress.step(f"T={T}: {total:.3f} ms (defaults {default_ms:.3f}) gate_up {_cfg_str(gt)} | "
+            progress.step(f"{spec.name} T={T}: {total:.3f} ms (defaults {default_ms:.3f}) gate_up {_cfg_str(gt)} | "
                           f"down {_cfg_str(dt)}")
         else:
-            progress.step(f"T={T}: no working config")
+            progress.step(f"{spec.name} T={T}: no working config")
         del bench, p
         torch.cuda.empty_cache()
     if chosen and gpu and cfg.experiment.write_configs:

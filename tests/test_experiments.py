@@ -123,3 +123,21 @@ def test_smoke_hf_model_runs(tmp_path):
         assert by_impl["tritonmoe"]["context"] == (8 if phase == "decode" else 0)
         for field in ("device", "torch", "triton", "commit", "date", "seed", "ms_p20", "ms_p80"):
             assert field in by_impl["tritonmoe"], field
+
+
+def test_smoke_tune_skew_shapes(tmp_path):
+    # the tuner on the skew experiment's shapes (one small space, CPU: rows only, no table written)
+    space = ["experiment.space.block_n=[32]", "experiment.space.block_k=[32]", "experiment.space.num_warps=[4]",
+             "experiment.space.tma=[false]", "experiment.space.num_stages=[2]", "experiment.space.group_m=[4]",
+             "experiment.space.split_k=[2]", "experiment.space.min_block_m=[16]", "experiment.space.permute_input=false"]
+    rows = run_smoke(tmp_path, "tune", "profile.tokens=[3]", "experiment.skew_experts=[8,16]", *space)
+    assert {r["model"] for r in rows} == {"mixtral_8x7b_E8", "mixtral_8x7b_E16"}
+    assert all(r["status"] == "ok" for r in rows)
+    assert not (tmp_path / "configs").exists()
+
+
+def test_tune_skew_top_k_matches_the_skew_experiment():
+    with initialize_config_dir(config_dir=str(REPO / "experiments" / "conf"), version_base="1.3"):
+        tune = compose("config", overrides=["experiment=tune"]).experiment
+        skew = compose("config", overrides=["experiment=skew"]).experiment
+    assert dict(tune.skew_top_k) == dict(skew.top_k)
