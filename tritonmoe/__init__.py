@@ -32,10 +32,10 @@ from .layer import MoELayer  # noqa: E402
 from .permute import combine, permute  # noqa: E402
 from .route import route  # noqa: E402
 from .router import router_logits  # noqa: E402
-from .schedule import Schedule, build_schedule  # noqa: E402
+from .schedule import Schedule, build_schedule, slot_schedule  # noqa: E402
 from .specs import ModelSpec  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["router_logits", "route", "fused_experts", "MoELayer", "ModelSpec", "specs", "reference", "build_schedule",
-           "Schedule", "gate_up_silu", "grouped_gemm", "silu_mul", "permute", "combine", "TileConfig", "get_tiles",
-           "ops"]
+           "slot_schedule", "Schedule", "gate_up_silu", "grouped_gemm", "silu_mul", "permute", "combine", "TileConfig",
+           "get_tiles", "ops"]

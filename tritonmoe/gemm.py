@@ -64,7 +64,7 @@ def _expert_gemm_kernel(
         expert = tl.load(block_expert_ptr + pid_m)                                  # int32 or int64 id
         in_range = (expert >= 0) & (expert < num_experts)
         tl.device_assert(in_range, "tritonmoe: topk_ids has an expert id outside [0, num_experts)")
-        if in_range:  # range-checked before narrowing; without the assertion (CPU) the block writes nothing
+        if in_range:  # checked before narrowing; were the assertion compiled out, a bad id would read nothing
             _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr,
                          expert.to(tl.int32), pid_m, pid_m + 1, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split,
                          stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
@@ -117,10 +117,10 @@ def _expert_gemm_kernel(
             if BLOCK_M >> h >= MIN_BLOCK_M:
                 if height == h:
                     _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
-                                 row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak,
-                                 stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
-                                 SCATTER_WEIGHTED, BLOCK_M >> h, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, WEIGHT_TMA,
-                                 A_TMA and h == 0, False)
+                                 row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
+                                 stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
+                                 GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M >> h, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
+                                 WEIGHT_TMA, A_TMA and h == 0, False)
 
 
 @triton.jit

@@ -74,8 +74,9 @@ def combine(slot_rows: torch.Tensor, top_k: int, out: torch.Tensor | None = None
     if out is None:
         out = torch.empty(T, H, dtype=dtype or slot_rows.dtype, device=slot_rows.device)
     if T:
-        # A few tokens' rows spread over at least ~64 programs (decode: 4 programs of 1024 columns took
-        # 4.3 us at Qwen2 T=2, PERF_LOG v16); 4 x 1024 tiles once there are rows enough.
+        # A few tokens' rows in tiles of about T*H/64 elements (128 columns at least), so decode spreads over
+        # tens of programs (4 programs of 1024 columns took 4.3 us at Qwen2 T=2, PERF_LOG v16); 4 x 1024
+        # tiles once there are rows enough.
         block_t = min(4, next_pow2(T))
         block_h = min(1024, next_pow2(H), max(128, next_pow2(triton.cdiv(T * H, 64 * block_t))))
         launch(_combine_kernel, (triton.cdiv(T, block_t), triton.cdiv(H, block_h)), (

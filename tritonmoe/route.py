@@ -67,14 +67,14 @@ def _route_kernel(
             # Groups tile the row exactly (E a power of two): every group's top scores at once, as
             # [BT, N_GROUP, GROUP_SIZE] reductions, and the kept groups by rank in one more; the loop
             # below takes a chain of about 40 row reductions for DeepSeek-V3 (PERF_LOG v16).
-            in_group = tl.arange(0, GROUP_SIZE)
+            offs_in = tl.arange(0, GROUP_SIZE)                               # position within a group
             sel = tl.reshape(tl.where(available, select, float("-inf")), (BLOCK_T, N_GROUP, GROUP_SIZE))
             group_score = tl.zeros((BLOCK_T, N_GROUP), tl.float32)
             for _ in tl.static_range(GROUP_SCORE_TOPK):
                 best = tl.max(sel, axis=2)                                   # [BT, NG]
-                first = tl.min(tl.where(sel == best[:, :, None], in_group[None, None, :], GROUP_SIZE), axis=2)
+                first = tl.min(tl.where(sel == best[:, :, None], offs_in[None, None, :], GROUP_SIZE), axis=2)
                 group_score += best
-                sel = tl.where(in_group[None, None, :] == first[:, :, None], float("-inf"), sel)
+                sel = tl.where(offs_in[None, None, :] == first[:, :, None], float("-inf"), sel)
             group_score = tl.where(group_score != group_score, float("-inf"), group_score)
             # a group's rank: the groups that beat it (a higher score, or the same and a lower index)
             beats = ((group_score[:, :, None] > group_score[:, None, :]) |

@@ -279,8 +279,7 @@ def slot_schedule(topk_ids: torch.Tensor, num_experts: int) -> Schedule:
     """Every slot its own M-block of one row (``SLOT_BLOCK_M`` tall), rows in slot order: no launch.
 
     The GEMMs read each block's expert from ``topk_ids`` (int32 or int64 (T, k)); on the GPU an
-    out-of-range id trips their device-side assertion (and its block writes nothing), as in
-    ``build_schedule``'s kernel.
+    out-of-range id trips their device-side assertion, as in ``build_schedule``'s kernel.
     """
     T, k = topk_ids.shape
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
