@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._launch import launch
-from ._utils import check_matmul_dtype, dot_precision
+from ._utils import cdiv, check_matmul_dtype, dot_precision
 from .permute import permute
 from .schedule import Schedule
 
@@ -285,8 +285,8 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         return out
     weighted = topk_weights is not None
     K = w.shape[2]
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), tiles.block_k) * tiles.block_k
-    tiles_bound = sched.max_blocks * triton.cdiv(n, tiles.block_n)
+    k_per_split = cdiv(cdiv(K, split_k), tiles.block_k) * tiles.block_k
+    tiles_bound = sched.max_blocks * cdiv(n, tiles.block_n)
     min_block_m = min(tiles.min_block_m or sched.block_m, sched.block_m)  # 0: full-height tiles only
     if sched.slot_blocks and (tiles.persistent or tiles.sweep_n):
         raise ValueError(f"tiles: persistent and sweep_n walk a built schedule's used blocks; a slot schedule has "
@@ -313,7 +313,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
         min_block_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
-        tiles.sweep_n if 0 < tiles.sweep_n < triton.cdiv(n, tiles.block_n) else 0, sched.slot_blocks,
+        tiles.sweep_n if 0 < tiles.sweep_n < cdiv(n, tiles.block_n) else 0, sched.slot_blocks,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
@@ -367,5 +367,5 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     numel = gate.numel()
     if numel:
         block = 1024
-        launch(_silu_mul_kernel, (triton.cdiv(numel, block),), (gate, up, out, numel, block))
+        launch(_silu_mul_kernel, (cdiv(numel, block),), (gate, up, out, numel, block))
     return out

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from ._utils import check_tensor, next_pow2, SUPPORTED_DTYPES
+from ._utils import cdiv, check_tensor, next_pow2, SUPPORTED_DTYPES
 from .specs import ModelSpec
 
 __all__ = ["route"]
@@ -170,7 +170,7 @@ def route(router_logits: torch.Tensor, spec: ModelSpec, *, correction_bias: torc
     # The selection is a chain of dozens of row reductions (DeepSeek-V3: about 80); across 4 warps each
     # goes through shared memory and a barrier, within one warp through shuffles.
     warps = 1 if block_t * e_pad <= ONE_WARP_ELEMENTS else 4
-    launch(_route_kernel, (triton.cdiv(T, block_t),), (
+    launch(_route_kernel, (cdiv(T, block_t),), (
         router_logits, correction_bias if correction_bias is not None else weights, weights, ids,
         T, E, router_logits.stride(0), router_logits.stride(1), float(spec.routed_scaling_factor),
         k, next_pow2(k), spec.scoring == "sigmoid", spec.renormalize,  # TOP_K, K_PAD, SIGMOID, RENORMALIZE

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from ._utils import SUPPORTED_DTYPES, check_tensor, next_pow2
+from ._utils import SUPPORTED_DTYPES, cdiv, check_tensor, next_pow2
 
 __all__ = ["router_logits", "GEMV_TOKENS"]
 
@@ -66,7 +66,7 @@ def router_logits(hidden_states: torch.Tensor, router_weight: torch.Tensor, *, f
     block_t = next_pow2(T)
     block_e = min(next_pow2(max(1, E // _PROGRAMS)), max(1, _ELEMENTS // (block_t * 64)))
     block_h = min(next_pow2(H), max(64, _ELEMENTS // (block_t * block_e)))
-    launch(_router_kernel, (triton.cdiv(E, block_e),), (
+    launch(_router_kernel, (cdiv(E, block_e),), (
         hidden_states, router_weight, out, T, E, H, hidden_states.stride(0), hidden_states.stride(1),
         router_weight.stride(0), router_weight.stride(1), out.stride(0), out.stride(1), block_t, block_e, block_h))
     return out
