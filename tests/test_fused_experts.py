@@ -180,8 +180,9 @@ def test_persistent_needs_full_tiles(schedule, min_block_m, device):
                                 schedule=schedule)
 
 
-# Slot schedules (every slot its own one-row M-block, no schedule built): what a single token runs by
-# default, and schedule="slots" at any T, where tokens share experts (the same expert in many blocks).
+# Slot schedules (every slot its own one-row M-block, no schedule built): what up to
+# SLOT_SCHEDULE_MAX_TOKENS tokens run by default, and schedule="slots" at any T, where tokens share
+# experts (the same expert in many blocks).
 SLOT_CASES = {
     "T1-E256-k8": (torch.tensor([[255, 0, 17, 3, 128, 64, 200, 1]]), 256),
     "T1-E8-k2-int64": (torch.tensor([[7, 2]], dtype=torch.int64), 8),
@@ -213,13 +214,17 @@ def test_slot_schedule(case, fused, down, device, poison, monkeypatch):
         assert built
 
 
-def test_slot_schedule_needs_no_block_walk(device, poison):
+def test_slot_schedule_needs_no_block_walk(device, poison, monkeypatch):
     # persistent tiles walk a built schedule's blocks: refused for schedule="slots", and a single token
     # with them by default gets a built schedule instead
+    from tritonmoe import functional
+    built = []
+    monkeypatch.setattr(functional, "build_schedule", lambda *a: built.append(a) or tritonmoe.build_schedule(*a))
     tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, persistent=True)
     with pytest.raises(ValueError, match="a slot schedule has none"):
         tritonmoe.fused_experts(*make_inputs(3, 2, 8, device, torch.float32), tiles=(tiles, tiles), schedule="slots")
     check(*make_inputs(1, 2, 8, device, torch.float32), tiles=(tiles, tiles))
+    assert built
 
 
 def test_bad_schedule(device):
