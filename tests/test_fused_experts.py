@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tritonmoe
-from tritonmoe import reference
+from tritonmoe import functional, reference
 from conftest import assert_close, dtypes_for, random_topk_ids
 from helpers import EK, TOKENS
 
@@ -192,15 +192,20 @@ SLOT_CASES = {
 }
 
 
+@pytest.fixture
+def built(monkeypatch):
+    """The arguments of every schedule the forward builds (build_schedule calls), in order."""
+    calls = []
+    monkeypatch.setattr(functional, "build_schedule", lambda *a: calls.append(a) or tritonmoe.build_schedule(*a))
+    return calls
+
+
 @pytest.mark.parametrize("down", [dict(), dict(split_k=3), dict(tma=True)], ids=["plain", "split3", "tma"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("case", SLOT_CASES)
-def test_slot_schedule(case, fused, down, device, poison, monkeypatch):
+def test_slot_schedule(case, fused, down, device, poison, built):
     ids, E = SLOT_CASES[case]
     T, k = ids.shape
-    from tritonmoe import functional
-    built = []
-    monkeypatch.setattr(functional, "build_schedule", lambda *a: built.append(a) or tritonmoe.build_schedule(*a))
     gate_up = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, num_stages=2, tma=down.get("tma", False))
     tiles = (gate_up, tritonmoe.TileConfig(block_m=64, block_n=32, block_k=32, num_stages=2, **down))
     by_default = T <= functional.SLOT_SCHEDULE_MAX_TOKENS
@@ -214,12 +219,9 @@ def test_slot_schedule(case, fused, down, device, poison, monkeypatch):
         assert built
 
 
-def test_slot_schedule_needs_no_block_walk(device, poison, monkeypatch):
+def test_slot_schedule_needs_no_block_walk(device, poison, built):
     # persistent tiles walk a built schedule's blocks: refused for schedule="slots", and a single token
     # with them by default gets a built schedule instead
-    from tritonmoe import functional
-    built = []
-    monkeypatch.setattr(functional, "build_schedule", lambda *a: built.append(a) or tritonmoe.build_schedule(*a))
     tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, persistent=True)
     with pytest.raises(ValueError, match="a slot schedule has none"):
         tritonmoe.fused_experts(*make_inputs(3, 2, 8, device, torch.float32), tiles=(tiles, tiles), schedule="slots")

@@ -286,7 +286,8 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     weighted = topk_weights is not None
     K = w.shape[2]
     k_per_split = cdiv(cdiv(K, split_k), tiles.block_k) * tiles.block_k
-    tiles_bound = sched.max_blocks * cdiv(n, tiles.block_n)
+    num_n_tiles = cdiv(n, tiles.block_n)
+    tiles_bound = sched.max_blocks * num_n_tiles
     min_block_m = min(tiles.min_block_m or sched.block_m, sched.block_m)  # 0: full-height tiles only
     if sched.slot_blocks and (tiles.persistent or tiles.sweep_n):
         raise ValueError(f"tiles: persistent and sweep_n walk a built schedule's used blocks; a slot schedule has "
@@ -313,7 +314,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
         min_block_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
-        tiles.sweep_n if 0 < tiles.sweep_n < cdiv(n, tiles.block_n) else 0, sched.slot_blocks,
+        tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
