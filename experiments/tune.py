@@ -9,6 +9,12 @@ Per (model, T) and per candidate block_m (the schedule's M-blocks):
    last, partial M-block with a smaller tile height).
 The pair kept is the fastest gate+up and down over the block_m candidates; a down projection with
 another block_m than the gate+up's pays the build of its own block map (timed beside it).
+3. robust (``experiment.robust_skews``, for the skew experiment's shapes): the fastest few of each
+   GEMM and block_m, and tail-tile and N-sweep variants of the fastest, are timed again on the skew
+   experiment's exact routings (``skew.skewed_topk_ids``: uniform, Zipf(s), one hot expert) as well
+   as the model's; the pair kept is the one whose slowest routing is fastest. The package picks tiles
+   by shape, never by routing, so the table's tiles must serve every routing a shape meets
+   (PERF_LOG v17).
 "gate_up" times ``gate_up_silu``; "down" times the weighted down projection plus
 ``combine`` (so split-K pays for summing its partials), each as the forward runs the tiles
 (full-height tiles, expert groups). Every candidate's output is
@@ -33,9 +39,10 @@ from tritonmoe.configs import CONFIG_DIR, default_tiles, device_key, problem_key
 from tritonmoe.functional import _schedule_tiles
 from . import common
 from .latency import check, make_problem
-from .skew import skew_spec
+from .skew import skew_spec, skewed_topk_ids
 
-KEY = ("experiment", "model", "dtype", "T", "kernel", "config")
+# "routing": the routing a robust-stage row timed ("model" or a skew); None (or absent, in older rows): the model's
+KEY = ("experiment", "model", "dtype", "T", "kernel", "config", "routing")
 # Hopper's limit per block: a tile whose epilogue does not fit fails to launch (recorded, never chosen)
 SMEM_BYTES = 227 * 1024
 
@@ -149,11 +156,13 @@ def precompile(items, dtype: torch.dtype, workers: int) -> None:
 class _Bench:
     """The two GEMM stages of one (model, T) on fixed inputs, for any tiles."""
 
-    def __init__(self, p, spec, T, dtype, warmup_ms, rep_ms):
+    def __init__(self, p, spec, T, dtype, warmup_ms, rep_ms, routing=None):
+        """``routing``: (topk_weights, topk_ids) to use instead of the model's routing of ``p``."""
         self.p, self.spec, self.T = p, spec, T
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
-        logits = p.router_logits()
-        self.weights, self.ids = tritonmoe.route(logits, spec, correction_bias=p.bias)
+        if routing is None:
+            routing = tritonmoe.route(p.router_logits(), spec, correction_bias=p.bias)
+        self.weights, self.ids = routing
         g = torch.Generator(device=p.x.device).manual_seed(T)
         self.inter = (torch.randn(T * spec.top_k, spec.intermediate_size, generator=g, device=p.x.device) * 0.5
                       ).to(dtype)
@@ -241,6 +250,7 @@ def _tune_shape(cfg, spec, device, dtype, seed, prov, progress) -> list[dict]:
         base = dict(experiment="tune", model=spec.name, dtype=str(dtype).replace("torch.", ""), T=T,
                     tokens_per_expert=tpe, **prov)
         best = {}  # (kernel, block_m) -> (tiles, row)
+        measured_by = {}  # (kernel, block_m) -> [(tiles, row)] on the model's routing
         for bm in block_m_candidates(tpe):
             for kernel in ("gate_up", "down"):
                 measured = []
@@ -259,18 +269,27 @@ def _tune_shape(cfg, spec, device, dtype, seed, prov, progress) -> list[dict]:
                         r = bench.measure(kernel, t)
                         measured.append((t, r))
                         rows.append({**base, "kernel": kernel, "config": _cfg_str(t), "stage": stage,
-                                     "tiles": asdict(t), **r})
+                                     "tiles": asdict(t), "routing": None, **r})
+                measured_by[(kernel, bm)] = measured
                 ok = [m for m in measured if m[1]["status"] == "ok"]
                 if ok:
                     best[(kernel, bm)] = min(ok, key=lambda m: m[1]["ms_p50"])
-        best_pair = _choose_pair(best, bench)
+        worst = None
+        if cfg.experiment.robust_skews and T >= cfg.experiment.robust_min_tokens and best:
+            best_pair, worst, robust_rows = _robust_pair(cfg, spec, T, p, dtype, seed, bench, measured_by, base)
+            rows += robust_rows
+        else:
+            best_pair = _choose_pair(best, bench)
         if best_pair is not None:
             total, (gt, gr), (dt, dr) = best_pair
             default_ms = _default_total(bench, tpe)
             chosen[T] = {"gate_up": asdict(gt), "down": asdict(dt), "gate_up_ms": gr["ms_p50"],
                          "down_ms": dr["ms_p50"], "default_ms": default_ms}
+            if worst is not None:
+                chosen[T]["worst"] = worst
             progress.step(f"{spec.name} T={T}: {total:.3f} ms (defaults {default_ms:.3f}) gate_up {_cfg_str(gt)} | "
-                          f"down {_cfg_str(dt)}")
+                          f"down {_cfg_str(dt)}" + (f" | slowest routing {worst['routing']} {worst['ms']:.3f} ms"
+                                                    if worst else ""))
         else:
             progress.step(f"{spec.name} T={T}: no working config")
         del bench, p
@@ -290,6 +309,70 @@ def _choose_pair(best: dict, bench) -> tuple | None:
                 extra = 0.0 if bu == bd else bench.schedule_ms(bd)
                 pairs.append((up[1]["ms_p50"] + down[1]["ms_p50"] + extra, up, down))
     return min(pairs, key=lambda p: p[0]) if pairs else None
+
+
+def robust_variants(kernel: str, t: TileConfig, space) -> list[TileConfig]:
+    """Tail-tile and N-sweep variants of ``t`` for the robust stage: the levers that act under skew
+    (fewer padded rows in partial blocks; hot and cold experts' tiles running side by side)."""
+    out = [replace(t, min_block_m=h) for h in space.get("robust_min_block_m", []) if h < t.block_m]
+    out += [replace(t, sweep_n=n) for n in space.get("robust_sweep_n", [])]
+    return [v for v in out if v != t and _fits(kernel, v)]
+
+
+def _robust_pair(cfg, spec, T, p, dtype, seed, bench, measured_by, base) -> tuple:
+    """(pair as _choose_pair gives it, {"routing", "ms"} of its slowest routing, rows): finalists timed on
+    the model's routing and every routing of ``experiment.robust_skews``; the pair whose slowest routing
+    (gate+up + down, plus a second block map where their block_m differ) is fastest."""
+    e = cfg.experiment
+    finalists = {}  # (kernel, block_m) -> [tiles]
+    for key, measured in measured_by.items():
+        ok = sorted((m for m in measured if m[1]["status"] == "ok"), key=lambda m: m[1]["ms_p50"])
+        picks = [t for t, _ in ok[:e.robust_finalists]]
+        if picks:
+            picks += [v for v in robust_variants(key[0], picks[0], e.space) if v not in picks]
+            finalists[key] = picks
+    if bench.p.x.device.type == "cuda" and e.precompile_workers:
+        precompile([(k, t) for (k, _), ts in finalists.items() for t in ts], dtype, e.precompile_workers)
+    g = torch.Generator(device=p.x.device).manual_seed(seed + T)
+    benches = {"model": bench}
+    for skew in e.robust_skews:
+        ids = skewed_topk_ids(T, spec.top_k, spec.num_experts, skew, seed=seed).to(p.x.device)
+        w = torch.rand(T, spec.top_k, generator=g, device=p.x.device)
+        benches[str(skew)] = _Bench(p, spec, T, dtype, e.warmup_ms, e.rep_ms, routing=(w / w.sum(1, keepdim=True), ids))
+    rows, ms = [], {}  # ms[(kernel, tiles)][routing]
+    for (kernel, _), ts in finalists.items():
+        for t in ts:
+            for routing, b in benches.items():
+                r = b.measure(kernel, t)
+                rows.append({**base, "kernel": kernel, "config": _cfg_str(t), "stage": "robust", "tiles": asdict(t),
+                             "routing": routing, **r})
+                if r["status"] == "ok":
+                    ms.setdefault((kernel, t), {})[routing] = r
+    best = slowest_routing_pair(ms, list(benches), lambda r, block_m: benches[r].schedule_ms(block_m))
+    if best is None:
+        return None, None, rows
+    worst_ms, slowest, (up, up_by), (down, down_by) = best
+    model_ms = up_by["model"]["ms_p50"] + down_by["model"]["ms_p50"]
+    return ((model_ms, (up, up_by["model"]), (down, down_by["model"])),
+            {"routing": slowest, "ms": worst_ms, "routings": list(benches)}, rows)
+
+
+def slowest_routing_pair(ms: dict, routings: list, schedule_ms) -> tuple | None:
+    """Of the (gate_up, down) pairs timed ok on every routing (``ms[(kernel, tiles)][routing]`` rows),
+    the one whose slowest routing is fastest: (its total ms there, that routing, (gate_up tiles, rows by
+    routing), (down tiles, rows by routing)). A down projection with another block_m than the gate+up's
+    pays ``schedule_ms(routing, block_m)``, the build of its own block map."""
+    complete = {kt: by for kt, by in ms.items() if all(r in by for r in routings)}
+    pairs = []
+    for (ku, up), up_by in complete.items():
+        for (kd, down), down_by in complete.items():
+            if (ku, kd) != ("gate_up", "down"):
+                continue
+            totals = {r: up_by[r]["ms_p50"] + down_by[r]["ms_p50"]
+                      + (0.0 if up.block_m == down.block_m else schedule_ms(r, down.block_m)) for r in routings}
+            slowest = max(totals, key=totals.get)
+            pairs.append((totals[slowest], slowest, (up, up_by), (down, down_by)))
+    return min(pairs, key=lambda q: q[0]) if pairs else None
 
 
 def _default_total(bench, tpe) -> float:
@@ -319,6 +402,10 @@ def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:
         buckets[str(T)] = {"gate_up": c["gate_up"], "down": c["down"], **kept}
         source["ms"][str(T)] = {**{k: round(c[k], 4) for k in ("gate_up_ms", "down_ms", "default_ms")},
                                 "commit": prov["commit"], "date": prov["date"]}
+        if "worst" in c:  # chosen by the robust stage: its slowest routing's total
+            source["ms"][str(T)]["slowest_routing"] = {"routing": c["worst"]["routing"],
+                                                       "ms": round(c["worst"]["ms"], 4),
+                                                       "over": c["worst"]["routings"]}
     table["configs"][key] = dict(sorted(buckets.items(), key=lambda kv: int(kv[0])))
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
@@ -328,6 +415,7 @@ def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:
 
 
 def summary(rows: list[dict]) -> str:
+    rows = [r for r in rows if r.get("routing") in (None, "model")]  # the robust stage's skew rows time other routings
     lines = [f"{'model':16s} {'T':>5s} {'kernel':8s} {'best ms':>8s} {'config':28s} {'tried':>5s}"]
     for key in sorted({(r["model"], r["T"], r["kernel"]) for r in rows}):
         ok = [r for r in rows if (r["model"], r["T"], r["kernel"]) == key and r["status"] == "ok"]

@@ -136,6 +136,47 @@ def test_smoke_tune_skew_shapes(tmp_path):
     assert not (tmp_path / "configs").exists()
 
 
+def test_smoke_tune_robust_stage(tmp_path):
+    # the robust stage times its finalists on the model's routing and each skew routing, tails and sweeps too
+    space = ["experiment.space.block_n=[32]", "experiment.space.block_k=[32]", "experiment.space.num_warps=[4]",
+             "experiment.space.tma=[false]", "experiment.space.num_stages=[2]", "experiment.space.group_m=[4]",
+             "experiment.space.split_k=[2]", "experiment.space.min_block_m=[]", "experiment.space.permute_input=false",
+             "experiment.space.robust_min_block_m=[16]", "experiment.space.robust_sweep_n=[1]"]
+    rows = run_smoke(tmp_path, "tune", "profile.tokens=[3,40]", "experiment.skew_experts=[8]",
+                     "experiment.robust_skews=[0,hot]", "experiment.robust_finalists=1",
+                     "experiment.robust_min_tokens=40", *space)
+    robust = [r for r in rows if r["stage"] == "robust"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert {r["routing"] for r in robust} == {"model", "0", "hot"}
+    assert {r["T"] for r in robust} == {40} and {r["T"] for r in rows} == {3, 40}  # robust_min_tokens
+    for kernel in ("gate_up", "down"):
+        configs = {r["config"] for r in robust if r["kernel"] == kernel}
+        assert any("tail16" in c for c in configs) and any("sw1" in c for c in configs), configs
+        for c in configs:  # every finalist on every routing
+            assert {r["routing"] for r in robust if (r["kernel"], r["config"]) == (kernel, c)} == {"model", "0", "hot"}
+
+
+def test_robust_pair_minimises_the_slowest_routing():
+    from tritonmoe import TileConfig
+    from experiments.tune import slowest_routing_pair
+
+    def timed(**by_routing):
+        return {r: {"ms_p50": v} for r, v in by_routing.items()}
+
+    fast, robust = TileConfig(block_m=64, block_n=128), TileConfig(block_m=64, block_n=64, min_block_m=16)
+    other_m = TileConfig(block_m=128, block_n=128)
+    ms = {("gate_up", fast): timed(model=1.0, hot=3.0),      # fastest on the model's routing, slow under skew
+          ("gate_up", robust): timed(model=1.2, hot=1.5),
+          ("down", fast): timed(model=0.5, hot=0.6),
+          ("down", other_m): timed(model=0.1, hot=0.1),      # pays a block map of its own
+          ("down", robust): timed(model=0.6)}                # not timed on every routing: never chosen
+    worst, slowest, (up, _), (down, _) = slowest_routing_pair(ms, ["model", "hot"], lambda r, bm: 0.55)
+    assert (up, down, slowest) == (robust, fast, "hot") and worst == pytest.approx(2.1)
+    worst, _, _, (down, _) = slowest_routing_pair(ms, ["model", "hot"], lambda r, bm: 0.2)
+    assert down == other_m and worst == pytest.approx(1.8)
+    assert slowest_routing_pair({("gate_up", fast): timed(model=1.0)}, ["model"], lambda r, bm: 0) is None
+
+
 def test_tune_skew_top_k_matches_the_skew_experiment():
     with initialize_config_dir(config_dir=str(REPO / "experiments" / "conf"), version_base="1.3"):
         tune = compose("config", overrides=["experiment=tune"]).experiment
