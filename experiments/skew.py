@@ -165,7 +165,12 @@ def _measure(cfg, p, impl, weights, ids, ref, device, dtype) -> dict:
         if not err <= CHECK_TOL[dtype]:
             return {"status": "wrong", "rel_err": err}
         q = common.quantiles(common.time_ms(fn, device, cfg.profile.warmup_ms, cfg.profile.rep_ms))
-    return {"status": "ok", "rel_err": err, **q, "spread_ms": q["ms_p80"] - q["ms_p20"]}
+        row = {"status": "ok", "rel_err": err, **q, "spread_ms": q["ms_p80"] - q["ms_p20"]}
+        if device.type == "cuda" and impl == "tritonmoe_fused" and p.x.shape[0] <= cfg.experiment.cuda_graph_max_tokens:
+            # the same forward replayed from a CUDA graph: the GPU's time where the eager one waits on the host
+            g = common.quantiles(common.time_graph_ms(fn, device, cfg.profile.warmup_ms, cfg.profile.rep_ms))
+            row.update({f"graph_{k}": v for k, v in g.items() if k.startswith("ms_")})
+    return row
 
 
 def summary(rows: list[dict]) -> str:
