@@ -320,9 +320,10 @@ def robust_variants(kernel: str, t: TileConfig, space) -> list[TileConfig]:
 
 
 def _robust_pair(cfg, spec, T, p, dtype, seed, bench, measured_by, base) -> tuple:
-    """(pair as _choose_pair gives it, {"routing", "ms"} of its slowest routing, rows): finalists timed on
-    the model's routing and every routing of ``experiment.robust_skews``; the pair whose slowest routing
-    (gate+up + down, plus a second block map where their block_m differ) is fastest."""
+    """(pair as _choose_pair gives it, {"routing", "ms", "routings"}: its slowest routing and that total,
+    rows): finalists timed on the model's routing and on the skew experiment's routings at
+    ``experiment.robust_skews`` (its generator and seed); the pair whose slowest routing (gate+up + down,
+    plus a second block map where their block_m differ) is fastest."""
     e = cfg.experiment
     finalists = {}  # (kernel, block_m) -> [tiles]
     for key, measured in measured_by.items():
@@ -415,6 +416,7 @@ def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:
 
 
 def summary(rows: list[dict]) -> str:
+    robust = any(r.get("routing") for r in rows)
     rows = [r for r in rows if r.get("routing") in (None, "model")]  # the robust stage's skew rows time other routings
     lines = [f"{'model':16s} {'T':>5s} {'kernel':8s} {'best ms':>8s} {'config':28s} {'tried':>5s}"]
     for key in sorted({(r["model"], r["T"], r["kernel"]) for r in rows}):
@@ -423,4 +425,7 @@ def summary(rows: list[dict]) -> str:
         if ok:
             b = min(ok, key=lambda r: r["ms_p50"])
             lines.append(f"{key[0]:16s} {key[1]:5d} {key[2]:8s} {b['ms_p50']:8.4f} {b['config']:28s} {tried:5d}")
+    if robust:
+        lines.append("(fastest on the model's routing; where the robust stage ran, the tiles kept are those of the "
+                     "progress lines above, also in the table's sources)")
     return "\n".join(lines)
