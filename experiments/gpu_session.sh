@@ -11,6 +11,7 @@
 #     decode the per-kernel timeline of T <= 2 forwards replayed from a CUDA graph (probe_decode)
 #     sweep  the GEMMs' tile order: N swept a few tiles at a time over all M-blocks (probe_sweep)
 #     power  the compute-bound end timed in bursts of 25 ms and over 500 ms, clocks sampled (probe_power)
+#     flush  short forwards timed after do_bench's zero-write L2 flush vs a read-only one (probe_flush)
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
@@ -37,7 +38,8 @@ overrides=()
 read -ra extra <<<"${HYDRA_ARGS:-}"; overrides+=("${extra[@]}")
 
 mb_pid=
-if [[ $stages == *" bench "* || $stages == *" skew "* || $stages == *" stages "* || -n ${BUILD_MEGABLOCKS:-} ]]; then
+if [[ $stages == *" bench "* || $stages == *" skew "* || $stages == *" stages "* || $stages == *" flush "* \
+      || -n ${BUILD_MEGABLOCKS:-} ]]; then
   if ls .carry/mbwheels/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/mbwheels/*.whl
   elif [[ -d .carry/baselines ]]; then
@@ -88,6 +90,7 @@ stage_hf_model() { run_experiment hf_model model=mixtral_8x7b; }
 stage_decode() { python3 -m experiments.probe_decode 2>&1 | tee "$OUT/probe_decode.log"; }
 stage_sweep() { python3 -m experiments.probe_sweep 2>&1 | tee "$OUT/probe_sweep.log"; }
 stage_power() { python3 -m experiments.probe_power 2>&1 | tee "$OUT/probe_power.log"; }
+stage_flush() { megablocks_ready; python3 -m experiments.probe_flush 2>&1 | tee "$OUT/probe_flush.log"; }
 
 for stage in $stages; do "stage_$stage"; done
 [[ -n $mb_pid ]] && wait "$mb_pid"
