@@ -10,6 +10,11 @@ of three flushes, taking turns call by call in one process on the same inputs:
 * ``read``: 256 MB read (a sum), which leaves L2 holding clean lines of an unrelated buffer;
 * ``zero_read``: the zeros, then the read (the dirty lines written back before the timed call).
 
+Two ways of issuing the calls: ``synced`` (the host waits for each call: the GPU idles between them) and
+``queued`` (as do_bench does: the rounds enqueued back to back, one wait at the end, so the host runs
+ahead and each call's launches are queued behind its flush). The first run (a1c3863,
+``probe_flush.a1c3863.jsonl``) timed ``synced`` only.
+
     python -m experiments.probe_flush          # -> results/<GPU>/probe_flush.jsonl
 """
 from __future__ import annotations
@@ -27,7 +32,9 @@ POINTS = (("qwen2_57b_a14b", (1, 8, 64)), ("mixtral_8x7b", (1, 8)), ("deepseek_v
 IMPLS_TIMED = ("tritonmoe_fused", "torch_grouped_mm", "megablocks")
 FLUSHES = ("zero", "read", "zero_read")
 WARMUP, ROUNDS, SEED = 10, 200, 0
-KEY = ("experiment", "model", "T", "impl", "flush", "commit")
+TIMINGS = ("synced", "queued")
+QUEUED_BLOCK = 20  # rounds enqueued per flush kind before the next kind (drift hits the kinds alike)
+KEY = ("experiment", "model", "T", "impl", "flush", "timing", "commit")
 
 
 def main() -> None:
@@ -53,7 +60,7 @@ def main() -> None:
                     fns[impl] = IMPLS[impl](p)
                 except Unavailable as why:
                     print(f"{name} T={T} {impl}: unavailable ({why})")
-            times = {(i, f): [] for i in fns for f in FLUSHES}
+            times = {(i, f, m): [] for i in fns for f in FLUSHES for m in TIMINGS}
             for r in range(WARMUP + ROUNDS):
                 for impl, fn in fns.items():  # every implementation and flush in turn, call by call
                     for kind in FLUSHES:
@@ -64,13 +71,29 @@ def main() -> None:
                         end.record()
                         torch.cuda.synchronize()
                         if r >= WARMUP:
-                            times[(impl, kind)].append(start.elapsed_time(end))
-            for (impl, kind), t in times.items():
-                rows.append(dict(experiment="probe_flush", model=name, T=T, impl=impl, flush=kind,
+                            times[(impl, kind, "synced")].append(start.elapsed_time(end))
+            for b in range(0, WARMUP + ROUNDS, QUEUED_BLOCK):
+                for impl, fn in fns.items():
+                    for kind in FLUSHES:
+                        events = []
+                        for _ in range(QUEUED_BLOCK):
+                            flush(kind)
+                            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                            start.record()
+                            fn()
+                            end.record()
+                            events.append((start, end))
+                        torch.cuda.synchronize()
+                        if b >= WARMUP:
+                            times[(impl, kind, "queued")] += [s.elapsed_time(e) for s, e in events]
+            for (impl, kind, timing), t in times.items():
+                rows.append(dict(experiment="probe_flush", model=name, T=T, impl=impl, flush=kind, timing=timing,
                                  **common.quantiles(t), **prov))
-            print(f"{name} T={T}: " + ", ".join(
-                f"{impl} " + "/".join(f"{common.quantiles(times[(impl, k)])['ms_p50']:.4f}" for k in FLUSHES)
-                for impl in fns) + f"  (ms, flush {'/'.join(FLUSHES)})", flush=True)
+            for timing in TIMINGS:
+                print(f"{name} T={T} {timing}: " + ", ".join(
+                    f"{impl} " + "/".join(f"{common.quantiles(times[(impl, k, timing)])['ms_p50']:.4f}"
+                                          for k in FLUSHES) for impl in fns)
+                      + f"  (ms, flush {'/'.join(FLUSHES)})", flush=True)
         del big
         torch.cuda.empty_cache()
     path = common.REPO / "results" / common.device_name(dev) / "probe_flush.jsonl"
