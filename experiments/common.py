@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ def provenance(device: torch.device, seed: int) -> dict:
                   else bool(_git("status", "--porcelain", "--untracked-files=no"))),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
+        "l2_flush": L2_FLUSH,  # how time_ms cleared L2 before each timed call (rows before v17: "zero")
     }
     if device.type == "cuda":
         try:
@@ -99,15 +101,61 @@ def floor_ms(terms: dict, ceilings: dict) -> float:
 # Timing
 # ---------------------------------------------------------------------------------------------
 
+# How time_ms clears L2 before each timed call on a GPU (the profile's l2_flush; run.py sets it):
+# "zero": triton's do_bench, which writes zeros over 256 MB; the dirty lines it leaves are written back
+#   inside the timed call (7.7-9.6 us on an H100), and after it a forward whose host time exceeds its GPU
+#   time is timed with host time in the window (PERF_LOG v17, probe_flush);
+# "read": the same loop with a 256 MB read (a sum) instead: L2 left holding clean lines.
+L2_FLUSH_KINDS = ("zero", "read")
+L2_FLUSH = "zero"
+_FLUSH_BYTES = 256 * 2**20
+
+
 def time_ms(fn, device: torch.device, warmup_ms: float, rep_ms: float) -> list[float]:
-    """Per-call times in ms: device events through triton's do_bench on a GPU (which also
-    clears L2 between calls); host clock on the CPU interpreter."""
+    """Per-call times in ms: device events on a GPU, L2 cleared before each call as ``L2_FLUSH`` says;
+    host clock on the CPU interpreter."""
+    if L2_FLUSH not in L2_FLUSH_KINDS:
+        raise ValueError(f"l2_flush must be one of {L2_FLUSH_KINDS}, got {L2_FLUSH!r}")
     if device.type == "cuda":
-        return list(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all"))
+        if L2_FLUSH == "zero":
+            return list(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all"))
+        return _time_read_flush(fn, device, warmup_ms, rep_ms)
     fn()
     t0 = time.perf_counter()
     fn()
     return [(time.perf_counter() - t0) * 1e3]
+
+
+@functools.lru_cache(maxsize=None)
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    return torch.ones(_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+
+
+def _time_read_flush(fn, device: torch.device, warmup_ms: float, rep_ms: float) -> list[float]:
+    """do_bench's loop (estimate from 5 calls, warm-up, then calls queued back to back between events,
+    one wait at the end) with a 256 MB read before each call instead of a 256 MB write."""
+    buf = _flush_buffer(device)
+    fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        buf.sum()
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    estimate = start.elapsed_time(end) / 5
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(max(1, int(rep_ms / estimate)))]
+    for s, e in events:
+        buf.sum()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) for s, e in events]
 
 
 def capture_graph(fn):

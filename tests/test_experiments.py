@@ -125,6 +125,22 @@ def test_smoke_hf_model_runs(tmp_path):
             assert field in by_impl["tritonmoe"], field
 
 
+def test_l2_flush_is_recorded_and_checked(tmp_path, monkeypatch):
+    # the profile's l2_flush reaches every row's provenance; an unknown kind is refused, naming the option
+    rows = run_smoke(tmp_path, "latency", "profile.tokens=[3]", "experiment.impls=[tritonmoe_fused]",
+                     "++profile.l2_flush=read")
+    assert rows and all(r["l2_flush"] == "read" for r in rows)
+    from experiments import common
+    monkeypatch.setattr(common, "L2_FLUSH", "memset")
+    with pytest.raises(ValueError, match="l2_flush"):
+        common.time_ms(lambda: None, __import__("torch").device("cpu"), 0, 0)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "experiments", "experiment=latency", "profile=smoke",
+                           f"results_root={tmp_path}", "++profile.l2_flush=memset", f"hydra.run.dir={tmp_path}/h2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "profile.l2_flush" in proc.stderr + proc.stdout
+
+
 def test_smoke_tune_skew_shapes(tmp_path):
     # the tuner on the skew experiment's shapes (one small space, CPU: rows only, no table written)
     space = ["experiment.space.block_n=[32]", "experiment.space.block_k=[32]", "experiment.space.num_warps=[4]",
