@@ -1,18 +1,19 @@
 """Probe: does the timer's L2 flush add time to a short forward? (PERF_LOG v17)
 
 ``triton.testing.do_bench`` (the grid's timer) clears L2 before each call by writing zeros over 256 MB.
-An H100's L2 (50 MB) is write-back, so those zeros are left in it as dirty lines; the timed call's own
-reads then evict them, writing up to 50 MB back to HBM inside the timed window: about 16 µs at 3 TB/s,
-a tenth of a 160 µs decode forward. Here each forward is timed per call between CUDA events after each
-of three flushes, taking turns call by call in one process on the same inputs:
+The hypothesis: an H100's L2 (50 MB) is write-back, so those zeros stay in it as dirty lines, and the
+timed call's own reads evict them, writing them back to HBM inside the timed window (up to ~16 µs at
+3 TB/s, a tenth of a 160 µs decode forward). Measured (17c0986): 7.7–9.6 µs a call where the host keeps
+ahead, and far more where it does not (PERF_LOG v17). Here each forward is timed per call between CUDA
+events after each of three flushes, taking turns call by call in one process on the same inputs:
 
 * ``zero``: what do_bench does (256 MB of zeros written);
 * ``read``: 256 MB read (a sum), which leaves L2 holding clean lines of an unrelated buffer;
 * ``zero_read``: the zeros, then the read (the dirty lines written back before the timed call).
 
 Two ways of issuing the calls: ``synced`` (the host waits for each call: the GPU idles between them) and
-``queued`` (as do_bench does: the rounds enqueued back to back, one wait at the end, so the host runs
-ahead and each call's launches are queued behind its flush). The first run (a1c3863,
+``queued`` (as do_bench does: the rounds enqueued back to back, one wait at the end, so the host can run
+ahead and queue each call's launches behind its flush). The first run (a1c3863,
 ``probe_flush.a1c3863.jsonl``) timed ``synced`` only.
 
     python -m experiments.probe_flush          # -> results/<GPU>/probe_flush.jsonl

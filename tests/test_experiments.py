@@ -130,10 +130,11 @@ def test_l2_flush_is_recorded_and_checked(tmp_path, monkeypatch):
     rows = run_smoke(tmp_path, "latency", "profile.tokens=[3]", "experiment.impls=[tritonmoe_fused]",
                      "++profile.l2_flush=read")
     assert rows and all(r["l2_flush"] == "read" for r in rows)
+    import torch
     from experiments import common
     monkeypatch.setattr(common, "L2_FLUSH", "memset")
     with pytest.raises(ValueError, match="l2_flush"):
-        common.time_ms(lambda: None, __import__("torch").device("cpu"), 0, 0)
+        common.time_ms(lambda: None, torch.device("cpu"), 0, 0)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "experiments", "experiment=latency", "profile=smoke",
                            f"results_root={tmp_path}", "++profile.l2_flush=memset", f"hydra.run.dir={tmp_path}/h2"],
