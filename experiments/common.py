@@ -105,9 +105,10 @@ def floor_ms(terms: dict, ceilings: dict) -> float:
 # "zero": triton's do_bench, which writes zeros over 256 MB; the dirty lines it leaves are written back
 #   inside the timed call (7.7-9.6 us on an H100), and after it a forward whose host time exceeds its GPU
 #   time is timed with host time in the window (PERF_LOG v17, probe_flush);
-# "read": the same loop with a 256 MB read (a sum) instead: L2 left holding clean lines.
+# "read" (the default since v17's finding): the same loop with a 256 MB read (a sum) instead, which leaves
+#   L2 holding clean lines.
 L2_FLUSH_KINDS = ("zero", "read")
-L2_FLUSH = "zero"
+L2_FLUSH = "read"
 _FLUSH_BYTES = 256 * 2**20
 
 

@@ -21,7 +21,7 @@ def run(cfg: DictConfig) -> None:
     dtype = getattr(torch, cfg.profile.get("dtype") or cfg.experiment.dtype)
     spec = common.model_spec(cfg.model.name, cfg.profile.shrink)
     torch.manual_seed(cfg.seed)
-    common.L2_FLUSH = cfg.profile.get("l2_flush", "zero")
+    common.L2_FLUSH = cfg.profile.get("l2_flush", common.L2_FLUSH)
     if common.L2_FLUSH not in common.L2_FLUSH_KINDS:
         raise SystemExit(f"profile.l2_flush must be one of {common.L2_FLUSH_KINDS}, got {common.L2_FLUSH!r}")
     prov = common.provenance(device, cfg.seed)
