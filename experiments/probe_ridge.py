@@ -45,6 +45,7 @@ from .tune import _Bench
 POINTS = {"mixtral_8x7b": (256, 512, 1024, 2048, 4096), "qwen2_57b_a14b": (512, 1024, 2048, 4096, 8192),
           "deepseek_v3": (2048, 4096, 8192)}
 DENSE_ROWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+KEY = ("experiment", "kind", "model", "T", "M", "gemm", "impl", "commit")  # one row per key in the results file
 SEED = 0
 WARMUP_MS, REP_MS = 25, 200
 SMOKE_SHAPES = {"hidden_size": 64, "intermediate_size": 32, "max_experts": 16, "shared_intermediate_size": 48}
@@ -75,7 +76,7 @@ def dense_rows(spec, model, dev, dtype, ceilings, base, rows_list) -> list[dict]
             a = torch.randn(M, K, generator=g, device=dev, dtype=torch.float32).to(dtype)
             q = _timed(lambda a=a: a @ w.T, dev)
             fl = _floor(2 * (M * K + N * K + M * N), 2 * M * N * K, ceilings)
-            out.append({**base, "kind": "dense", "model": model, "gemm": gemm, "impl": "cublas_mm", "M": M,
+            out.append({**base, "kind": "dense", "model": model, "T": None, "gemm": gemm, "impl": "cublas_mm", "M": M,
                         "N": N, "K": K, "status": "ok", **fl, **q, "pct_of_floor": 100 * fl["floor_ms"] / q["ms_p50"]})
         del w
     return out
@@ -94,7 +95,7 @@ def point_rows(spec, model, T, p, dev, dtype, ceilings, base) -> list[dict]:
     rows = []
 
     def add(gemm, impl, result, **extra):
-        r = {**base, "kind": "point", "model": model, "T": T, "gemm": gemm, "impl": impl,
+        r = {**base, "kind": "point", "model": model, "T": T, "M": None, "gemm": gemm, "impl": impl,
              "rows_per_expert": S / E, "distinct_experts": distinct, **floors[gemm], **result, **extra}
         if r.get("status") == "ok":
             r["pct_of_floor"] = 100 * r["floor_ms"] / r["ms_p50"]
@@ -159,8 +160,9 @@ def main(smoke: bool = False) -> None:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     path = common.REPO / "results" / common.device_name(dev) / "probe_ridge.jsonl"
+    assert all(f in r for r in rows for f in KEY), "a row without a key field"  # checked in the smoke run too
     if not smoke:
-        common.write_rows(path, rows, ("experiment", "kind", "model", "T", "M", "gemm", "impl", "commit"))
+        common.write_rows(path, rows, KEY)
     print(f"\n{'model':15s} {'T':>5s} {'rows/E':>6s} {'gemm':8s} {'impl':20s} {'ms':>8s} {'floor':>7s} "
           f"{'set by':6s} {'%floor':>6s}")
     for r in rows:
