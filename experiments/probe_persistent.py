@@ -50,18 +50,24 @@ def _variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
 def _all_variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
     """Name -> tiles (warp-specialised persistent tiles were tried at 1d9ebac and hung the H100: PERF_LOG v11)."""
     m64 = dict(block_m=64, block_k=64, tma=True, group_m=8)
+    # 256-row tiles (gap 1): an expert of ~256 rows in one M-block, one stream of its weight tiles instead of
+    # two or three; the accumulators per thread stay those of the 128-row tiles (gate+up: 256x64 twice)
+    m256 = dict(block_m=256, block_k=64, tma=True, group_m=8, num_warps=8, num_stages=3,
+                block_n=64 if kernel == "gate_up" else 128)
+    tall = {"m256": replace(tuned, **m256, min_block_m=0), "m256_tail16": replace(tuned, **m256, min_block_m=16),
+            "m256_tail64": replace(tuned, **m256, min_block_m=64)}
     if kernel == "gate_up":
         return {"tuned": tuned, "persistent": replace(tuned, persistent=True),
                 "permuted": replace(tuned, permute_input=True, tma=True),
                 "persistent+permuted": replace(tuned, persistent=True, permute_input=True, tma=True),
                 "m64_n128_w4": replace(tuned, **m64, block_n=128, num_warps=4, num_stages=4),
                 "m64_n128_w8": replace(tuned, **m64, block_n=128, num_warps=8, num_stages=4),
-                "m64_n256_w8": replace(tuned, **m64, block_n=256, num_warps=8, num_stages=3)}
+                "m64_n256_w8": replace(tuned, **m64, block_n=256, num_warps=8, num_stages=3), **tall}
     return {"tuned": tuned, "persistent": replace(tuned, persistent=True),
             "persistent+tma": replace(tuned, persistent=True, tma=True),
             "m64_n128_w4": replace(tuned, **m64, block_n=128, num_warps=4, num_stages=4),
             "m64_n256_w4": replace(tuned, **m64, block_n=256, num_warps=4, num_stages=4),
-            "m64_n256_w8": replace(tuned, **m64, block_n=256, num_warps=8, num_stages=4)}
+            "m64_n256_w8": replace(tuned, **m64, block_n=256, num_warps=8, num_stages=4), **tall}
 
 
 DEFAULT_VARIANTS = ("tuned", "persistent", "permuted", "persistent+permuted", "persistent+tma", "m64_n128_w4",

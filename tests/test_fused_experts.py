@@ -140,6 +140,18 @@ def test_schedule_extremes(case, block_m, schedule, min_block_m, tma, device, po
         check(*make_inputs(T, k, E, device, dtype, ids=ids), tiles=(tiles, tiles), schedule=schedule)
 
 
+# 256-row M-blocks (an expert of ~256 rows in one block): an expert's last block takes any of five heights,
+# 256 down to 16; counts from 1 to 200 put a partial block at each of them.
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("min_block_m", [0, 16])
+def test_block_m_256_every_tail_height(min_block_m, tma, device, poison):
+    T, k, E, ids = EXTREMES["every-tail-height"]
+    tiles = tritonmoe.TileConfig(block_m=256, block_n=32, block_k=32, group_m=3, num_stages=2,
+                                 min_block_m=min_block_m, tma=tma)
+    for dtype in dtypes_for(device):
+        check(*make_inputs(ids.shape[0], k, E, device, dtype, ids=ids), tiles=(tiles, tiles))
+
+
 # Persistent programs (a few on the CPU, one per SM on a GPU) each walk many tiles, with the gate+up
 # input gathered per tile or copied into expert order first (TMA-loadable).
 PERSISTENT = {

@@ -109,11 +109,11 @@ def _expert_gemm_kernel(
         # default, fixed schedule) only the full-height branch is compiled.
         rows = row_end - row_start
         height = 0  # halvings of BLOCK_M
-        for h in tl.static_range(1, 4):
+        for h in tl.static_range(1, 5):
             if BLOCK_M >> h >= MIN_BLOCK_M:
                 if rows <= BLOCK_M >> h:
                     height = h
-        for h in tl.static_range(0, 4):
+        for h in tl.static_range(0, 5):
             if BLOCK_M >> h >= MIN_BLOCK_M:
                 if height == h:
                     _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
