@@ -56,6 +56,8 @@ def _all_variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
                 block_n=64 if kernel == "gate_up" else 128)
     tall = {"m256": replace(tuned, **m256, min_block_m=0), "m256_tail16": replace(tuned, **m256, min_block_m=16),
             "m256_tail64": replace(tuned, **m256, min_block_m=64)}
+    # absorbed tails: an expert's last whole block also runs up to h rows after it (no block of their own)
+    tall.update({f"abs{h}": replace(tuned, absorb_m=h) for h in (16, 32, 64) if h < tuned.block_m})
     if kernel == "gate_up":
         return {"tuned": tuned, "persistent": replace(tuned, persistent=True),
                 "permuted": replace(tuned, permute_input=True, tma=True),

@@ -6,11 +6,12 @@ Per (model, T) and per candidate block_m (the schedule's M-blocks):
 1. coarse: every (block_n, block_k, num_warps, tma) of the space at 4 stages;
 2. refine around the best: num_stages, group_m, split_k for the down projection, the input copied
    into expert order for the gate+up (``permute_input``), tail tiles (``min_block_m``: an expert's
-   last, partial M-block with a smaller tile height).
+   last, partial M-block with a smaller tile height), absorbed tails (``absorb_m``: an expert's last
+   whole M-block also runs the few rows after it).
 The pair kept is the fastest gate+up and down over the block_m candidates; a down projection with
 another block_m than the gate+up's pays the build of its own block map (timed beside it).
 3. robust (``experiment.robust_skews``, for the skew experiment's shapes): the fastest few of each
-   GEMM and block_m, and tail-tile and N-sweep variants of the fastest, are timed again on the skew
+   GEMM and block_m, and tail-tile, N-sweep and absorbed-tail variants of the fastest, are timed again on the skew
    experiment's exact routings (``skew.skewed_topk_ids``: uniform, Zipf(s), one hot expert) as well
    as the model's; the pair kept is the one whose slowest routing is fastest. The package picks tiles
    by shape, never by routing, so the table's tiles must serve every routing a shape meets
@@ -53,9 +54,11 @@ def _smem(kernel: str, t: TileConfig, elem: int = 2) -> int:
 
 
 def _fits(kernel: str, t: TileConfig) -> bool:
-    # fp32 accumulators per thread: more than ~128 registers of them spills
-    accs = (2 if kernel == "gate_up" else 1) * t.block_m * t.block_n / (32 * t.num_warps)
-    return _smem(kernel, t) <= SMEM_BYTES and accs <= 128
+    # fp32 accumulators per thread: more than ~128 registers of them spills; an absorbing block's second
+    # tile (absorb_m rows) adds its own, in its branch only
+    per_row = (2 if kernel == "gate_up" else 1) * t.block_n / (32 * t.num_warps)
+    accs = per_row * t.block_m
+    return _smem(kernel, t) <= SMEM_BYTES and accs <= 128 and accs + per_row * t.absorb_m <= 192
 
 
 def block_m_candidates(tokens_per_expert: float) -> list[int]:
@@ -91,7 +94,13 @@ def refine(kernel: str, best: TileConfig, space, split_useful: bool) -> list[Til
         out.append(replace(best, permute_input=True, tma=True))  # TMA input tiles after a copy into expert order
     if not best.min_block_m:
         out += [replace(best, min_block_m=h) for h in space.get("min_block_m", []) if h < best.block_m]
+    out += _absorb_variants(best, space.get("absorb_m", []))
     return [t for t in out if _fits(kernel, t)]
+
+
+def _absorb_variants(t: TileConfig, heights) -> list[TileConfig]:
+    """``t`` with absorbed tails of these heights (below its block_m), where it absorbs none yet."""
+    return [] if t.absorb_m or t.persistent else [replace(t, absorb_m=h) for h in heights if h < t.block_m]
 
 
 def all_candidates(spec, tokens, space) -> set[tuple[str, TileConfig]]:
@@ -127,7 +136,7 @@ def _compile_worker(args) -> int:
     failed = 0
     for kernel, t in items:
         try:
-            sched = build_schedule(ids, E, t.block_m)
+            sched = build_schedule(ids, E, t.block_m, t.absorb_m)
             if kernel == "gate_up":
                 gate_up_silu(x, w13, sched, t)
             else:
@@ -170,15 +179,15 @@ class _Bench:
         self._expected = {}
         self._schedule_ms = {}
 
-    def sched(self, block_m):
-        if block_m not in self._sched:
-            self._sched[block_m] = build_schedule(self.ids, self.spec.num_experts, block_m)
-        return self._sched[block_m]
+    def sched(self, block_m, absorb_m=0):
+        if (block_m, absorb_m) not in self._sched:
+            self._sched[block_m, absorb_m] = build_schedule(self.ids, self.spec.num_experts, block_m, absorb_m)
+        return self._sched[block_m, absorb_m]
 
     def fn(self, kernel, t: TileConfig):
         # the tiles as the forward runs them (expert groups)
         t = _schedule_tiles(t, "expert_groups")
-        s, p = self.sched(t.block_m), self.p
+        s, p = self.sched(t.block_m, t.absorb_m), self.p
         if kernel == "gate_up":
             return lambda: gate_up_silu(p.x, p.w13, s, t)
         k = self.spec.top_k * t.split_k
@@ -299,6 +308,11 @@ def _tune_shape(cfg, spec, device, dtype, seed, prov, progress) -> list[dict]:
     return rows
 
 
+def _same_block_map(up: TileConfig, down: TileConfig) -> bool:
+    """Whether the down projection runs on the gate+up's schedule (else it pays a block map of its own)."""
+    return (up.block_m, up.absorb_m) == (down.block_m, down.absorb_m)
+
+
 def _choose_pair(best: dict, bench) -> tuple | None:
     """(total ms, gate_up (tiles, row), down (tiles, row)): the fastest pair, where a down projection with
     another block_m than the gate+up's pays the build of its own block map (timed here)."""
@@ -306,16 +320,18 @@ def _choose_pair(best: dict, bench) -> tuple | None:
     for (ku, bu), up in best.items():
         for (kd, bd), down in best.items():
             if (ku, kd) == ("gate_up", "down"):
-                extra = 0.0 if bu == bd else bench.schedule_ms(bd)
+                extra = 0.0 if _same_block_map(up[0], down[0]) else bench.schedule_ms(bd)
                 pairs.append((up[1]["ms_p50"] + down[1]["ms_p50"] + extra, up, down))
     return min(pairs, key=lambda p: p[0]) if pairs else None
 
 
 def robust_variants(kernel: str, t: TileConfig, space) -> list[TileConfig]:
-    """Tail-tile and N-sweep variants of ``t`` for the robust stage: the levers that act under skew
-    (fewer padded rows in partial blocks; hot and cold experts' tiles running side by side)."""
+    """Tail-tile, N-sweep and absorbed-tail variants of ``t`` for the robust stage: the levers that act
+    under skew (fewer padded rows in partial blocks; hot and cold experts' tiles running side by side;
+    fewer blocks that stream an expert's weights again for a few rows)."""
     out = [replace(t, min_block_m=h) for h in space.get("robust_min_block_m", []) if h < t.block_m]
     out += [replace(t, sweep_n=n) for n in space.get("robust_sweep_n", [])]
+    out += _absorb_variants(t, space.get("robust_absorb_m", []))
     return [v for v in out if v != t and _fits(kernel, v)]
 
 
@@ -361,8 +377,8 @@ def _robust_pair(cfg, spec, T, p, dtype, seed, bench, measured_by, base) -> tupl
 def slowest_routing_pair(ms: dict, routings: list, schedule_ms) -> tuple | None:
     """Of the (gate_up, down) pairs timed ok on every routing (``ms[(kernel, tiles)][routing]`` rows),
     the one whose slowest routing is fastest: (its total ms there, that routing, (gate_up tiles, rows by
-    routing), (down tiles, rows by routing)). A down projection with another block_m than the gate+up's
-    pays ``schedule_ms(routing, block_m)``, the build of its own block map."""
+    routing), (down tiles, rows by routing)). A down projection with another block map than the gate+up's
+    (block_m, absorb_m) pays ``schedule_ms(routing, block_m)``, the build of its own."""
     complete = {kt: by for kt, by in ms.items() if all(r in by for r in routings)}
     pairs = []
     for (ku, up), up_by in complete.items():
@@ -370,7 +386,7 @@ def slowest_routing_pair(ms: dict, routings: list, schedule_ms) -> tuple | None:
             if (ku, kd) != ("gate_up", "down"):
                 continue
             totals = {r: up_by[r]["ms_p50"] + down_by[r]["ms_p50"]
-                      + (0.0 if up.block_m == down.block_m else schedule_ms(r, down.block_m)) for r in routings}
+                      + (0.0 if _same_block_map(up, down) else schedule_ms(r, down.block_m)) for r in routings}
             slowest = max(totals, key=totals.get)
             pairs.append((totals[slowest], slowest, (up, up_by), (down, down_by)))
     return min(pairs, key=lambda q: q[0]) if pairs else None
@@ -386,7 +402,8 @@ def _cfg_str(t: TileConfig) -> str:
     return (f"m{t.block_m}n{t.block_n}k{t.block_k}g{t.group_m}w{t.num_warps}s{t.num_stages}"
             + (f"sk{t.split_k}" if t.split_k > 1 else "") + ("tma" if t.tma else "")
             + ("perm" if t.permute_input else "") + ("pers" if t.persistent else "")
-            + (f"sw{t.sweep_n}" if t.sweep_n else "") + (f"tail{t.min_block_m}" if t.min_block_m else ""))
+            + (f"sw{t.sweep_n}" if t.sweep_n else "") + (f"tail{t.min_block_m}" if t.min_block_m else "")
+            + (f"abs{t.absorb_m}" if t.absorb_m else ""))
 
 
 def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:

@@ -146,7 +146,8 @@ def test_smoke_tune_skew_shapes(tmp_path):
     # the tuner on the skew experiment's shapes (one small space, CPU: rows only, no table written)
     space = ["experiment.space.block_n=[32]", "experiment.space.block_k=[32]", "experiment.space.num_warps=[4]",
              "experiment.space.tma=[false]", "experiment.space.num_stages=[2]", "experiment.space.group_m=[4]",
-             "experiment.space.split_k=[2]", "experiment.space.min_block_m=[16]", "experiment.space.permute_input=false"]
+             "experiment.space.split_k=[2]", "experiment.space.min_block_m=[16]", "experiment.space.permute_input=false",
+             "experiment.space.absorb_m=[]"]
     rows = run_smoke(tmp_path, "tune", "profile.tokens=[3]", "experiment.skew_experts=[8,16]", *space)
     assert {r["model"] for r in rows} == {"mixtral_8x7b_E8", "mixtral_8x7b_E16"}
     assert all(r["status"] == "ok" for r in rows)
@@ -154,11 +155,13 @@ def test_smoke_tune_skew_shapes(tmp_path):
 
 
 def test_smoke_tune_robust_stage(tmp_path):
-    # the robust stage times its finalists on the model's routing and each skew routing, tails and sweeps too
+    # the robust stage times its finalists on the model's routing and each skew routing, tails, sweeps and
+    # absorbed tails too
     space = ["experiment.space.block_n=[32]", "experiment.space.block_k=[32]", "experiment.space.num_warps=[4]",
              "experiment.space.tma=[false]", "experiment.space.num_stages=[2]", "experiment.space.group_m=[4]",
              "experiment.space.split_k=[2]", "experiment.space.min_block_m=[]", "experiment.space.permute_input=false",
-             "experiment.space.robust_min_block_m=[16]", "experiment.space.robust_sweep_n=[1]"]
+             "experiment.space.absorb_m=[]", "experiment.space.robust_min_block_m=[16]",
+             "experiment.space.robust_sweep_n=[1]", "experiment.space.robust_absorb_m=[16]"]
     rows = run_smoke(tmp_path, "tune", "profile.tokens=[3,40]", "experiment.skew_experts=[8]",
                      "experiment.robust_skews=[0,hot]", "experiment.robust_finalists=1",
                      "experiment.robust_min_tokens=40", *space)
@@ -169,6 +172,7 @@ def test_smoke_tune_robust_stage(tmp_path):
     for kernel in ("gate_up", "down"):
         configs = {r["config"] for r in robust if r["kernel"] == kernel}
         assert any("tail16" in c for c in configs) and any("sw1" in c for c in configs), configs
+        assert any("abs16" in c for c in configs) or all(c.startswith("m16") for c in configs), configs
         for c in configs:  # every finalist on every routing
             assert {r["routing"] for r in robust if (r["kernel"], r["config"]) == (kernel, c)} == {"model", "0", "hot"}
 

@@ -152,6 +152,28 @@ def test_block_m_256_every_tail_height(min_block_m, tma, device, poison):
         check(*make_inputs(ids.shape[0], k, E, device, dtype, ids=ids), tiles=(tiles, tiles))
 
 
+# Absorbed tails: an expert's last whole block also runs the rows after it (up to absorb_m) as a second
+# tile. "every-tail-height" has counts 1 to 33 rows past a whole 16/32/64/128-row block; with and without
+# tail tiles for the blocks that absorb nothing, both GEMMs, both group orders.
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("schedule,min_block_m", [("expert_groups", 0), ("expert_groups", 16), ("fixed", 0)])
+@pytest.mark.parametrize("block_m,absorb_m", [(32, 16), (64, 32), (128, 64)])
+def test_absorbed_tails(block_m, absorb_m, schedule, min_block_m, tma, device, poison):
+    T, k, E, ids = EXTREMES["every-tail-height"]
+    tiles = tritonmoe.TileConfig(block_m=block_m, block_n=32, block_k=32, group_m=3, num_stages=2,
+                                 min_block_m=min_block_m, absorb_m=absorb_m, tma=tma)
+    for dtype in dtypes_for(device):
+        check(*make_inputs(ids.shape[0], k, E, device, dtype, ids=ids), tiles=(tiles, tiles), schedule=schedule)
+
+
+def test_persistent_refuses_absorbing_blocks(device):
+    x, w13, w2, weights, ids = make_inputs(40, 2, 4, device, torch.float32)
+    sched = tritonmoe.build_schedule(ids, 4, 32, absorb_m=16)
+    tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, persistent=True)
+    with pytest.raises(ValueError, match="persistent=True runs full-height tiles only; this schedule's blocks absorb"):
+        tritonmoe.gate_up_silu(x, w13, sched, tiles)
+
+
 # Persistent programs (a few on the CPU, one per SM on a GPU) each walk many tiles, with the gate+up
 # input gathered per tile or copied into expert order first (TMA-loadable).
 PERSISTENT = {

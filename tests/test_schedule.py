@@ -9,10 +9,12 @@ from conftest import random_topk_ids
 from helpers import EK, TOKENS
 
 
-def expected_block_map(counts, offsets, block_m):
+def expected_block_map(counts, offsets, block_m, absorb_m=0):
     experts, rows, ranks, siblings = [], [], [], []
     for e, c in enumerate(counts.tolist()):
         n = -(-c // block_m)
+        if c > block_m and 0 < c % block_m <= absorb_m:
+            n -= 1  # the last whole block takes the rest
         for b in range(n):
             experts.append(e)
             rows.append(int(offsets[e]) + b * block_m)
@@ -21,9 +23,9 @@ def expected_block_map(counts, offsets, block_m):
     return experts, rows, ranks, siblings
 
 
-def check_schedule(ids, E, block_m):
+def check_schedule(ids, E, block_m, absorb_m=0):
     T, k = ids.shape
-    s = tritonmoe.build_schedule(ids, E, block_m)
+    s = tritonmoe.build_schedule(ids, E, block_m, absorb_m)
     counts, offsets, sorted_slots, positions = reference.build_schedule(ids.cpu(), E)
     assert s.max_blocks == max_blocks(T * k, E, block_m)
     for name in ("expert_counts", "expert_offsets", "sorted_slots", "slot_positions", "block_expert",
@@ -34,7 +36,7 @@ def check_schedule(ids, E, block_m):
     assert int(s.expert_offsets[E + 1]) == T * k and int(s.num_invalid) == 0
     assert torch.equal(s.sorted_slots.cpu().long(), sorted_slots)
     assert torch.equal(s.slot_positions.cpu().long(), positions)
-    experts, rows, ranks, siblings = expected_block_map(counts, offsets, block_m)
+    experts, rows, ranks, siblings = expected_block_map(counts, offsets, block_m, absorb_m)
     n, unused = len(experts), s.max_blocks - len(experts)
     assert int(s.num_blocks) == n <= s.max_blocks
     assert s.block_expert.cpu().tolist() == experts + [-1] * unused
@@ -73,6 +75,27 @@ def test_schedule_most_experts_empty(device, poison):
     first = torch.randint(0, 3, (1200,), generator=g)
     ids = torch.stack([pick[first], pick[(first + 1) % 3]], 1).to(torch.int32).to(device)
     check_schedule(ids, 256, 32)
+
+
+@pytest.mark.parametrize("absorb_m", [16, 32])
+@pytest.mark.parametrize("many", [False, True], ids=["one-launch", "chunks"])
+def test_schedule_absorbs_tails(many, absorb_m, device, poison):
+    # counts just under, at and past a whole 64-row block, by up to absorb_m rows and by one more; with
+    # `many`, also past two blocks and more than 512 slots (the three-launch schedule)
+    counts = [1, 17, 63, 64, 65, 64 + absorb_m, 65 + absorb_m, 0] + ([128, 128 + absorb_m, 200, 300] if many else [])
+    g = torch.Generator().manual_seed(absorb_m)
+    ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    ids = ids[torch.randperm(len(ids), generator=g)].view(-1, 1).to(torch.int32).to(device)
+    s = check_schedule(ids, len(counts), 64, absorb_m)
+    full = check_schedule(ids, len(counts), 64)
+    assert int(s.num_blocks) == int(full.num_blocks) - (4 if many else 2)  # 65, 64 + absorb_m (and 128 + absorb_m, 200)
+
+
+def test_schedule_absorb_m_checked(device):
+    ids = torch.zeros(4, 1, dtype=torch.int32, device=device)
+    for bad in (8, 24, 64, 128):
+        with pytest.raises(ValueError, match="absorb_m must be 0 or a power of two in"):
+            tritonmoe.build_schedule(ids, 4, 64, bad)
 
 
 def test_schedule_counts_sum_to_slots(device):

@@ -43,6 +43,12 @@ class TileConfig:
     # full height. Tuned per bucket: faster where experts average a few blocks, slower at 8192 tokens
     # (PERF_LOG v4, v15). fused_experts(schedule="tail_tiles") uses 16 where this is 0.
     min_block_m: int = 0
+    # Absorbed tails: an expert with a whole M-block and at most this many rows after its last one runs
+    # them in that block's program, as a second tile against the same weight tiles, instead of in a block
+    # of its own that streams the weights again (the schedule is built for it: build_schedule's
+    # absorb_m). 0: off; else a power of two in [16, block_m). Where experts average about block_m or
+    # 2 * block_m rows, routing puts about half of them a few rows past a whole block.
+    absorb_m: int = 0
     # Tiles through Hopper's copy engine (TMA descriptors): the weights, and the input rows where they
     # are contiguous (the down projection's full-height tiles); pointer loads where it cannot serve.
     tma: bool = False
@@ -65,7 +71,7 @@ class TileConfig:
         for name in FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TileConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        zero_means = {"sweep_n": "all of N in one sweep", "min_block_m": "full-height tiles only"}
+        zero_means = {"sweep_n": "all of N in one sweep", "min_block_m": "full-height tiles only", "absorb_m": "off"}
         for name, value in asdict(self).items():
             if name in FLAGS:
                 continue
@@ -74,10 +80,12 @@ class TileConfig:
                     raise ValueError(f"TileConfig.{name} must be an int >= 0 (0: {zero_means[name]}), got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"TileConfig.{name} must be a positive int, got {value!r}")
-        for name in ("block_m", "block_n", "block_k", "min_block_m"):
+        for name in ("block_m", "block_n", "block_k", "min_block_m", "absorb_m"):
             value = getattr(self, name)
-            if (value < 16 or value & (value - 1)) and not (name == "min_block_m" and value == 0):
+            if (value < 16 or value & (value - 1)) and not (name in zero_means and value == 0):
                 raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {value}")
+        if self.absorb_m >= self.block_m:
+            raise ValueError(f"TileConfig.absorb_m must be below block_m={self.block_m}, got {self.absorb_m}")
 
 
 def device_key(device: torch.device) -> str:

@@ -47,6 +47,7 @@ def _expert_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EXPERT_GROUPS: tl.constexpr,     # a group of M-blocks never spans two experts (else GROUP_M consecutive blocks)
     MIN_BLOCK_M: tl.constexpr,       # smallest tile height for an expert's last, partial M-block
+    ABSORB_M: tl.constexpr,          # an expert's last whole M-block also takes up to this many more rows (0: off)
     EVEN_K: tl.constexpr,            # every K slice is whole BLOCK_Ks: no K mask, so loads stay 16-byte wide
     DOT_PRECISION: tl.constexpr,
     WEIGHT_TMA: tl.constexpr,        # weight tiles through the copy engine (Hopper's TMA) instead of pointers
@@ -68,7 +69,7 @@ def _expert_gemm_kernel(
             _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr,
                          expert.to(tl.int32), pid_m, pid_m + 1, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split,
                          stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
-                         GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
+                         GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, 0, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
                          WEIGHT_TMA, False, True)
     elif PERSISTENT:
         # The tiles of the used M-blocks (their count is on the device), grid-strided over the programs;
@@ -82,7 +83,7 @@ def _expert_gemm_kernel(
             _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
                          tl.load(block_row_ptr + pid_m), tl.load(expert_offsets_ptr + expert + 1), pid_n, N, K, TOP_K,
                          n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-                         stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
+                         stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, 0, BLOCK_N, BLOCK_K,
                          EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, False)
     else:
         pid = tl.program_id(0)
@@ -106,21 +107,32 @@ def _expert_gemm_kernel(
         # An expert's last M-block is partial. With MIN_BLOCK_M < BLOCK_M (schedule="tail_tiles") its
         # tile height is the smallest power of two (down to MIN_BLOCK_M) that holds its rows, so
         # padding costs at most half a tile; one branch per height. With MIN_BLOCK_M = BLOCK_M (the
-        # default, fixed schedule) only the full-height branch is compiled.
-        rows = row_end - row_start
+        # default, fixed schedule) only the full-height branch is compiled. With ABSORB_M, an expert's last
+        # whole block may run past BLOCK_M rows (the schedule gave the rest no block of its own): those rows
+        # take an ABSORB_M-row tile of their own in the same program, against the same weight tiles.
+        rows = row_end - row_start  # to the expert's end: more than BLOCK_M unless this is its last block
         height = 0  # halvings of BLOCK_M
         for h in tl.static_range(1, 5):
             if BLOCK_M >> h >= MIN_BLOCK_M:
                 if rows <= BLOCK_M >> h:
                     height = h
+        if ABSORB_M > 0:
+            height = tl.where((rows > BLOCK_M) & (rows <= BLOCK_M + ABSORB_M), -1, height)  # the last, absorbing
         for h in tl.static_range(0, 5):
             if BLOCK_M >> h >= MIN_BLOCK_M:
                 if height == h:
                     _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
                                  row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
                                  stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
-                                 GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M >> h, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
-                                 WEIGHT_TMA, A_TMA and h == 0, False)
+                                 GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M >> h, 0, BLOCK_N, BLOCK_K, EVEN_K,
+                                 DOT_PRECISION, WEIGHT_TMA, A_TMA and h == 0, False)
+        if ABSORB_M > 0:
+            if height == -1:
+                _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
+                             row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
+                             stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
+                             GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, ABSORB_M, BLOCK_N, BLOCK_K, EVEN_K,
+                             DOT_PRECISION, WEIGHT_TMA, A_TMA, False)
 
 
 @triton.jit
@@ -156,26 +168,54 @@ def _tile_position(pid, num_pid_n, max_blocks, block_rank_ptr, block_siblings_pt
 
 
 @triton.jit
-def _expert_tile(
-    a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start, row_end, pid_n,
-    N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-    stride_om, stride_on, GATHER_A: tl.constexpr, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr,
-    TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr, A_TMA: tl.constexpr, SLOT_ORDER: tl.constexpr,
-):
-    """One (TILE_M rows of one expert) x (BLOCK_N columns) output tile over one split-K slice.
-    SLOT_ORDER: rows are slots (a slot schedule), else sorted rows mapped to slots by sorted_slots."""
-    pid_k = tl.program_id(1)  # split-K slice: [pid_k * k_per_split, ...) of the reduction
-    offs_m = row_start + tl.arange(0, TILE_M)                                                   # [TM]
-    mask_m = offs_m < row_end
+def _tile_rows(offs_m, mask_m, sorted_slots_ptr, TOP_K, GATHER_A: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr,
+               SLOT_ORDER: tl.constexpr):
+    """Sorted rows -> (their slots, their rows of a)."""
     if SLOT_ORDER:
-        slots = offs_m.to(tl.int64)                                                             # [TM]
+        slots = offs_m.to(tl.int64)
     elif GATHER_A or SCATTER_WEIGHTED:
-        slots = tl.load(sorted_slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)          # [TM]
+        slots = tl.load(sorted_slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    else:
+        slots = offs_m.to(tl.int64)  # not used
     if GATHER_A:
         a_rows = slots // TOP_K
     else:
         a_rows = offs_m.to(tl.int64)
+    return slots, a_rows
+
+
+@triton.jit
+def _store_tile(acc, acc_up, offs_m, mask_m, slots, offs_n, mask_n, out_ptr, topk_weights_ptr, stride_om, stride_on,
+                pid_k, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr):
+    if GATE_UP_SILU:
+        acc = acc * tl.sigmoid(acc) * acc_up                                                    # SiLU(g) * u
+    if SCATTER_WEIGHTED:
+        acc = acc * tl.load(topk_weights_ptr + slots, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+        # split-K partials of one slot sit side by side (rows slot * splits + pid_k), and
+        # combine sums them with the slot's k choices: no atomics, a fixed order.
+        out_rows = slots * tl.num_programs(1) + pid_k
+    else:
+        out_rows = offs_m.to(tl.int64)
+    out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _expert_tile(
+    a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start, row_end, pid_n,
+    N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+    stride_om, stride_on, GATHER_A: tl.constexpr, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr,
+    TILE_M: tl.constexpr, EXTRA_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr, A_TMA: tl.constexpr, SLOT_ORDER: tl.constexpr,
+):
+    """One (TILE_M rows of one expert) x (BLOCK_N columns) output tile over one split-K slice, and with
+    EXTRA_M > 0 the expert's rows after them (up to EXTRA_M: an absorbing block) as a second tile that
+    multiplies the same weight tiles as they arrive.
+    SLOT_ORDER: rows are slots (a slot schedule), else sorted rows mapped to slots by sorted_slots."""
+    pid_k = tl.program_id(1)  # split-K slice: [pid_k * k_per_split, ...) of the reduction
+    offs_m = row_start + tl.arange(0, TILE_M)                                                   # [TM]
+    mask_m = offs_m < row_end
+    slots, a_rows = _tile_rows(offs_m, mask_m, sorted_slots_ptr, TOP_K, GATHER_A, SCATTER_WEIGHTED, SLOT_ORDER)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                            # [BN]
     mask_n = offs_n < N
@@ -190,8 +230,18 @@ def _expert_tile(
     # (or are zero-filled past the last) and only feed output columns that are never stored.
     w_row = (expert * (stride_we // stride_wn)).to(tl.int32) + n_offset + pid_n * BLOCK_N  # E * rows < 2**31
     acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
+    acc_up = acc  # replaced where GATE_UP_SILU
     if GATE_UP_SILU:
         acc_up = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
+    if EXTRA_M > 0:
+        offs_x = row_start + TILE_M + tl.arange(0, EXTRA_M)                                     # [XM]
+        mask_x = offs_x < row_end
+        slots_x, a_rows_x = _tile_rows(offs_x, mask_x, sorted_slots_ptr, TOP_K, GATHER_A, SCATTER_WEIGHTED, False)
+        a_ptrs_x = a_ptr + a_rows_x[:, None] * stride_am + (k_start + offs_k[None, :]) * stride_ak
+        acc_x = tl.zeros((EXTRA_M, BLOCK_N), dtype=tl.float32)
+        acc_x_up = acc_x
+        if GATE_UP_SILU:
+            acc_x_up = tl.zeros((EXTRA_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         mask_k = (offs_k < k_end - k0) | EVEN_K
         if A_TMA:
@@ -204,6 +254,10 @@ def _expert_tile(
         else:
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if EXTRA_M > 0:
+            a_x = tl.load(a_ptrs_x, mask=mask_x[:, None] & mask_k[None, :], other=0.0)
+            acc_x = tl.dot(a_x, w, acc_x, input_precision=DOT_PRECISION)
+            a_ptrs_x += BLOCK_K * stride_ak
         if GATE_UP_SILU:
             # the same input tile against the up rows (up_offset * stride_wn < one expert: int32 is safe)
             if WEIGHT_TMA:
@@ -211,20 +265,16 @@ def _expert_tile(
             else:
                 w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
+            if EXTRA_M > 0:
+                acc_x_up = tl.dot(a_x, w_up, acc_x_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    if GATE_UP_SILU:
-        acc = acc * tl.sigmoid(acc) * acc_up                                                    # SiLU(g) * u
-    if SCATTER_WEIGHTED:
-        acc = acc * tl.load(topk_weights_ptr + slots, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-        # split-K partials of one slot sit side by side (rows slot * splits + pid_k), and
-        # combine sums them with the slot's k choices: no atomics, a fixed order.
-        out_rows = slots * tl.num_programs(1) + pid_k
-    else:
-        out_rows = offs_m.to(tl.int64)
-    out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_tile(acc, acc_up, offs_m, mask_m, slots, offs_n, mask_n, out_ptr, topk_weights_ptr, stride_om, stride_on,
+                pid_k, GATE_UP_SILU, SCATTER_WEIGHTED)
+    if EXTRA_M > 0:
+        _store_tile(acc_x, acc_x_up, offs_x, mask_x, slots_x, offs_n, mask_n, out_ptr, topk_weights_ptr, stride_om,
+                    stride_on, pid_k, GATE_UP_SILU, SCATTER_WEIGHTED)
 
 
 # The same kernel with its device-side check of expert ids compiled in (debug=True; the launch options
@@ -292,6 +342,9 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     if sched.slot_blocks and (tiles.persistent or tiles.sweep_n):
         raise ValueError(f"tiles: persistent and sweep_n walk a built schedule's used blocks; a slot schedule has "
                          f"none (persistent={tiles.persistent}, sweep_n={tiles.sweep_n})")
+    if tiles.persistent and sched.absorb_m:
+        raise ValueError(f"tiles: persistent=True runs full-height tiles only; this schedule's blocks absorb tails "
+                         f"(built with absorb_m={sched.absorb_m})")
     if tiles.persistent and min_block_m < sched.block_m:
         raise ValueError(f"tiles: persistent=True runs full-height tiles only: min_block_m must be 0 or block_m "
                          f"(got {tiles.min_block_m} < {sched.block_m}; fused_experts sets it for "
@@ -312,7 +365,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         gather_a, gate_up_silu, weighted,  # GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED
         sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
-        min_block_m,
+        min_block_m, sched.absorb_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
         tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
