@@ -49,8 +49,8 @@ SMEM_BYTES = 227 * 1024
 
 
 def _smem(kernel: str, t: TileConfig, elem: int = 2) -> int:
-    b_tiles = 2 if kernel == "gate_up" else 1
-    return t.num_stages * (t.block_m * t.block_k + b_tiles * t.block_k * t.block_n) * elem
+    b_tiles = 2 if kernel == "gate_up" else 1  # the absorbing branch pipelines its own input tile too
+    return t.num_stages * ((t.block_m + t.absorb_m) * t.block_k + b_tiles * t.block_k * t.block_n) * elem
 
 
 def _fits(kernel: str, t: TileConfig) -> bool:
