@@ -135,7 +135,7 @@ def point_rows(spec, model, T, p, dev, dtype, ceilings, base) -> list[dict]:
     return rows
 
 
-def main(smoke: bool = False) -> None:
+def main(smoke: bool = False) -> list[dict]:
     dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
     points = {"mixtral_8x7b": (32,), "qwen2_57b_a14b": (16,)} if smoke else POINTS
     dense_m = (16, 32) if smoke else DENSE_ROWS
@@ -178,6 +178,7 @@ def main(smoke: bool = False) -> None:
             d = [r for r in rows if r["kind"] == "dense" and r["model"] == model and r["gemm"] == gemm]
             print(f"  {model:15s} {gemm:8s} " + " ".join(f"{r['M']}:{r['pct_of_floor']:.0f}" for r in d))
     print(f"{len(rows)} rows" + (" (smoke: not written)" if smoke else f" -> {path.relative_to(common.REPO)}"))
+    return rows
 
 
 if __name__ == "__main__":

@@ -203,3 +203,20 @@ def test_tune_skew_top_k_matches_the_skew_experiment():
         tune = compose("config", overrides=["experiment=tune"]).experiment
         skew = compose("config", overrides=["experiment=skew"]).experiment
     assert dict(tune.skew_top_k) == dict(skew.top_k)
+
+
+def test_probe_ridge_smoke():
+    # the ridge probe at tiny shapes on the interpreter: every implementation at every point, both GEMMs,
+    # each checked output correct, the dense sweep's floors counted from its shapes (nothing written)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "import json; from experiments import probe_ridge; print(json.dumps(probe_ridge.main(smoke=True)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    points = [r for r in rows if r["kind"] == "point"]
+    assert {(r["impl"], r["gemm"]) for r in points} >= {(i, g) for i in ("cublas_bmm@balanced", "tritonmoe",
+                                                                            "tritonmoe@balanced")
+                                                        for g in ("gate_up", "down")}
+    assert all(r["status"] == "ok" for r in points)
+    assert all(r["rel_err"] <= 1e-2 for r in points if "rel_err" in r)
+    dense = [r for r in rows if r["kind"] == "dense"]
+    assert dense and all(r["bytes"] == 2 * (r["M"] * r["K"] + r["N"] * r["K"] + r["M"] * r["N"]) for r in dense)
