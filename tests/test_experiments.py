@@ -12,11 +12,17 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS = ["mixtral_8x7b", "qwen2_57b_a14b", "deepseek_v3"]
 
 
+def smoke_env() -> dict:
+    """The environment of a ``python -m experiments`` child: the repository importable, the caller's path kept
+    (where its packages may live), the interpreter on."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "TRITON_INTERPRET": "1"}
+
+
 def run_smoke(tmp_path, experiment: str, *overrides: str) -> list[dict]:
     """Rows of ``python -m experiments experiment=<experiment> profile=smoke`` run into tmp_path (the
     smoke profile runs the interpreter, also on a machine with a GPU)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "TRITON_INTERPRET": "1"}
+    env = smoke_env()
     cmd = [sys.executable, "-m", "experiments", f"experiment={experiment}", "profile=smoke",
            f"results_root={tmp_path}", *overrides, f"hydra.run.dir={tmp_path}/hydra"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -34,8 +40,7 @@ def test_configs_compose(model, profile):
 
 def test_smoke_latency_runs(tmp_path):
     # the smoke profile runs the interpreter, also on a machine with a GPU
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "TRITON_INTERPRET": "1"}
+    env = smoke_env()
     cmd = [sys.executable, "-m", "experiments", "profile=smoke", "model=mixtral_8x7b", f"results_root={tmp_path}",
            "profile.tokens=[3]", f"hydra.run.dir={tmp_path}/hydra"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -126,19 +131,18 @@ def test_smoke_hf_model_runs(tmp_path):
 
 
 def test_l2_flush_is_recorded_and_checked(tmp_path, monkeypatch):
-    # the profile's l2_flush reaches every row's provenance; an unknown kind is refused, naming the option
-    rows = run_smoke(tmp_path, "latency", "profile.tokens=[3]", "experiment.impls=[tritonmoe_fused]",
-                     "++profile.l2_flush=read")
+    # the profile's l2_flush (default: read) reaches every row's provenance; an unknown kind is refused,
+    # naming the option
+    rows = run_smoke(tmp_path, "latency", "profile.tokens=[3]", "experiment.impls=[tritonmoe_fused]")
     assert rows and all(r["l2_flush"] == "read" for r in rows)
     import torch
     from experiments import common
     monkeypatch.setattr(common, "L2_FLUSH", "memset")
     with pytest.raises(ValueError, match="l2_flush"):
         common.time_ms(lambda: None, torch.device("cpu"), 0, 0)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "experiments", "experiment=latency", "profile=smoke",
                            f"results_root={tmp_path}", "++profile.l2_flush=memset", f"hydra.run.dir={tmp_path}/h2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "profile.l2_flush" in proc.stderr + proc.stdout
 
 
@@ -208,7 +212,7 @@ def test_tune_skew_top_k_matches_the_skew_experiment():
 def test_probe_ridge_smoke():
     # the ridge probe at tiny shapes on the interpreter: every implementation at every point, both GEMMs,
     # each checked output correct, the dense sweep's floors counted from its shapes (nothing written)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = smoke_env()
     code = "import json; from experiments import probe_ridge; print(json.dumps(probe_ridge.main(smoke=True)))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
