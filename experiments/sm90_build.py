@@ -40,8 +40,8 @@ def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: 
     a_tma = tma and not gather  # gathered inputs stay pointer loads
     names = _expert_gemm_kernel.arg_names
     consts = dict(GATHER_A=gather, GATE_UP_SILU=gate_up, SCATTER_WEIGHTED=not gate_up, BLOCK_M=bm, BLOCK_N=bn,
-                  BLOCK_K=bk, GROUP_M=8, EXPERT_GROUPS=True, MIN_BLOCK_M=bm, EVEN_K=True, DOT_PRECISION="tf32",
-                  WEIGHT_TMA=tma, A_TMA=a_tma, PERSISTENT=persistent, SWEEP_N=0,
+                  BLOCK_K=bk, GROUP_M=8, EXPERT_GROUPS=True, MIN_BLOCK_M=bm, ABSORB_M=0, EVEN_K=True,
+                  DOT_PRECISION="tf32", WEIGHT_TMA=tma, A_TMA=a_tma, PERSISTENT=persistent, SWEEP_N=0, SLOT_BLOCKS=False,
                   stride_ak=1, stride_wk=1, stride_on=1)
     if not tma:
         consts["w_desc"] = None
