@@ -9,7 +9,7 @@ Per (model, T) and per candidate block_m (the schedule's M-blocks):
    last, partial M-block with a smaller tile height), absorbed tails (``absorb_m``: an expert's last
    whole M-block also runs the few rows after it).
 The pair kept is the fastest gate+up and down over the block_m candidates; a down projection with
-another block_m than the gate+up's pays the build of its own block map (timed beside it).
+another block map than the gate+up's (block_m, absorb_m) pays the build of its own (timed beside it).
 3. robust (``experiment.robust_skews``, for the skew experiment's shapes): the fastest few of each
    GEMM and block_m, and tail-tile, N-sweep and absorbed-tail variants of the fastest, are timed again on the skew
    experiment's exact routings (``skew.skewed_topk_ids``: uniform, Zipf(s), one hot expert) as well
@@ -315,7 +315,7 @@ def _same_block_map(up: TileConfig, down: TileConfig) -> bool:
 
 def _choose_pair(best: dict, bench) -> tuple | None:
     """(total ms, gate_up (tiles, row), down (tiles, row)): the fastest pair, where a down projection with
-    another block_m than the gate+up's pays the build of its own block map (timed here)."""
+    another block map than the gate+up's (block_m, absorb_m) pays the build of its own (timed here)."""
     pairs = []
     for (ku, bu), up in best.items():
         for (kd, bd), down in best.items():
