@@ -117,7 +117,8 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
             block_m may differ (the down projection then gets its own block map, one more launch or three).
         schedule: M-blocks are block_m rows tall (an expert's last, partial one with the smallest
             tile height down to ``tiles.min_block_m`` that holds its rows, where the tiles set it:
-            the tuned tables do per bucket, PERF_LOG v15), and up to group_m M-blocks sweep the
+            the tuned tables do per bucket, PERF_LOG v15; with ``tiles.absorb_m`` an expert's last whole
+            block also runs up to that many rows after it, PERF_LOG v18), and up to group_m M-blocks sweep the
             output columns together (L2 reuse). "expert_groups" (default): a group never spans two
             experts, so a skewed expert's blocks share its weight reads wherever they start
             (experiments/PERF_LOG.md, v9); "fixed": groups of group_m consecutive blocks (the
