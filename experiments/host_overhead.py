@@ -119,7 +119,7 @@ def model_stages(spec, T: int, dev) -> dict:
     weights, ids = route(logits, spec)
     ids64 = ids.long()
     up_t, down_t = get_tiles(T, k, E, F, H, x.dtype, dev)
-    sched = build_schedule(ids, E, up_t.block_m, up_t.absorb_m)
+    sched = build_schedule(ids, E, *up_t.block_map)
     inter = gate_up_silu(x, w13, sched, up_t)
     rows = grouped_gemm(inter, w2, sched, down_t, topk_weights=weights)
     forward = lambda: fused_experts(x, w13, w2, weights, ids)  # noqa: E731
@@ -128,7 +128,7 @@ def model_stages(spec, T: int, dev) -> dict:
         "route": lambda: route(logits, spec),
         "argument checks": lambda: _check_args(x, w13, w2, weights, ids),
         "get_tiles": lambda: get_tiles(T, k, E, F, H, x.dtype, dev),
-        "build_schedule": lambda: build_schedule(ids, E, up_t.block_m, up_t.absorb_m),
+        "build_schedule": lambda: build_schedule(ids, E, *up_t.block_map),
         "gate_up_silu": lambda: gate_up_silu(x, w13, sched, up_t),
         "down (grouped_gemm)": lambda: grouped_gemm(inter, w2, sched, down_t, topk_weights=weights),
         "combine": lambda: combine(rows, k),

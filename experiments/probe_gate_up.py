@@ -36,7 +36,7 @@ def _gate_up(p, spec, T: int):
     _, ids = tritonmoe.route(replace(p, x=x).router_logits(), spec)
     tiles, _ = get_tiles(T, spec.top_k, spec.num_experts, spec.intermediate_size, spec.hidden_size, x.dtype,
                          x.device)
-    sched = build_schedule(ids.to(torch.int32), spec.num_experts, tiles.block_m, tiles.absorb_m)
+    sched = build_schedule(ids.to(torch.int32), spec.num_experts, *tiles.block_map)
     return (lambda: gate_up_silu(x, p.w13, sched, tiles)), tiles
 
 

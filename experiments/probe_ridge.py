@@ -125,7 +125,7 @@ def point_rows(spec, model, T, p, dev, dtype, ceilings, base) -> list[dict]:
         gu = b.measure("gate_up", tuned[0])
         add("gate_up", impl, gu, tiles=asdict(tuned[0]))
         t = _schedule_tiles(tuned[1], "expert_groups")
-        sched = b.sched(t.block_m, t.absorb_m)
+        sched = b.sched(*t.block_map)
         down = lambda b=b, t=t, sched=sched: grouped_gemm(b.inter, p.w2, sched, t, topk_weights=b.weights)  # noqa: E731
         err = check(combine(down(), k * t.split_k, dtype=dtype), b.expected("down", t.block_m))
         res = {"status": "ok", "rel_err": err, **_timed(down, dev)} if err <= 1e-2 else {"status": "wrong",

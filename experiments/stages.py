@@ -42,7 +42,7 @@ def stage_plan(p, T: int):
     weights, ids = route(logits, spec, correction_bias=p.bias)
     distinct = int(torch.unique(ids).numel())
     up_t, down_t = get_tiles(T, k, E, F, H, x.dtype, x.device)
-    sched = build_schedule(ids, E, up_t.block_m, up_t.absorb_m)
+    sched = build_schedule(ids, E, *up_t.block_map)
     inter = gate_up_silu(x, p.w13, sched, up_t)
     x_sorted = permute(x, sched)
     gate = grouped_gemm(x_sorted, p.w13, sched, up_t, n_offset=0, n=F)
@@ -54,7 +54,7 @@ def stage_plan(p, T: int):
     return [
         (both, "router matmul", p.router_logits, T * H * el + E * H * el + T * E * logit_el, 2 * T * H * E),
         (both, "route", lambda: route(logits, spec, correction_bias=p.bias), T * E * logit_el + S * 8, 0),
-        (both, "schedule", lambda: build_schedule(ids, E, up_t.block_m, up_t.absorb_m), S * 4 * 3, 0),
+        (both, "schedule", lambda: build_schedule(ids, E, *up_t.block_map), S * 4 * 3, 0),
         ("fused", "gate+up+SiLU (fused GEMM)", lambda: gate_up_silu(x, p.w13, sched, up_t),
          w_gate_up + S * H * el + S * F * el, 2 * S * 2 * F * H),
         ("unfused", "permute", lambda: permute(x, sched), 2 * S * H * el, 0),

@@ -48,7 +48,7 @@ def _prepare(spec, T, dtype, device, seed):
     E, F, H, k = spec.num_experts, spec.intermediate_size, spec.hidden_size, spec.top_k
     weights, ids = route(p.router_logits(), spec, correction_bias=p.bias)
     up_t, _ = get_tiles(T, k, E, F, H, dtype, device)
-    sched = build_schedule(ids, E, up_t.block_m, up_t.absorb_m)
+    sched = build_schedule(ids, E, *up_t.block_map)
 
     def unfused():
         x_sorted = permute(p.x, sched)

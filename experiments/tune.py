@@ -136,7 +136,7 @@ def _compile_worker(args) -> int:
     failed = 0
     for kernel, t in items:
         try:
-            sched = build_schedule(ids, E, t.block_m, t.absorb_m)
+            sched = build_schedule(ids, E, *t.block_map)
             if kernel == "gate_up":
                 gate_up_silu(x, w13, sched, t)
             else:
@@ -187,7 +187,7 @@ class _Bench:
     def fn(self, kernel, t: TileConfig):
         # the tiles as the forward runs them (expert groups)
         t = _schedule_tiles(t, "expert_groups")
-        s, p = self.sched(t.block_m, t.absorb_m), self.p
+        s, p = self.sched(*t.block_map), self.p
         if kernel == "gate_up":
             return lambda: gate_up_silu(p.x, p.w13, s, t)
         k = self.spec.top_k * t.split_k
@@ -308,11 +308,6 @@ def _tune_shape(cfg, spec, device, dtype, seed, prov, progress) -> list[dict]:
     return rows
 
 
-def _same_block_map(up: TileConfig, down: TileConfig) -> bool:
-    """Whether the down projection runs on the gate+up's schedule (else it pays a block map of its own)."""
-    return (up.block_m, up.absorb_m) == (down.block_m, down.absorb_m)
-
-
 def _choose_pair(best: dict, bench) -> tuple | None:
     """(total ms, gate_up (tiles, row), down (tiles, row)): the fastest pair, where a down projection with
     another block map than the gate+up's (block_m, absorb_m) pays the build of its own (timed here)."""
@@ -320,7 +315,7 @@ def _choose_pair(best: dict, bench) -> tuple | None:
     for (ku, bu), up in best.items():
         for (kd, bd), down in best.items():
             if (ku, kd) == ("gate_up", "down"):
-                extra = 0.0 if _same_block_map(up[0], down[0]) else bench.schedule_ms(bd)
+                extra = 0.0 if up[0].block_map == down[0].block_map else bench.schedule_ms(bd)
                 pairs.append((up[1]["ms_p50"] + down[1]["ms_p50"] + extra, up, down))
     return min(pairs, key=lambda p: p[0]) if pairs else None
 
@@ -339,7 +334,7 @@ def _robust_pair(cfg, spec, T, p, dtype, seed, bench, measured_by, base) -> tupl
     """(pair as _choose_pair gives it, {"routing", "ms", "routings"}: its slowest routing and that total,
     rows): finalists timed on the model's routing and on the skew experiment's routings at
     ``experiment.robust_skews`` (its generator and seed); the pair whose slowest routing (gate+up + down,
-    plus a second block map where their block_m differ) is fastest."""
+    plus a second block map where their block maps differ) is fastest."""
     e = cfg.experiment
     finalists = {}  # (kernel, block_m) -> [tiles]
     for key, measured in measured_by.items():
@@ -386,7 +381,7 @@ def slowest_routing_pair(ms: dict, routings: list, schedule_ms) -> tuple | None:
             if (ku, kd) != ("gate_up", "down"):
                 continue
             totals = {r: up_by[r]["ms_p50"] + down_by[r]["ms_p50"]
-                      + (0.0 if _same_block_map(up, down) else schedule_ms(r, down.block_m)) for r in routings}
+                      + (0.0 if up.block_map == down.block_map else schedule_ms(r, down.block_m)) for r in routings}
             slowest = max(totals, key=totals.get)
             pairs.append((totals[slowest], slowest, (up, up_by), (down, down_by)))
     return min(pairs, key=lambda q: q[0]) if pairs else None

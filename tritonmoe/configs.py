@@ -87,6 +87,12 @@ class TileConfig:
         if self.absorb_m >= self.block_m:
             raise ValueError(f"TileConfig.absorb_m must be below block_m={self.block_m}, got {self.absorb_m}")
 
+    @property
+    def block_map(self) -> tuple[int, int]:
+        """(block_m, absorb_m): what a schedule's M-block map is built for (``build_schedule``'s last two
+        arguments); GEMMs whose tiles differ in it need block maps of their own."""
+        return self.block_m, self.absorb_m
+
 
 def device_key(device: torch.device) -> str:
     """File name stem for a device, e.g. ``NVIDIA_H100_80GB_HBM3``; ``interpreter`` on the CPU."""

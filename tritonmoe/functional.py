@@ -165,11 +165,11 @@ def _forward(hidden_states, w13, w2, weights, ids, fused, tiles, schedule, out=N
     if schedule == "slots" or (schedule == "expert_groups" and T <= SLOT_SCHEDULE_MAX_TOKENS and not walks_blocks):
         sched = down_sched = slot_schedule(ids, E)
     else:
-        sched = build_schedule(ids, E, gate_up_tiles.block_m, gate_up_tiles.absorb_m)
+        sched = build_schedule(ids, E, *gate_up_tiles.block_map)
         # The sorted order does not depend on the block map, so a down projection with other M-blocks only
         # needs its own block map over the same rows: one more schedule build (the tuner weighs it in).
-        same = (down_tiles.block_m, down_tiles.absorb_m) == (sched.block_m, sched.absorb_m)
-        down_sched = sched if same else build_schedule(ids, E, down_tiles.block_m, down_tiles.absorb_m)
+        same = down_tiles.block_map == gate_up_tiles.block_map
+        down_sched = sched if same else build_schedule(ids, E, *down_tiles.block_map)
     if fused:
         inter = gate_up_silu(hidden_states, w13, sched, gate_up_tiles)
     else:
