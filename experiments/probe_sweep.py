@@ -13,6 +13,11 @@ last block pads up to block_m - 1 rows. Two variants for routings whose experts 
   an expert's last block runs with the smallest power-of-two height that holds its rows, so the
   tensor cores skip most padded rows; v4 found the extra branches slowed the full tiles at 8192
   tokens, before TMA tiles and expert groups.
+* group size (``group4``, ``group8``, ``group16``; probe-only): the package grows an expert's group to
+  as many M-blocks as half of L2 holds input rows for (``gemm._group_blocks``: 25 at H = 4096 and
+  128-row blocks), so an expert with many rows has many programs on one weight tile at once; these cap
+  it (each further group of the expert streams its weights again). A hot expert of 2048 rows runs
+  1.09-1.19x slower than the same FLOPs spread over experts of 256-512 rows (PERF_LOG v17, gap 5).
 
 Per point (a model's real routing, or the skew experiment's routing at E experts) this times each
 GEMM with the tuned tiles and each variant (outputs checked against the tuned tiles' first), then
@@ -22,9 +27,13 @@ with the fastest variant per GEMM, and with the tuned tiles again (the drift).
     python -m experiments.probe_sweep          # -> results/<GPU>/probe_sweep.jsonl
     python -m experiments.probe_sweep --smoke  # CPU interpreter, tiny shapes: the probe runs, nothing written
     PROBE_POINTS="mixtral_8x7b:512,E8:512:1.5" PROBE_VARIANTS="tuned,tail16" python -m experiments.probe_sweep
+
+"tuned" is the table's tiles as the forward runs them (its tail heights and sweep included); the
+sweep and tail variants change one field of them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import asdict, replace
@@ -32,13 +41,14 @@ from dataclasses import asdict, replace
 import torch
 
 import tritonmoe
+from tritonmoe import gemm
 from tritonmoe.configs import get_tiles
 from . import common
 from .latency import check, make_problem
 from .skew import skewed_topk_ids
 from .tune import _Bench
 
-VARIANTS = ("tuned", "sweep1", "sweep2", "sweep4", "tail16", "tail32", "tail64")
+VARIANTS = ("tuned", "sweep1", "sweep2", "sweep4", "tail16", "tail32", "tail64", "group4", "group8", "group16")
 # (model or "E<experts>", T, skew or None): real routing; skew experiment's routing (Mixtral's H and
 # weight bytes, k=2 at E=8, 4 at 16, else 8) at its uniform control and two skews
 POINTS = [("mixtral_8x7b", 512, None), ("mixtral_8x7b", 1024, None), ("mixtral_8x7b", 2048, None),
@@ -78,15 +88,30 @@ def _spec(name: str, smoke: bool):
 
 
 def _variant(name: str, tuned):
-    """The tuned tiles as the forward runs them (full-height tiles, expert groups), changed by ``name``;
-    None where it does not apply (a tail height not below block_m)."""
-    t = replace(tuned, min_block_m=tuned.block_m, expert_groups=True)
+    """The tuned tiles as the forward runs them (expert groups), changed by ``name``; None where it does
+    not apply (a tail height not below block_m). Group variants keep the tiles (see ``_group_cap``)."""
+    t = replace(tuned, expert_groups=True)
     if name.startswith("sweep"):
         return replace(t, sweep_n=int(name[5:]))
     if name.startswith("tail"):
         height = int(name[4:])
         return replace(t, min_block_m=height) if height < t.block_m else None
     return t
+
+
+@contextlib.contextmanager
+def _group_cap(name: str):
+    """For "group<n>": M-blocks per expert group capped at n while the block runs (a probe-only patch of
+    ``gemm._group_blocks``, which ``gemm._launch`` calls per launch); otherwise the package's groups."""
+    if not name.startswith("group"):
+        yield
+        return
+    cap, grown = int(name[5:]), gemm._group_blocks
+    gemm._group_blocks = lambda tiles, a, block_m, K: min(cap, grown(tiles, a, block_m, K))
+    try:
+        yield
+    finally:
+        gemm._group_blocks = grown
 
 
 def main(smoke: bool = False) -> None:
@@ -120,21 +145,27 @@ def main(smoke: bool = False) -> None:
                 "distinct_experts": int((counts > 0).sum())}
         only = os.environ.get("PROBE_VARIANTS", ",".join(VARIANTS)).split(",")
         best, tuned_exact = [], [_variant("tuned", t) for t in tuned]
+        group_blocks = [gemm._group_blocks(t, p.x, t.block_m, spec.hidden_size if i == 0 else spec.intermediate_size)
+                        for i, t in enumerate(tuned_exact)]
         for i, kernel in enumerate(("gate_up", "down")):
-            sched = bench.sched(tuned[i].block_m)
+            sched = bench.sched(*tuned_exact[i].block_map)
             blocks = int(sched.num_blocks.item())
             fastest = None
             for variant in only:
                 t = _variant(variant, tuned[i])
                 if t is None:
                     continue
-                r = {**base, "kernel": kernel, "variant": variant, "tiles": asdict(t), "m_blocks": blocks,
-                     "padded_rows_frac": blocks * t.block_m / (T * k) - 1, **bench.measure(kernel, t)}
+                with _group_cap(variant):
+                    r = {**base, "kernel": kernel, "variant": variant, "tiles": asdict(t), "m_blocks": blocks,
+                         "padded_rows_frac": blocks * t.block_m / (T * k) - 1,
+                         "group_blocks": min(int(variant[5:]), group_blocks[i]) if variant.startswith("group")
+                         else group_blocks[i], **bench.measure(kernel, t)}
                 rows.append(r)
                 print(f"  {name} T={T} {base['routing']} {kernel} {variant}: "
                       + (f"{r['ms_p50']:.3f} ms" if r["status"] == "ok" else r["status"]), flush=True)
-                if r["status"] == "ok" and (fastest is None or r["ms_p50"] < fastest[1]):
-                    fastest = (t, r["ms_p50"], variant)
+                if r["status"] == "ok" and not variant.startswith("group") and (fastest is None
+                                                                                 or r["ms_p50"] < fastest[1]):
+                    fastest = (t, r["ms_p50"], variant)  # the forward below runs tiles only (no group caps)
             best.append(fastest if fastest else (tuned_exact[i], None, "tuned"))
         forward = {"tuned": tuned_exact, "best": [b[0] for b in best], "tuned_again": tuned_exact}
         run = lambda tiles: tritonmoe.fused_experts(p.x, p.w13, p.w2, bench.weights, bench.ids, tiles=tiles)  # noqa: E731

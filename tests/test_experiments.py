@@ -224,3 +224,16 @@ def test_probe_ridge_smoke():
     assert all(r["rel_err"] <= 1e-2 for r in points if "rel_err" in r)
     dense = [r for r in rows if r["kind"] == "dense"]
     assert dense and all(r["bytes"] == 2 * (r["M"] * r["K"] + r["N"] * r["K"] + r["M"] * r["N"]) for r in dense)
+
+
+def test_probe_sweep_group_cap_caps_and_restores():
+    # the probe's group variants cap gemm._group_blocks only inside the block, and only for "group<n>"
+    import torch
+    from experiments import probe_sweep
+    from tritonmoe import TileConfig, gemm
+    grown, tiles, a = gemm._group_blocks, TileConfig(group_m=8), torch.empty(2, 64)
+    with probe_sweep._group_cap("group4"):
+        assert gemm._group_blocks(tiles, a, 16, 64) == 4
+    assert gemm._group_blocks is grown and grown(tiles, a, 16, 64) == 8
+    with probe_sweep._group_cap("tuned"):
+        assert gemm._group_blocks is grown
