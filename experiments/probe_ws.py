@@ -1,0 +1,199 @@
+"""Probe: is Triton 3.6's warp-specialised persistent GEMM the lever for the compute-bound end? (PERF_LOG gap 1b)
+
+tritonmoe's GEMMs are one program per output tile, software-pipelined (``num_stages``), no warp
+specialisation: at 512+ rows per expert they reach about 80 % of the GEMM floor on balanced routing
+where cuBLAS reaches 90-94 % (PERF_LOG v18). On Hopper the fast GEMMs give loads and MMAs warps of their
+own (a producer feeding the tensor cores through shared memory) and keep one program per SM. v11 tried
+Triton's warp-specialised loop on the MoE kernel itself and the H100 call did not return. Before porting
+the MoE kernel again, this asks the question on a plain dense GEMM, C = A @ B^T with B stored (N, K) as
+the experts' weights are, bf16, every tile through TMA:
+
+* ``tile``: one program per output tile (tritonmoe's structure), grouped tile order;
+* ``persistent``: one program per SM walking the tiles, the tile and K loops flattened into one
+  pipelined loop (``tl.range(flatten=True)``), as ``TileConfig(persistent=True)`` does;
+* ``persistent_ws``: the same loop with ``warp_specialize=True`` (Triton 3.6 turns it into producer
+  and consumer partitions on sm_90 at num_warps=4, PERF_LOG v11);
+* ``cublas``: ``torch.mm`` on the same operands.
+
+Shapes: the rows of one expert GEMM at the ridge and above (M = 256 ... 8192) against Mixtral's gate+up
+(N = 2 x 14336, K = 4096) and down (N = 4096, K = 14336) weights. Each output is checked against
+cuBLAS before it is timed; each kernel variant runs in its own child process with a time limit, so a
+variant that hangs the GPU costs its limit and is recorded as such, not the call.
+
+    python -m experiments.probe_ws          # -> results/<GPU>/probe_ws.jsonl
+    python -m experiments.probe_ws --smoke  # CPU interpreter, tiny shapes: the kernels run, nothing written
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import common
+
+SHAPES = {"gate_up": (2 * 14336, 4096), "down": (4096, 14336)}   # (N, K): Mixtral-8x7B's expert weights
+ROWS = (256, 512, 1024, 2048, 8192)
+# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): Triton's warp specialisation on sm_90 takes
+# num_warps=4 (the consumer) and adds the producer's warps; the other two run the usual 8-warp tiles too.
+VARIANTS = [("tile", 128, 256, 64, 8, 3), ("tile", 128, 128, 64, 8, 4), ("persistent", 128, 256, 64, 8, 3),
+            ("persistent", 128, 128, 64, 4, 4), ("persistent_ws", 128, 128, 64, 4, 4),
+            ("persistent_ws", 128, 256, 64, 4, 3)]
+GROUP_M = 8
+SEED = 0
+WARMUP_MS, REP_MS = 25, 200
+CHILD_TIMEOUT_S = 120
+KEY = ("experiment", "kernel", "config", "gemm", "M", "commit")
+
+
+@triton.jit
+def _tile_pos(tile, num_m, num_n, GROUP: tl.constexpr):
+    per_group = GROUP * num_n
+    first_m = (tile // per_group) * GROUP
+    rows = tl.minimum(num_m - first_m, GROUP)
+    return first_m + (tile % per_group) % rows, (tile % per_group) // rows
+
+
+@triton.jit
+def _mm_tile_kernel(a_desc, b_desc, c_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    pid_m, pid_n = _tile_pos(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        acc = tl.dot(a_desc.load([pid_m * BLOCK_M, k]), b_desc.load([pid_n * BLOCK_N, k]).T, acc)
+    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_desc.dtype))
+
+
+@triton.jit
+def _mm_persistent_kernel(a_desc, b_desc, c_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                          WARP_SPECIALIZE: tl.constexpr):
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True,
+                         warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile_pos(tile, num_m, num_n, GROUP)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            acc = tl.dot(a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K]),
+                         b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K]).T, acc)
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_desc.dtype))
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, kernel: str, bm: int, bn: int, bk: int, warps: int,
+           stages: int, num_programs: int) -> torch.Tensor:
+    """a (M, K) @ b (N, K)^T with one of the probe's kernels."""
+    (M, K), N = a.shape, b.shape[0]
+    c = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    a_desc, b_desc = TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk])
+    c_desc = TensorDescriptor.from_tensor(c, [bm, bn])
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if kernel == "tile":
+        _mm_tile_kernel[(tiles,)](a_desc, b_desc, c_desc, M, N, K, bm, bn, bk, GROUP_M, num_warps=warps,
+                                  num_stages=stages)
+    else:
+        grid = min(tiles, num_programs)
+        _mm_persistent_kernel[(grid,)](a_desc, b_desc, c_desc, M, N, K, bm, bn, bk, GROUP_M, grid,
+                                       kernel == "persistent_ws", num_warps=warps, num_stages=stages)
+    return c
+
+
+def _operands(gemm: str, M: int, dev, dtype, smoke: bool):
+    N, K = (64, 128) if smoke else SHAPES[gemm]
+    g = torch.Generator(device=dev).manual_seed(SEED)
+    a = torch.randn(M, K, generator=g, device=dev).to(dtype)
+    b = (torch.randn(N, K, generator=g, device=dev) / K ** 0.5).to(dtype)
+    return a, b
+
+
+def _flops_ms(M: int, gemm: str, ms: float) -> float:
+    N, K = SHAPES[gemm]
+    return 2 * M * N * K / (ms * 1e-3) / 1e12
+
+
+def child(variant: list, smoke: bool) -> list[dict]:
+    """Every shape with one kernel variant (a child process's work): rows without provenance."""
+    kernel, bm, bn, bk, warps, stages = variant
+    dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
+    sms = 3 if smoke else torch.cuda.get_device_properties(dev).multi_processor_count
+    rows = []
+    for gemm in SHAPES:
+        for M in ((64,) if smoke else ROWS):
+            a, b = _operands(gemm, M, dev, dtype, smoke)
+            ref = (a.float() @ b.float().T)
+            out = {"experiment": "probe_ws", "gemm": gemm, "M": M, "N": b.shape[0], "K": b.shape[1],
+                   "kernel": kernel, "config": f"m{bm}n{bn}k{bk}w{warps}s{stages}"}
+            if kernel == "cublas":
+                fn = lambda: a @ b.T  # noqa: E731
+            else:
+                fn = lambda: matmul(a, b, kernel, bm, bn, bk, warps, stages, sms)  # noqa: E731
+            try:
+                c = fn()
+                err = ((c.float() - ref).norm() / ref.norm()).item()
+            except Exception as why:  # noqa: BLE001 - e.g. out of shared memory: recorded
+                rows.append({**out, "status": "error", "reason": f"{type(why).__name__}: {str(why)[:200]}"})
+                continue
+            if not err <= 1e-2:
+                rows.append({**out, "status": "wrong", "rel_err": err})
+                continue
+            q = common.quantiles(common.time_ms(fn, dev, WARMUP_MS, REP_MS))
+            rows.append({**out, "status": "ok", "rel_err": err, **q,
+                         "tflops": None if smoke else _flops_ms(M, gemm, q["ms_p50"])})
+            print(f"  {kernel:14s} {out['config']:16s} {gemm:7s} M={M:5d}: {q['ms_p50']:.3f} ms"
+                  + ("" if smoke else f" {rows[-1]['tflops']:.0f} TFLOP/s"), flush=True)
+    return rows
+
+
+def main(smoke: bool = False) -> list[dict]:
+    dev = torch.device("cpu") if smoke else torch.device("cuda")
+    prov = common.provenance(dev, SEED)
+    ceilings = {} if smoke else common.measure_ceilings(dev, 100, 500)
+    variants = [["cublas", 0, 0, 0, 0, 0]] + [list(v) for v in VARIANTS]
+    progress = common.Progress(len(variants), "kernel variants")
+    rows = []
+    for v in variants:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(common.REPO),
+                                                                         os.environ.get("PYTHONPATH")])))
+        cmd = [sys.executable, "-m", "experiments.probe_ws", "--child", json.dumps(v)] + (["--smoke"] if smoke else [])
+        try:
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+            got = [json.loads(ln) for ln in lines]
+            print("\n".join(ln for ln in done.stdout.splitlines() if ln.startswith("  ")), flush=True)
+            if done.returncode != 0:
+                got.append({"experiment": "probe_ws", "kernel": v[0], "config": json.dumps(v), "gemm": "-", "M": 0,
+                            "status": "error", "reason": done.stderr[-400:]})
+        except subprocess.TimeoutExpired:
+            got = [{"experiment": "probe_ws", "kernel": v[0], "config": json.dumps(v), "gemm": "-", "M": 0,
+                    "status": "timeout", "reason": f"no result within {CHILD_TIMEOUT_S} s"}]
+        rows += [{**prov, **ceilings, **r} for r in got]
+        progress.step(f"{v[0]} {v[1:]}: " + ", ".join(sorted({r['status'] for r in got})))
+    if not smoke:
+        path = common.REPO / "results" / common.device_name(dev) / "probe_ws.jsonl"
+        common.write_rows(path, rows, KEY)
+    ok = {(r["kernel"], r["config"], r["gemm"], r["M"]): r for r in rows if r["status"] == "ok"}
+    print(f"\n{'gemm':8s} {'M':>5s} " + " ".join(f"{k:>14s}" for k in ("cublas", "tile", "persistent",
+                                                                      "persistent_ws")) + "   (best ms per kernel)")
+    for gemm in SHAPES:
+        for M in ((64,) if smoke else ROWS):
+            best = [min((r["ms_p50"] for (k, _, g, m), r in ok.items() if k == kern and g == gemm and m == M),
+                        default=float("nan")) for kern in ("cublas", "tile", "persistent", "persistent_ws")]
+            print(f"{gemm:8s} {M:>5d} " + " ".join(f"{b:>14.3f}" for b in best))
+    bad = [r for r in rows if r["status"] != "ok"]
+    for r in bad:
+        print(f"{r['kernel']} {r['config']} {r['gemm']} M={r['M']}: {r['status']} {r.get('reason', '')[:160]}")
+    print(f"{len(rows)} rows" + (" (smoke: not written)" if smoke else " -> results/<GPU>/probe_ws.jsonl"))
+    return rows
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv:
+        for row in child(json.loads(sys.argv[sys.argv.index("--child") + 1]), smoke="--smoke" in sys.argv):
+            print(json.dumps(row), flush=True)
+    else:
+        main(smoke="--smoke" in sys.argv[1:])
