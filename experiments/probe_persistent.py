@@ -50,7 +50,7 @@ def _variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
 
 def _all_variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
     """Name -> tiles (warp-specialised persistent tiles were tried at 1d9ebac and hung the H100: PERF_LOG v11)."""
-    m64 = dict(block_m=64, block_k=64, tma=True, group_m=8)
+    m64 = dict(block_m=64, block_k=64, tma=True, group_m=8, absorb_m=0)  # absorb_m < block_m
     # 256-row tiles (gap 1): an expert of ~256 rows in one M-block, one stream of its weight tiles instead of
     # two or three; the accumulators per thread stay those of the 128-row tiles (gate+up: 256x64 twice)
     m256 = dict(block_m=256, block_k=64, tma=True, group_m=8, num_warps=8, num_stages=3,

@@ -15,6 +15,15 @@ the experts' weights are, bf16, every tile through TMA:
   and consumer partitions on sm_90 at num_warps=4, PERF_LOG v11);
 * ``cublas``: ``torch.mm`` on the same operands.
 
+And the fused gate+up as tritonmoe computes it (gate_up shape only: C = silu(A Wg^T) * (A Wu^T), F = N / 2
+columns out), per tile and persistent:
+
+* ``*_gate_up2``: two dots per K step against the gate and the up weight tiles, sharing the input tile
+  (tritonmoe's structure: two accumulators);
+* ``*_gate_up_packed``: one dot against a weight tile of 2 BLOCK_N rows, from w13 repacked so that
+  each BLOCK_N gate rows are followed by the BLOCK_N up rows of the same columns; the accumulator is
+  split into gate and up in the epilogue.
+
 Shapes: the rows of one expert GEMM at the ridge and above (M = 256 ... 8192) against Mixtral's gate+up
 (N = 2 x 14336, K = 4096) and down (N = 4096, K = 14336) weights. Each output is checked against
 cuBLAS before it is timed; each kernel variant runs in its own child process with a time limit, so a
@@ -43,7 +52,12 @@ ROWS = (256, 512, 1024, 2048, 8192)
 # num_warps=4 (the consumer) and adds the producer's warps; the other two run the usual 8-warp tiles too.
 VARIANTS = [("tile", 128, 256, 64, 8, 3), ("tile", 128, 128, 64, 8, 4), ("persistent", 128, 256, 64, 8, 3),
             ("persistent", 128, 128, 64, 4, 4), ("persistent_ws", 128, 128, 64, 4, 4),
-            ("persistent_ws", 128, 256, 64, 4, 3)]
+            ("persistent_ws", 128, 256, 64, 4, 3),
+            # the fused gate+up (BLOCK_N per accumulator: 2 x 128 = the 128 x 256 tiles above)
+            ("tile_gate_up2", 128, 128, 64, 8, 3), ("tile_gate_up_packed", 128, 128, 64, 8, 3),
+            ("persistent_gate_up2", 128, 128, 64, 8, 3), ("persistent_gate_up_packed", 128, 128, 64, 8, 3),
+            ("tile_gate_up2", 128, 128, 64, 8, 4), ("tile_gate_up_packed", 128, 128, 64, 8, 4)]
+GATE_UP_KERNELS = ("tile_gate_up2", "tile_gate_up_packed", "persistent_gate_up2", "persistent_gate_up_packed")
 GROUP_M = 8
 SEED = 0
 WARMUP_MS, REP_MS = 25, 200
@@ -103,8 +117,70 @@ def matmul(a: torch.Tensor, b: torch.Tensor, kernel: str, bm: int, bn: int, bk: 
     return c
 
 
+@triton.jit
+def _gate_up_tile(a_desc, b_desc, c_desc, tile, num_m, num_n, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr):
+    pid_m, pid_n = _tile_pos(tile, num_m, num_n, GROUP)
+    if PACKED:
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            acc = tl.dot(a_desc.load([pid_m * BLOCK_M, k]), b_desc.load([pid_n * 2 * BLOCK_N, k]).T, acc)
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    else:
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k])
+            gate = tl.dot(a, b_desc.load([pid_n * BLOCK_N, k]).T, gate)
+            up = tl.dot(a, b_desc.load([F + pid_n * BLOCK_N, k]).T, up)
+    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], (gate * tl.sigmoid(gate) * up).to(c_desc.dtype))
+
+
+@triton.jit
+def _gate_up_tile_kernel(a_desc, b_desc, c_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr):
+    _gate_up_tile(a_desc, b_desc, c_desc, tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(F, BLOCK_N), F, K,
+                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP, PACKED)
+
+
+@triton.jit
+def _gate_up_persistent_kernel(a_desc, b_desc, c_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr,
+                               NUM_PROGRAMS: tl.constexpr):
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(F, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+        _gate_up_tile(a_desc, b_desc, c_desc, tile, num_m, num_n, F, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, PACKED)
+
+
+def pack_gate_up(w13: torch.Tensor, block_n: int) -> torch.Tensor:
+    """(2F, K) gate rows then up rows -> (2F, K) with each block_n gate rows followed by the same columns' up rows."""
+    two_f, K = w13.shape
+    F = two_f // 2
+    return w13.view(2, F // block_n, block_n, K).transpose(0, 1).reshape(two_f, K).contiguous()
+
+
+def gate_up(a: torch.Tensor, w13: torch.Tensor, kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int,
+            num_programs: int) -> torch.Tensor:
+    """silu(a @ w13[:F]^T) * (a @ w13[F:]^T); ``w13`` already packed (``pack_gate_up``) for the packed kernels."""
+    (M, K), F = a.shape, w13.shape[0] // 2
+    packed = kernel.endswith("packed")
+    c = torch.empty(M, F, dtype=a.dtype, device=a.device)
+    a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
+    b_desc = TensorDescriptor.from_tensor(w13, [2 * bn if packed else bn, bk])
+    c_desc = TensorDescriptor.from_tensor(c, [bm, bn])
+    tiles = triton.cdiv(M, bm) * triton.cdiv(F, bn)
+    if kernel.startswith("tile"):
+        _gate_up_tile_kernel[(tiles,)](a_desc, b_desc, c_desc, M, F, K, bm, bn, bk, GROUP_M, packed,
+                                       num_warps=warps, num_stages=stages)
+    else:
+        grid = min(tiles, num_programs)
+        _gate_up_persistent_kernel[(grid,)](a_desc, b_desc, c_desc, M, F, K, bm, bn, bk, GROUP_M, packed, grid,
+                                            num_warps=warps, num_stages=stages)
+    return c
+
+
 def _operands(gemm: str, M: int, dev, dtype, smoke: bool):
-    N, K = (64, 128) if smoke else SHAPES[gemm]
+    N, K = (256, 128) if smoke else SHAPES[gemm]  # smoke: F = 128, one packed block of gate and up rows
     g = torch.Generator(device=dev).manual_seed(SEED)
     a = torch.randn(M, K, generator=g, device=dev).to(dtype)
     b = (torch.randn(N, K, generator=g, device=dev) / K ** 0.5).to(dtype)
@@ -122,14 +198,23 @@ def child(variant: list, smoke: bool) -> list[dict]:
     dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
     sms = 3 if smoke else torch.cuda.get_device_properties(dev).multi_processor_count
     rows = []
-    for gemm in SHAPES:
+    fused = kernel in GATE_UP_KERNELS
+    for gemm in (("gate_up",) if fused else SHAPES):
         for M in ((64,) if smoke else ROWS):
             a, b = _operands(gemm, M, dev, dtype, smoke)
-            ref = (a.float() @ b.float().T)
-            out = {"experiment": "probe_ws", "gemm": gemm, "M": M, "N": b.shape[0], "K": b.shape[1],
-                   "kernel": kernel, "config": f"m{bm}n{bn}k{bk}w{warps}s{stages}"}
+            if fused:
+                F = b.shape[0] // 2
+                h = a.float() @ b.float().T
+                ref = torch.nn.functional.silu(h[:, :F]) * h[:, F:]
+                w = pack_gate_up(b, bn) if kernel.endswith("packed") else b
+            else:
+                ref = (a.float() @ b.float().T)
+            out = {"experiment": "probe_ws", "gemm": gemm + ("_silu" if fused else ""), "M": M, "N": b.shape[0],
+                   "K": b.shape[1], "kernel": kernel, "config": f"m{bm}n{bn}k{bk}w{warps}s{stages}"}
             if kernel == "cublas":
                 fn = lambda: a @ b.T  # noqa: E731
+            elif fused:
+                fn = lambda: gate_up(a, w, kernel, bm, bn, bk, warps, stages, sms)  # noqa: E731
             else:
                 fn = lambda: matmul(a, b, kernel, bm, bn, bk, warps, stages, sms)  # noqa: E731
             try:
@@ -144,7 +229,7 @@ def child(variant: list, smoke: bool) -> list[dict]:
             q = common.quantiles(common.time_ms(fn, dev, WARMUP_MS, REP_MS))
             rows.append({**out, "status": "ok", "rel_err": err, **q,
                          "tflops": None if smoke else _flops_ms(M, gemm, q["ms_p50"])})
-            print(f"  {kernel:14s} {out['config']:16s} {gemm:7s} M={M:5d}: {q['ms_p50']:.3f} ms"
+            print(f"  {kernel:26s} {out['config']:16s} {out['gemm']:12s} M={M:5d}: {q['ms_p50']:.3f} ms"
                   + ("" if smoke else f" {rows[-1]['tflops']:.0f} TFLOP/s"), flush=True)
     return rows
 
@@ -177,13 +262,15 @@ def main(smoke: bool = False) -> list[dict]:
         path = common.REPO / "results" / common.device_name(dev) / "probe_ws.jsonl"
         common.write_rows(path, rows, KEY)
     ok = {(r["kernel"], r["config"], r["gemm"], r["M"]): r for r in rows if r["status"] == "ok"}
-    print(f"\n{'gemm':8s} {'M':>5s} " + " ".join(f"{k:>14s}" for k in ("cublas", "tile", "persistent",
-                                                                      "persistent_ws")) + "   (best ms per kernel)")
-    for gemm in SHAPES:
+    kernels = ("cublas", "tile", "persistent", "persistent_ws") + GATE_UP_KERNELS
+    print(f"\nbest ms per kernel (gate_up_silu: the fused gate+up; its cuBLAS column is the plain gate_up GEMM)")
+    print(f"{'gemm':12s} {'M':>5s} " + " ".join(f"{k.replace('_gate_up', '_gu'):>14s}" for k in kernels))
+    for gemm in ("gate_up", "down", "gate_up_silu"):
         for M in ((64,) if smoke else ROWS):
-            best = [min((r["ms_p50"] for (k, _, g, m), r in ok.items() if k == kern and g == gemm and m == M),
-                        default=float("nan")) for kern in ("cublas", "tile", "persistent", "persistent_ws")]
-            print(f"{gemm:8s} {M:>5d} " + " ".join(f"{b:>14.3f}" for b in best))
+            best = [min((r["ms_p50"] for (k, _, g, m), r in ok.items() if k == kern and m == M
+                         and (g == gemm or (kern == "cublas" and gemm == "gate_up_silu" and g == "gate_up"))),
+                        default=float("nan")) for kern in kernels]
+            print(f"{gemm:12s} {M:>5d} " + " ".join(f"{b:>14.3f}" for b in best))
     bad = [r for r in rows if r["status"] != "ok"]
     for r in bad:
         print(f"{r['kernel']} {r['config']} {r['gemm']} M={r['M']}: {r['status']} {r.get('reason', '')[:160]}")

@@ -240,11 +240,12 @@ def test_probe_sweep_group_cap_caps_and_restores():
 
 
 def test_probe_ws_smoke():
+    from experiments import probe_ws
     # the warp-specialisation probe at tiny shapes on the interpreter: every kernel variant runs in its
     # child process and matches cuBLAS's (here torch's) product before it is timed
     code = "import json; from experiments import probe_ws; print(json.dumps(probe_ws.main(smoke=True)))"
     out = subprocess.run([sys.executable, "-c", code], env=smoke_env(), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    assert {r["kernel"] for r in rows} == {"cublas", "tile", "persistent", "persistent_ws"}
+    assert {r["kernel"] for r in rows} == {"cublas", "tile", "persistent", "persistent_ws", *probe_ws.GATE_UP_KERNELS}
     assert all(r["status"] == "ok" and r["rel_err"] <= 1e-2 for r in rows), rows
