@@ -22,7 +22,10 @@ columns out), per tile and persistent:
   (tritonmoe's structure: two accumulators);
 * ``*_gate_up_packed``: one dot against a weight tile of 2 BLOCK_N rows, from w13 repacked so that
   each BLOCK_N gate rows are followed by the BLOCK_N up rows of the same columns; the accumulator is
-  split into gate and up in the epilogue.
+  split into gate and up in the epilogue;
+* ``*_gate_up_3d``: the same one dot without repacking: w13 seen as (2, F, K) and a three-dimensional
+  TMA box (2, BLOCK_N, BLOCK_K) brings the gate and the up rows of the same columns into one
+  shared-memory tile, reshaped to (2 BLOCK_N, BLOCK_K).
 
 Shapes: the rows of one expert GEMM at the ridge and above (M = 256 ... 8192) against Mixtral's gate+up
 (N = 2 x 14336, K = 4096) and down (N = 4096, K = 14336) weights. Each output is checked against
@@ -31,6 +34,7 @@ variant that hangs the GPU costs its limit and is recorded as such, not the call
 
     python -m experiments.probe_ws          # -> results/<GPU>/probe_ws.jsonl
     python -m experiments.probe_ws --smoke  # CPU interpreter, tiny shapes: the kernels run, nothing written
+    PROBE_KERNELS=cublas,tile_gate_up_3d python -m experiments.probe_ws   # some kernels only
 """
 from __future__ import annotations
 
@@ -56,8 +60,10 @@ VARIANTS = [("tile", 128, 256, 64, 8, 3), ("tile", 128, 128, 64, 8, 4), ("persis
             # the fused gate+up (BLOCK_N per accumulator: 2 x 128 = the 128 x 256 tiles above)
             ("tile_gate_up2", 128, 128, 64, 8, 3), ("tile_gate_up_packed", 128, 128, 64, 8, 3),
             ("persistent_gate_up2", 128, 128, 64, 8, 3), ("persistent_gate_up_packed", 128, 128, 64, 8, 3),
-            ("tile_gate_up2", 128, 128, 64, 8, 4), ("tile_gate_up_packed", 128, 128, 64, 8, 4)]
-GATE_UP_KERNELS = ("tile_gate_up2", "tile_gate_up_packed", "persistent_gate_up2", "persistent_gate_up_packed")
+            ("tile_gate_up2", 128, 128, 64, 8, 4), ("tile_gate_up_packed", 128, 128, 64, 8, 4),
+            ("tile_gate_up_3d", 128, 128, 64, 8, 3), ("persistent_gate_up_3d", 128, 128, 64, 8, 3)]
+GATE_UP_KERNELS = ("tile_gate_up2", "tile_gate_up_packed", "tile_gate_up_3d", "persistent_gate_up2",
+                   "persistent_gate_up_packed", "persistent_gate_up_3d")
 GROUP_M = 8
 SEED = 0
 WARMUP_MS, REP_MS = 25, 200
@@ -119,9 +125,15 @@ def matmul(a: torch.Tensor, b: torch.Tensor, kernel: str, bm: int, bn: int, bk: 
 
 @triton.jit
 def _gate_up_tile(a_desc, b_desc, c_desc, tile, num_m, num_n, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr):
+                  BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr, BOX3D: tl.constexpr):
     pid_m, pid_n = _tile_pos(tile, num_m, num_n, GROUP)
-    if PACKED:
+    if BOX3D:
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            w = tl.reshape(b_desc.load([0, pid_n * BLOCK_N, k]), (2 * BLOCK_N, BLOCK_K))
+            acc = tl.dot(a_desc.load([pid_m * BLOCK_M, k]), w.T, acc)
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    elif PACKED:
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             acc = tl.dot(a_desc.load([pid_m * BLOCK_M, k]), b_desc.load([pid_n * 2 * BLOCK_N, k]).T, acc)
@@ -138,18 +150,19 @@ def _gate_up_tile(a_desc, b_desc, c_desc, tile, num_m, num_n, F, K, BLOCK_M: tl.
 
 @triton.jit
 def _gate_up_tile_kernel(a_desc, b_desc, c_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr):
+                         BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr, BOX3D: tl.constexpr):
     _gate_up_tile(a_desc, b_desc, c_desc, tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(F, BLOCK_N), F, K,
-                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP, PACKED)
+                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP, PACKED, BOX3D)
 
 
 @triton.jit
 def _gate_up_persistent_kernel(a_desc, b_desc, c_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr,
-                               NUM_PROGRAMS: tl.constexpr):
+                               BOX3D: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(F, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
-        _gate_up_tile(a_desc, b_desc, c_desc, tile, num_m, num_n, F, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, PACKED)
+        _gate_up_tile(a_desc, b_desc, c_desc, tile, num_m, num_n, F, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, PACKED,
+                      BOX3D)
 
 
 def pack_gate_up(w13: torch.Tensor, block_n: int) -> torch.Tensor:
@@ -163,19 +176,22 @@ def gate_up(a: torch.Tensor, w13: torch.Tensor, kernel: str, bm: int, bn: int, b
             num_programs: int) -> torch.Tensor:
     """silu(a @ w13[:F]^T) * (a @ w13[F:]^T); ``w13`` already packed (``pack_gate_up``) for the packed kernels."""
     (M, K), F = a.shape, w13.shape[0] // 2
-    packed = kernel.endswith("packed")
+    packed, box3d = kernel.endswith("packed"), kernel.endswith("3d")
     c = torch.empty(M, F, dtype=a.dtype, device=a.device)
     a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
-    b_desc = TensorDescriptor.from_tensor(w13, [2 * bn if packed else bn, bk])
+    if box3d:
+        b_desc = TensorDescriptor.from_tensor(w13.view(2, F, K), [2, bn, bk])
+    else:
+        b_desc = TensorDescriptor.from_tensor(w13, [2 * bn if packed else bn, bk])
     c_desc = TensorDescriptor.from_tensor(c, [bm, bn])
     tiles = triton.cdiv(M, bm) * triton.cdiv(F, bn)
     if kernel.startswith("tile"):
-        _gate_up_tile_kernel[(tiles,)](a_desc, b_desc, c_desc, M, F, K, bm, bn, bk, GROUP_M, packed,
+        _gate_up_tile_kernel[(tiles,)](a_desc, b_desc, c_desc, M, F, K, bm, bn, bk, GROUP_M, packed, box3d,
                                        num_warps=warps, num_stages=stages)
     else:
         grid = min(tiles, num_programs)
-        _gate_up_persistent_kernel[(grid,)](a_desc, b_desc, c_desc, M, F, K, bm, bn, bk, GROUP_M, packed, grid,
-                                            num_warps=warps, num_stages=stages)
+        _gate_up_persistent_kernel[(grid,)](a_desc, b_desc, c_desc, M, F, K, bm, bn, bk, GROUP_M, packed, box3d,
+                                            grid, num_warps=warps, num_stages=stages)
     return c
 
 
@@ -238,7 +254,9 @@ def main(smoke: bool = False) -> list[dict]:
     dev = torch.device("cpu") if smoke else torch.device("cuda")
     prov = common.provenance(dev, SEED)
     ceilings = {} if smoke else common.measure_ceilings(dev, 100, 500)
-    variants = [["cublas", 0, 0, 0, 0, 0]] + [list(v) for v in VARIANTS]
+    only = os.environ.get("PROBE_KERNELS")  # e.g. "cublas,tile_gate_up_3d": these kernels' variants only
+    variants = [v for v in [["cublas", 0, 0, 0, 0, 0]] + [list(v) for v in VARIANTS]
+                if not only or v[0] in only.split(",")]
     progress = common.Progress(len(variants), "kernel variants")
     rows = []
     for v in variants:
