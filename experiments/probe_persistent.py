@@ -66,6 +66,9 @@ def _all_variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
                  "persistent_s3_tma": replace(tuned, **full, block_n=128 if kernel == "gate_up" else 256, tma=True)})
     if kernel == "gate_up":
         tall["persistent_s3_permuted"] = replace(tuned, **full, block_n=128, tma=True, permute_input=True)
+        # the gate+up as two dots sharing the input tile (before v19), and the tuned tiles with TMA weights: one dot
+        tall["two_dots"] = replace(tuned, gate_up_one_dot=False)
+        tall["tma_one_dot"] = replace(tuned, tma=True, gate_up_one_dot=True)
     if kernel == "gate_up":
         return {"tuned": tuned, "persistent": replace(tuned, persistent=True),
                 "permuted": replace(tuned, permute_input=True, tma=True),

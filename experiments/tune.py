@@ -398,7 +398,7 @@ def _cfg_str(t: TileConfig) -> str:
             + (f"sk{t.split_k}" if t.split_k > 1 else "") + ("tma" if t.tma else "")
             + ("perm" if t.permute_input else "") + ("pers" if t.persistent else "")
             + (f"sw{t.sweep_n}" if t.sweep_n else "") + (f"tail{t.min_block_m}" if t.min_block_m else "")
-            + (f"abs{t.absorb_m}" if t.absorb_m else ""))
+            + (f"abs{t.absorb_m}" if t.absorb_m else "") + ("" if t.gate_up_one_dot else "2dot"))
 
 
 def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:

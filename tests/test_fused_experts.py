@@ -1,4 +1,5 @@
 """tritonmoe.fused_experts (fused and unfused) vs reference.fused_experts."""
+import dataclasses
 import subprocess
 import sys
 
@@ -63,6 +64,31 @@ def test_explicit_tiles(block_m, split_k, tma, device, poison):
     for fused in (True, False):
         for dtype in dtypes_for(device):
             check(*make_inputs(21, 2, 8, device, dtype, H=64, F=80), tiles=(up, down), fused=fused)
+
+
+@pytest.mark.parametrize("one_dot", [True, False], ids=["one-dot", "two-dots"])
+@pytest.mark.parametrize("absorb_m", [0, 16])
+def test_gate_up_one_dot_or_two(one_dot, absorb_m, device, poison):
+    # TMA gate+up tiles: one (2, block_n, block_k) box and one dot (the default) or two dots; F = 80 is no
+    # multiple of block_n = 32, so the box's last columns are past F (zero-filled, never stored)
+    up = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, group_m=2, num_stages=2, tma=True,
+                              absorb_m=absorb_m, min_block_m=16, gate_up_one_dot=one_dot)
+    down = tritonmoe.TileConfig(block_m=32, block_n=16, block_k=16, group_m=1, num_stages=2, absorb_m=absorb_m)
+    for dtype in dtypes_for(device):
+        check(*make_inputs(77, 2, 8, device, dtype, H=64, F=80), tiles=(up, down))
+        # the persistent walk of full-height tiles runs the same tile code
+        pers = dataclasses.replace(up, persistent=True, absorb_m=0, min_block_m=0)
+        check(*make_inputs(77, 2, 8, device, dtype, H=64, F=80), tiles=(pers, dataclasses.replace(down, absorb_m=0)))
+
+
+def test_gate_up_descriptor_is_one_box_of_gate_and_up_rows():
+    from tritonmoe.gemm import _gate_up_descriptor
+    w13 = torch.randn(3, 2 * 48, 64, dtype=torch.float16)
+    d = _gate_up_descriptor(w13, 16, 32)
+    assert d.block_shape == [2, 16, 32] and list(d.shape) == [6, 48, 64] and list(d.strides) == [48 * 64, 64, 1]
+    # box (2e, n, k) holds gate row n and up row n of expert e
+    assert torch.equal(w13.view(6, 48, 64)[2 * 1 + 1, 5], w13[1, 48 + 5])
+    assert _gate_up_descriptor(w13.transpose(1, 2).contiguous().transpose(1, 2), 16, 32) is None  # strided
 
 
 @pytest.mark.parametrize("blocks", [(16, 32), (64, 16)], ids=["gate_up16-down32", "gate_up64-down16"])

@@ -4,8 +4,10 @@ Each program takes one M-block of the schedule (one expert, up to BLOCK_M sorted
 and one BLOCK_N slice of the output columns.
 
 * ``gate_up_silu``: the fused first GEMM. Rows [0, F) of ``w13[e]`` (gate) and [F, 2F)
-  (up) are multiplied against the same input tiles into two fp32 accumulators, and
-  ``silu(gate) * up`` is formed in registers: the gate and up outputs never reach memory.
+  (up) are multiplied against the same input tiles, and ``silu(gate) * up`` is formed in
+  registers: the gate and up outputs never reach memory. With TMA weight tiles the gate and up
+  rows of the same columns arrive as one tile (a 3-D box over w13 seen as (2E, F, H)) and meet
+  the input tile in one dot of 2 * BLOCK_N columns, split in the epilogue; otherwise two dots.
   Input rows are gathered from token order through the schedule (no permuted copy).
 * ``grouped_gemm``: one projection ``a[rows] @ w[e, n_offset:n_offset+N, :]^T``. The
   unfused pipeline uses it for gate and for up; both pipelines use it for the down
@@ -55,6 +57,7 @@ def _expert_gemm_kernel(
     PERSISTENT: tl.constexpr,        # one program per SM walks the used tiles (full-height tiles only)
     SWEEP_N: tl.constexpr,           # N-tiles per sweep over all M-blocks (0: all of N in one sweep)
     SLOT_BLOCKS: tl.constexpr,       # a slot schedule: M-block b is slot b (one row), expert block_expert[b] = topk_ids
+    GATE_UP_BOX: tl.constexpr,       # GATE_UP_SILU with w_desc a (2E, F, K) view: gate and up tiles in one box, one dot
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if SLOT_BLOCKS:
@@ -70,7 +73,7 @@ def _expert_gemm_kernel(
                          expert.to(tl.int32), pid_m, pid_m + 1, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split,
                          stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
                          GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, 0, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
-                         WEIGHT_TMA, False, True)
+                         WEIGHT_TMA, False, True, GATE_UP_BOX)
     elif PERSISTENT:
         # The tiles of the used M-blocks (their count is on the device), grid-strided over the programs;
         # consecutive tiles' K loops run as one pipelined loop, so one tile's epilogue can overlap the
@@ -84,7 +87,7 @@ def _expert_gemm_kernel(
                          tl.load(block_row_ptr + pid_m), tl.load(expert_offsets_ptr + expert + 1), pid_n, N, K, TOP_K,
                          n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                          stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, 0, BLOCK_N, BLOCK_K,
-                         EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, False)
+                         EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX)
     else:
         pid = tl.program_id(0)
         if SWEEP_N > 0:
@@ -125,14 +128,14 @@ def _expert_gemm_kernel(
                                  row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
                                  stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
                                  GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M >> h, 0, BLOCK_N, BLOCK_K, EVEN_K,
-                                 DOT_PRECISION, WEIGHT_TMA, A_TMA and h == 0, False)
+                                 DOT_PRECISION, WEIGHT_TMA, A_TMA and h == 0, False, GATE_UP_BOX)
         if ABSORB_M > 0:
             if height == -1:
                 _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
                              row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
                              stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
                              GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, ABSORB_M, BLOCK_N, BLOCK_K, EVEN_K,
-                             DOT_PRECISION, WEIGHT_TMA, A_TMA, False)
+                             DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX)
 
 
 @triton.jit
@@ -185,6 +188,12 @@ def _tile_rows(offs_m, mask_m, sorted_slots_ptr, TOP_K, GATHER_A: tl.constexpr, 
 
 
 @triton.jit
+def _split_gate_up(acc, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(TILE_M, 2 BLOCK_N) accumulator of a gate+up box -> its (gate, up) halves."""
+    return tl.split(tl.permute(tl.reshape(acc, (TILE_M, 2, BLOCK_N)), (0, 2, 1)))
+
+
+@triton.jit
 def _store_tile(acc, acc_up, offs_m, mask_m, slots, offs_n, mask_n, out_ptr, topk_weights_ptr, stride_om, stride_on,
                 pid_k, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr):
     if GATE_UP_SILU:
@@ -207,11 +216,15 @@ def _expert_tile(
     stride_om, stride_on, GATHER_A: tl.constexpr, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr,
     TILE_M: tl.constexpr, EXTRA_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr, A_TMA: tl.constexpr, SLOT_ORDER: tl.constexpr,
+    GATE_UP_BOX: tl.constexpr,
 ):
     """One (TILE_M rows of one expert) x (BLOCK_N columns) output tile over one split-K slice, and with
     EXTRA_M > 0 the expert's rows after them (up to EXTRA_M: an absorbing block) as a second tile that
     multiplies the same weight tiles as they arrive.
-    SLOT_ORDER: rows are slots (a slot schedule), else sorted rows mapped to slots by sorted_slots."""
+    SLOT_ORDER: rows are slots (a slot schedule), else sorted rows mapped to slots by sorted_slots.
+    GATE_UP_BOX: the gate and up weight tiles come as one (2, BLOCK_N, BLOCK_K) box, so each K step is
+    one dot of 2 * BLOCK_N columns (Triton pipelines one wide dot better than two that share the input:
+    experiments/probe_ws.py); the accumulator is split into gate and up before the epilogue."""
     pid_k = tl.program_id(1)  # split-K slice: [pid_k * k_per_split, ...) of the reduction
     offs_m = row_start + tl.arange(0, TILE_M)                                                   # [TM]
     mask_m = offs_m < row_end
@@ -229,18 +242,19 @@ def _expert_tile(
     # WEIGHT_TMA: row of w's (E * rows, K) view; rows past this expert's N belong to the next expert
     # (or are zero-filled past the last) and only feed output columns that are never stored.
     w_row = (expert * (stride_we // stride_wn)).to(tl.int32) + n_offset + pid_n * BLOCK_N  # E * rows < 2**31
-    acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
-    acc_up = acc  # replaced where GATE_UP_SILU
-    if GATE_UP_SILU:
+    WIDE: tl.constexpr = 2 if GATE_UP_BOX else 1  # accumulator columns per output column
+    acc = tl.zeros((TILE_M, WIDE * BLOCK_N), dtype=tl.float32)
+    acc_up = acc  # replaced where GATE_UP_SILU with two dots
+    if GATE_UP_SILU and not GATE_UP_BOX:
         acc_up = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     if EXTRA_M > 0:
         offs_x = row_start + TILE_M + tl.arange(0, EXTRA_M)                                     # [XM]
         mask_x = offs_x < row_end
         slots_x, a_rows_x = _tile_rows(offs_x, mask_x, sorted_slots_ptr, TOP_K, GATHER_A, SCATTER_WEIGHTED, False)
         a_ptrs_x = a_ptr + a_rows_x[:, None] * stride_am + (k_start + offs_k[None, :]) * stride_ak
-        acc_x = tl.zeros((EXTRA_M, BLOCK_N), dtype=tl.float32)
+        acc_x = tl.zeros((EXTRA_M, WIDE * BLOCK_N), dtype=tl.float32)
         acc_x_up = acc_x
-        if GATE_UP_SILU:
+        if GATE_UP_SILU and not GATE_UP_BOX:
             acc_x_up = tl.zeros((EXTRA_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         mask_k = (offs_k < k_end - k0) | EVEN_K
@@ -249,7 +263,10 @@ def _expert_tile(
             a = a_desc.load([row_start, k0])
         else:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if WEIGHT_TMA:
+        if GATE_UP_BOX:
+            # rows [gate n0 .. n0 + BN), then [up n0 .. n0 + BN): one (2 BN, BK) tile in shared memory
+            w = tl.reshape(w_desc.load([2 * expert.to(tl.int32), pid_n * BLOCK_N, k0]), (2 * BLOCK_N, BLOCK_K)).T
+        elif WEIGHT_TMA:
             w = w_desc.load([w_row, k0]).T  # columns past K are zero-filled by the copy engine
         else:
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
@@ -258,7 +275,7 @@ def _expert_tile(
             a_x = tl.load(a_ptrs_x, mask=mask_x[:, None] & mask_k[None, :], other=0.0)
             acc_x = tl.dot(a_x, w, acc_x, input_precision=DOT_PRECISION)
             a_ptrs_x += BLOCK_K * stride_ak
-        if GATE_UP_SILU:
+        if GATE_UP_SILU and not GATE_UP_BOX:
             # the same input tile against the up rows (up_offset * stride_wn < one expert: int32 is safe)
             if WEIGHT_TMA:
                 w_up = w_desc.load([w_row + up_offset, k0]).T
@@ -270,9 +287,13 @@ def _expert_tile(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
+    if GATE_UP_BOX:
+        acc, acc_up = _split_gate_up(acc, TILE_M, BLOCK_N)
     _store_tile(acc, acc_up, offs_m, mask_m, slots, offs_n, mask_n, out_ptr, topk_weights_ptr, stride_om, stride_on,
                 pid_k, GATE_UP_SILU, SCATTER_WEIGHTED)
     if EXTRA_M > 0:
+        if GATE_UP_BOX:
+            acc_x, acc_x_up = _split_gate_up(acc_x, EXTRA_M, BLOCK_N)
         _store_tile(acc_x, acc_x_up, offs_x, mask_x, slots_x, offs_n, mask_n, out_ptr, topk_weights_ptr, stride_om,
                     stride_on, pid_k, GATE_UP_SILU, SCATTER_WEIGHTED)
 
@@ -302,6 +323,16 @@ def _descriptor(t: torch.Tensor, block_shape) -> TensorDescriptor | None:
     if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
         return None
     return TensorDescriptor(t, [rows, K], [K, 1], list(block_shape))
+
+
+def _gate_up_descriptor(w13: torch.Tensor, block_n: int, block_k: int) -> TensorDescriptor | None:
+    """A TMA descriptor over w13 (E, 2F, K) seen as (2E, F, K), boxes of (2, block_n, block_k): the gate
+    rows and the up rows of the same block_n columns in one tile; None where ``_descriptor`` would be."""
+    E, two_f, K = w13.shape
+    if _descriptor(w13, (block_n, block_k)) is None:
+        return None
+    F = two_f // 2
+    return TensorDescriptor(w13, [2 * E, F, K], [F * K, K, 1], [2, block_n, block_k])
 
 
 @functools.lru_cache(maxsize=None)
@@ -351,7 +382,11 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
                          f"schedule='tail_tiles')")
     grid = (min(tiles_bound, _num_sms(a.device)) if tiles.persistent else tiles_bound, split_k)
     w_desc = a_desc = None
-    if tiles.tma:
+    gate_up_box = False
+    if tiles.tma and gate_up_silu and tiles.gate_up_one_dot:
+        w_desc = _gate_up_descriptor(w, tiles.block_n, tiles.block_k)
+        gate_up_box = w_desc is not None
+    if tiles.tma and w_desc is None:
         w_desc = _descriptor(w, (tiles.block_n, tiles.block_k))
         if not gather_a and not sched.slot_blocks:  # a slot schedule's one-row tiles load through pointers
             a_desc = _descriptor(a, (sched.block_m, tiles.block_k))
@@ -367,7 +402,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
         min_block_m, sched.absorb_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
-        tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks,
+        tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks, gate_up_box,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
