@@ -68,7 +68,7 @@ class TileConfig:
     sweep_n: int = 0
     # gate_up with tma: the gate and up weight tiles of the same columns arrive as one TMA box and meet the
     # input tile in one dot of 2 * block_n columns (split in the epilogue); False: two dots sharing the input
-    # tile. A dense gate+up of Mixtral's shape runs 6 % faster per tile with one dot, and as fast as cuBLAS's
+    # tile. A dense gate+up of Mixtral's shape runs 5 % faster per tile with one dot, and as fast as cuBLAS's
     # plain GEMM with one dot and persistent programs (experiments/probe_ws.py, PERF_LOG v19).
     gate_up_one_dot: bool = True
 
