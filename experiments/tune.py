@@ -95,6 +95,10 @@ def refine(kernel: str, best: TileConfig, space, split_useful: bool) -> list[Til
     if not best.min_block_m:
         out += [replace(best, min_block_m=h) for h in space.get("min_block_m", []) if h < best.block_m]
     out += _absorb_variants(best, space.get("absorb_m", []))
+    if kernel == "gate_up" and space.get("persistent") and best.tma and best.block_m >= 64 and not best.persistent:
+        # one program per SM walking the tiles, with the one-dot gate+up: cuBLAS's rate on dense shapes, 0-5 %
+        # faster in the MoE kernel where little is padded (PERF_LOG v19); full-height tiles only
+        out.append(replace(best, persistent=True, min_block_m=0, absorb_m=0, sweep_n=0))
     return [t for t in out if _fits(kernel, t)]
 
 
@@ -193,14 +197,14 @@ class _Bench:
         k = self.spec.top_k * t.split_k
         return lambda: combine(grouped_gemm(self.inter, p.w2, s, t, topk_weights=self.weights), k, dtype=p.x.dtype)
 
-    def schedule_ms(self, block_m) -> float:
-        """Median time of one more schedule build (the block map of a down projection with its own block_m),
-        timed once per block_m."""
-        if block_m not in self._schedule_ms:
-            fn = lambda: build_schedule(self.ids, self.spec.num_experts, block_m)  # noqa: E731
-            self._schedule_ms[block_m] = statistics.median(common.time_ms(fn, self.p.x.device, self.warmup_ms,
-                                                                          self.rep_ms))
-        return self._schedule_ms[block_m]
+    def schedule_ms(self, block_m, absorb_m=0) -> float:
+        """Median time of one more schedule build (the block map of a down projection with its own
+        ``TileConfig.block_map``), timed once per block map."""
+        if (block_m, absorb_m) not in self._schedule_ms:
+            fn = lambda: build_schedule(self.ids, self.spec.num_experts, block_m, absorb_m)  # noqa: E731
+            self._schedule_ms[block_m, absorb_m] = statistics.median(common.time_ms(fn, self.p.x.device,
+                                                                                    self.warmup_ms, self.rep_ms))
+        return self._schedule_ms[block_m, absorb_m]
 
     def expected(self, kernel, block_m):
         """The default tiles' output: gate_up in sorted order depends on block_m only through the schedule."""
@@ -312,10 +316,10 @@ def _choose_pair(best: dict, bench) -> tuple | None:
     """(total ms, gate_up (tiles, row), down (tiles, row)): the fastest pair, where a down projection with
     another block map than the gate+up's (block_m, absorb_m) pays the build of its own (timed here)."""
     pairs = []
-    for (ku, bu), up in best.items():
-        for (kd, bd), down in best.items():
+    for (ku, _), up in best.items():
+        for (kd, _), down in best.items():
             if (ku, kd) == ("gate_up", "down"):
-                extra = 0.0 if up[0].block_map == down[0].block_map else bench.schedule_ms(bd)
+                extra = 0.0 if up[0].block_map == down[0].block_map else bench.schedule_ms(*down[0].block_map)
                 pairs.append((up[1]["ms_p50"] + down[1]["ms_p50"] + extra, up, down))
     return min(pairs, key=lambda p: p[0]) if pairs else None
 
@@ -323,7 +327,10 @@ def _choose_pair(best: dict, bench) -> tuple | None:
 def robust_variants(kernel: str, t: TileConfig, space) -> list[TileConfig]:
     """Tail-tile, N-sweep and absorbed-tail variants of ``t`` for the robust stage: the levers that act
     under skew (fewer padded rows in partial blocks; hot and cold experts' tiles running side by side;
-    fewer blocks that stream an expert's weights again for a few rows)."""
+    fewer blocks that stream an expert's weights again for a few rows). None for persistent tiles, which
+    run full-height tiles over all of N in one sweep."""
+    if t.persistent:
+        return []
     out = [replace(t, min_block_m=h) for h in space.get("robust_min_block_m", []) if h < t.block_m]
     out += [replace(t, sweep_n=n) for n in space.get("robust_sweep_n", [])]
     out += _absorb_variants(t, space.get("robust_absorb_m", []))
@@ -360,7 +367,7 @@ def _robust_pair(cfg, spec, T, p, dtype, seed, bench, measured_by, base) -> tupl
                              "routing": routing, **r})
                 if r["status"] == "ok":
                     ms.setdefault((kernel, t), {})[routing] = r
-    best = slowest_routing_pair(ms, list(benches), lambda r, block_m: benches[r].schedule_ms(block_m))
+    best = slowest_routing_pair(ms, list(benches), lambda r, block_map: benches[r].schedule_ms(*block_map))
     if best is None:
         return None, None, rows
     worst_ms, slowest, (up, up_by), (down, down_by) = best
@@ -373,7 +380,7 @@ def slowest_routing_pair(ms: dict, routings: list, schedule_ms) -> tuple | None:
     """Of the (gate_up, down) pairs timed ok on every routing (``ms[(kernel, tiles)][routing]`` rows),
     the one whose slowest routing is fastest: (its total ms there, that routing, (gate_up tiles, rows by
     routing), (down tiles, rows by routing)). A down projection with another block map than the gate+up's
-    (block_m, absorb_m) pays ``schedule_ms(routing, block_m)``, the build of its own."""
+    (block_m, absorb_m) pays ``schedule_ms(routing, down.block_map)``, the build of its own."""
     complete = {kt: by for kt, by in ms.items() if all(r in by for r in routings)}
     pairs = []
     for (ku, up), up_by in complete.items():
@@ -381,7 +388,7 @@ def slowest_routing_pair(ms: dict, routings: list, schedule_ms) -> tuple | None:
             if (ku, kd) != ("gate_up", "down"):
                 continue
             totals = {r: up_by[r]["ms_p50"] + down_by[r]["ms_p50"]
-                      + (0.0 if up.block_map == down.block_map else schedule_ms(r, down.block_m)) for r in routings}
+                      + (0.0 if up.block_map == down.block_map else schedule_ms(r, down.block_map)) for r in routings}
             slowest = max(totals, key=totals.get)
             pairs.append((totals[slowest], slowest, (up, up_by), (down, down_by)))
     return min(pairs, key=lambda q: q[0]) if pairs else None

@@ -249,3 +249,41 @@ def test_probe_ws_smoke():
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     assert {r["kernel"] for r in rows} == {"cublas", "tile", "persistent", "persistent_ws", *probe_ws.GATE_UP_KERNELS}
     assert all(r["status"] == "ok" and r["rel_err"] <= 1e-2 for r in rows), rows
+
+
+def test_refine_offers_persistent_one_dot_gate_up():
+    # the gate+up's best TMA tiles of 64+ rows also as persistent programs (full-height tiles, one sweep); never
+    # for the down projection, pointer tiles or small blocks, and the robust stage varies none of them
+    from dataclasses import replace
+    from omegaconf import OmegaConf
+    from experiments.tune import refine, robust_variants
+    from tritonmoe import TileConfig
+    space = OmegaConf.create(dict(num_stages=[3], group_m=[8], split_k=[2], min_block_m=[16], absorb_m=[32],
+                                  persistent=True, robust_min_block_m=[16], robust_sweep_n=[4], robust_absorb_m=[32]))
+    best = TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, tma=True)
+    got = [t for t in refine("gate_up", best, space, False) if t.persistent]
+    assert got == [replace(best, persistent=True)]
+    assert not any(t.persistent for t in refine("down", best, space, False))
+    assert not any(t.persistent for t in refine("gate_up", replace(best, tma=False), space, False))
+    assert not any(t.persistent for t in refine("gate_up", replace(best, block_m=32), space, False))
+    assert not any(t.persistent for t in refine("gate_up", best, OmegaConf.merge(space, {"persistent": False}), False))
+    assert robust_variants("gate_up", got[0], space) == []
+    assert robust_variants("gate_up", best, space)  # tails, sweeps and absorbed tails of the per-tile kernel
+
+
+def test_choose_pair_charges_the_down_projections_own_block_map():
+    # a down projection whose (block_m, absorb_m) differs from the gate+up's pays one schedule build of its own
+    # block map, absorb_m included
+    from experiments.tune import _choose_pair
+    from tritonmoe import TileConfig
+    asked = []
+
+    class Bench:
+        def schedule_ms(self, block_m, absorb_m=0):
+            asked.append((block_m, absorb_m))
+            return 0.5
+
+    up, down = TileConfig(block_m=128), TileConfig(block_m=128, absorb_m=32)
+    best = {("gate_up", 128): (up, {"ms_p50": 1.0}), ("down", 128): (down, {"ms_p50": 2.0})}
+    total, _, _ = _choose_pair(best, Bench())
+    assert total == 3.5 and asked == [(128, 32)]
