@@ -312,25 +312,33 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _descriptor(t: torch.Tensor, block_shape) -> TensorDescriptor | None:
-    """A TMA descriptor over ``t`` seen as 2-D (rows, K), or None where the copy engine cannot serve
-    it (pre-Hopper GPU, strided or misaligned tensors, 2**31 rows or more): those use pointer loads."""
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Whether the copy engine can serve ``t`` seen as 2-D (rows, K): a Hopper or newer GPU (or the
+    interpreter), contiguous, 16-byte aligned rows and base, fewer than 2**31 rows."""
     K = t.shape[-1]
     rows = t.numel() // K if K else 0
     if not (rows and t.is_contiguous() and (K * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
             and rows < 2**31):
+        return False
+    return t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _descriptor(t: torch.Tensor, block_shape) -> TensorDescriptor | None:
+    """A TMA descriptor over ``t`` seen as 2-D (rows, K), or None where the copy engine cannot serve
+    it (``_tma_ok``): those use pointer loads."""
+    if not _tma_ok(t):
         return None
-    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
-        return None
-    return TensorDescriptor(t, [rows, K], [K, 1], list(block_shape))
+    K = t.shape[-1]
+    return TensorDescriptor(t, [t.numel() // K, K], [K, 1], list(block_shape))
 
 
 def _gate_up_descriptor(w13: torch.Tensor, block_n: int, block_k: int) -> TensorDescriptor | None:
     """A TMA descriptor over w13 (E, 2F, K) seen as (2E, F, K), boxes of (2, block_n, block_k): the gate
-    rows and the up rows of the same block_n columns in one tile; None where ``_descriptor`` would be."""
-    E, two_f, K = w13.shape
-    if _descriptor(w13, (block_n, block_k)) is None:
+    rows and the up rows of the same block_n columns in one tile; None where the copy engine cannot serve
+    w13 (``_tma_ok``)."""
+    if not _tma_ok(w13):
         return None
+    E, two_f, K = w13.shape
     F = two_f // 2
     return TensorDescriptor(w13, [2 * E, F, K], [F * K, K, 1], [2, block_n, block_k])
 
