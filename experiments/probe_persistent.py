@@ -61,11 +61,11 @@ def _all_variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
     tall.update({f"abs{h}": replace(tuned, absorb_m=h) for h in (16, 32, 64) if h < tuned.block_m})
     # persistent tiles run full-height tiles only (no tails, nothing absorbed); probe_ws found Triton's
     # persistent dense GEMM at cuBLAS's rate with 128x256 tiles, 8 warps, 3 stages (per-tile: 20 % slower)
-    full = dict(persistent=True, min_block_m=0, absorb_m=0, block_m=128, block_k=64, num_warps=8, num_stages=3)
-    tall.update({"persistent_s3": replace(tuned, **full, block_n=128 if kernel == "gate_up" else 256),
-                 "persistent_s3_tma": replace(tuned, **full, block_n=128 if kernel == "gate_up" else 256, tma=True)})
+    full = replace(tuned, persistent=True, min_block_m=0, absorb_m=0, block_m=128, block_k=64, num_warps=8,
+                   num_stages=3, block_n=128 if kernel == "gate_up" else 256)
+    tall.update({"persistent_s3": full, "persistent_s3_tma": replace(full, tma=True)})
     if kernel == "gate_up":
-        tall["persistent_s3_permuted"] = replace(tuned, **full, block_n=128, tma=True, permute_input=True)
+        tall["persistent_s3_permuted"] = replace(full, tma=True, permute_input=True)
         # the gate+up as two dots sharing the input tile (before v19), and the tuned tiles with TMA weights: one dot
         tall["two_dots"] = replace(tuned, gate_up_one_dot=False)
         tall["tma_one_dot"] = replace(tuned, tma=True, gate_up_one_dot=True)
@@ -147,14 +147,13 @@ def main(smoke: bool = False) -> None:
             # the tuned tiles on routing that pads nothing (when T*k/E is a multiple of block_m)
             balanced = _balanced_bench(p, spec, T, dtype)
             for i, kernel in enumerate(("gate_up", "down")):
-                r = {**base, "kernel": kernel, "variant": "tuned@balanced", "tiles": asdict(tuned[i]),
-                     "padded_rows_frac": int(balanced.sched(tuned[i].block_m).num_blocks.item()) * tuned[i].block_m
-                     / (T * spec.top_k) - 1, **balanced.measure(kernel, tuned[i])}
-                record(r, kernel, "tuned@balanced", tuned[i])
-                # and the fastest persistent variant, where one ran: what the persistent GEMM gives without padding
-                pers = [(b[1], b[0], b[2]) for (kk, _), b in best.items() if kk == kernel and b[0].persistent]
+                # the tuned tiles and the fastest persistent variant, where one ran: each without padding
+                on_balanced = [("tuned", tuned[i])]
+                pers = [b for (kk, _), b in best.items() if kk == kernel and b[0].persistent]  # (tiles, ms, name)
                 if pers:
-                    _, t, name = min(pers, key=lambda x: x[0])
+                    t, _, name = min(pers, key=lambda b: b[1])
+                    on_balanced.append((name, t))
+                for name, t in on_balanced:
                     r = {**base, "kernel": kernel, "variant": f"{name}@balanced", "tiles": asdict(t),
                          "padded_rows_frac": int(balanced.sched(t.block_m).num_blocks.item()) * t.block_m
                          / (T * spec.top_k) - 1, **balanced.measure(kernel, t)}

@@ -203,7 +203,7 @@ def _operands(gemm: str, M: int, dev, dtype, smoke: bool):
     return a, b
 
 
-def _flops_ms(M: int, gemm: str, ms: float) -> float:
+def _tflops(M: int, gemm: str, ms: float) -> float:
     N, K = SHAPES[gemm]
     return 2 * M * N * K / (ms * 1e-3) / 1e12
 
@@ -244,7 +244,7 @@ def child(variant: list, smoke: bool) -> list[dict]:
                 continue
             q = common.quantiles(common.time_ms(fn, dev, WARMUP_MS, REP_MS))
             rows.append({**out, "status": "ok", "rel_err": err, **q,
-                         "tflops": None if smoke else _flops_ms(M, gemm, q["ms_p50"])})
+                         "tflops": None if smoke else _tflops(M, gemm, q["ms_p50"])})
             print(f"  {kernel:26s} {out['config']:16s} {out['gemm']:12s} M={M:5d}: {q['ms_p50']:.3f} ms"
                   + ("" if smoke else f" {rows[-1]['tflops']:.0f} TFLOP/s"), flush=True)
     return rows
@@ -258,10 +258,9 @@ def main(smoke: bool = False) -> list[dict]:
     variants = [v for v in [["cublas", 0, 0, 0, 0, 0]] + [list(v) for v in VARIANTS]
                 if not only or v[0] in only.split(",")]
     progress = common.Progress(len(variants), "kernel variants")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")])))
     rows = []
     for v in variants:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(common.REPO),
-                                                                         os.environ.get("PYTHONPATH")])))
         cmd = [sys.executable, "-m", "experiments.probe_ws", "--child", json.dumps(v)] + (["--smoke"] if smoke else [])
         try:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
