@@ -13,10 +13,13 @@ overflow checks, PyTorch's router matmul, the routing kernel in 4 warps) are in 
 3b60a07, 81a41d4 and 0245d56, with the code that ran them.
 
     python -m experiments.probe_decode            # -> results/<GPU>/probe_decode.jsonl
+    python -m experiments.probe_decode --points qwen2_57b_a14b:2048,4096 mixtral_8x7b:1024
+        # the shipped forward's timeline at other (model, T) points (variant "default" only; PERF_LOG gap 1)
 """
 from __future__ import annotations
 
 import statistics
+import argparse
 from dataclasses import replace
 
 import torch
@@ -36,7 +39,8 @@ VARIANTS = {"default": None, "built_schedule": 0, "slot_schedule": max(TOKENS)}
 
 
 def _short(name: str) -> str:
-    for key in ("_router", "_route", "_schedule", "_histogram", "_scan", "_scatter", "_expert_gemm", "_combine"):
+    for key in ("_router", "_route", "_schedule", "_histogram", "_scan", "_scatter", "_expert_gemm", "_combine",
+                "_permute"):
         if key in name:
             return key.strip("_")
     return "torch:" + name[:40]
@@ -79,16 +83,35 @@ def _profile(p, name: str, T: int, variant: str, prov: dict, ceilings: dict) -> 
             "span_us_max": max(spans), "kernels": kernels}
 
 
+def _points(args: list[str]) -> dict[str, tuple[int, ...]]:
+    """``model:T,T ...`` -> {model: (T, ...)}."""
+    points = {}
+    for arg in args:
+        name, _, tokens = arg.partition(":")
+        if name not in MODELS or not tokens:
+            raise SystemExit(f"--points: expected model:T[,T...] with model in {MODELS}, got {arg!r}")
+        try:
+            points[name] = tuple(int(t) for t in tokens.split(","))
+        except ValueError:
+            raise SystemExit(f"--points: token counts must be integers, got {arg!r}") from None
+    return points
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", nargs="+", metavar="MODEL:T,T", help="other (model, T) points, variant default")
+    args = parser.parse_args()
+    points = _points(args.points) if args.points else {name: TOKENS for name in MODELS}
+    variants = {"default": None} if args.points else VARIANTS
     dev = torch.device("cuda")
     prov = common.provenance(dev, SEED)
     ceilings = common.measure_ceilings(dev, 100, 500)
     rows = []
-    for name in MODELS:
+    for name, tokens in points.items():
         spec = get_spec(name)
-        p = make_problem(spec, max(TOKENS), torch.bfloat16, dev, SEED)
-        for T in TOKENS:
-            for variant, max_tokens in VARIANTS.items():
+        p = make_problem(spec, max(tokens), torch.bfloat16, dev, SEED)
+        for T in tokens:
+            for variant, max_tokens in variants.items():
                 shipped = functional.SLOT_SCHEDULE_MAX_TOKENS
                 if max_tokens is not None:
                     functional.SLOT_SCHEDULE_MAX_TOKENS = max_tokens
