@@ -33,12 +33,30 @@ def test_router_logits(E, H, T, float32, dtype, device, poison):
     assert rel_err(out, torch_out.double()) < tol
 
 
-def test_router_logits_strided_and_mixed_dtypes(device, poison):
+@pytest.mark.parametrize("T", [3, GEMV_TOKENS + 3], ids=["gemv", "matmul"])
+def test_router_logits_strided_and_mixed_dtypes(T, device, poison):
     # a transposed view of the tokens and a float32 weight beside bfloat16 tokens (read as stored)
-    x, w = _inputs(3, 40, 72, torch.bfloat16, device, weight_dtype=torch.float32)
+    x, w = _inputs(T, 40, 72, torch.bfloat16, device, weight_dtype=torch.float32)
     xt = x.T.contiguous().T
     out = tritonmoe.router_logits(xt, w, float32=True)
     assert rel_err(out, x.double() @ w.double().T) < 1e-5
+    # the same dtype on both sides: above GEMV_TOKENS, the float32 logits on the tensor cores; strided weight too
+    w16 = w.to(torch.bfloat16)
+    out = tritonmoe.router_logits(xt, w16.T.contiguous().T, float32=True)
+    assert rel_err(out, x.double() @ w16.double().T) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,E,H", [(130, 60, 200), (300, 256, 96)])
+def test_router_logits_float32_matmul_tiles(T, E, H, dtype, device, poison):
+    # the float32 logits of 16-bit inputs above GEMV_TOKENS: T across 64/128-token tiles, E not a power of
+    # two or more than one expert tile, H not a multiple of the 64-wide steps; every logit compared
+    x, w = _inputs(T, E, H, dtype, device, seed=T + E)
+    out = tritonmoe.router_logits(x, w, float32=True)
+    ref = x.double() @ w.double().T
+    assert out.dtype == torch.float32 and out.shape == (T, E)
+    assert rel_err(out, ref) < 1e-5
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_router_logits_bad_input(device):

@@ -77,6 +77,17 @@ def test_schedule_most_experts_empty(device, poison):
     check_schedule(ids, 256, 32)
 
 
+@pytest.mark.parametrize("absorb_m", [0, 32])
+def test_schedule_many_chunks_many_experts(absorb_m, device, poison):
+    # E = 256 (512 bins): the scan takes its chunks 16 at a time and 18 chunks need two steps; the hot
+    # expert's 20+ blocks need two steps of the block map (16 ranks of every expert per step)
+    g = torch.Generator().manual_seed(2)
+    ids = random_topk_ids(2200, 2, 256, device, g)
+    ids[::4, 0] = 7  # a hot expert: 550 of 4400 slots
+    ids[::4, 1] = torch.where(ids[::4, 1] == 7, 8, ids[::4, 1])  # a token's choices stay distinct
+    check_schedule(ids, 256, 16 if absorb_m == 0 else 64, absorb_m)
+
+
 @pytest.mark.parametrize("absorb_m", [16, 32])
 @pytest.mark.parametrize("many", [False, True], ids=["one-launch", "chunks"])
 def test_schedule_absorbs_tails(many, absorb_m, device, poison):

@@ -19,6 +19,13 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 3 under the interpreter, which runs programs one after
+    another (a few persistent programs there still walk many tiles each)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
 def cdiv(a: int, b: int) -> int:
     # on the host instead of triton.cdiv, a constexpr_function in Triton 3.6 whose call wrapper costs
     # ~5 us (small-T forwards are bound by host time; PERF_LOG v16)

@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._launch import launch
-from ._utils import cdiv, check_matmul_dtype, dot_precision
+from ._utils import cdiv, check_matmul_dtype, dot_precision, num_sms
 from .permute import permute
 from .schedule import Schedule
 
@@ -349,12 +349,6 @@ def _l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    # the interpreter runs programs one after another: a few persistent ones still walk many tiles each
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
-
-
 def _group_blocks(tiles, a: torch.Tensor, block_m: int, K: int) -> int:
     """M-blocks per group. Expert groups take up to as many blocks as half of L2 holds input rows
     for (at least ``group_m``): a skewed expert's blocks then all stream its weights at once,
@@ -389,7 +383,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         raise ValueError(f"tiles: persistent=True runs full-height tiles only: min_block_m must be 0 or block_m "
                          f"(got {tiles.min_block_m} < {sched.block_m}; fused_experts sets it for "
                          f"schedule='tail_tiles')")
-    grid = (min(tiles_bound, _num_sms(a.device)) if tiles.persistent else tiles_bound, split_k)
+    grid = (min(tiles_bound, num_sms(a.device)) if tiles.persistent else tiles_bound, split_k)
     w_desc = a_desc = None
     gate_up_box = False
     if tiles.tma and gate_up_silu and tiles.gate_up_one_dot:

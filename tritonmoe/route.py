@@ -120,6 +120,15 @@ def _route_kernel(
     tl.store(ids_ptr + out_offs, top_i.to(ids_ptr.dtype.element_ty), mask=out_mask)
 
 
+def _tile(T: int, e_pad: int) -> tuple[int, int]:
+    """(tokens per program, warps) of the routing kernel."""
+    # Keep the [BLOCK_T, E_PAD] tile near 4K elements.
+    block_t = max(1, min(next_pow2(T), 4096 // e_pad, 64))
+    # The selection is a chain of dozens of row reductions (DeepSeek-V3: about 80); across 4 warps each
+    # goes through shared memory and a barrier, within one warp through shuffles.
+    return block_t, 1 if block_t * e_pad <= ONE_WARP_ELEMENTS else 4
+
+
 def route(router_logits: torch.Tensor, spec: ModelSpec, *, correction_bias: torch.Tensor | None = None,
           ids_dtype: torch.dtype = torch.int32):
     """Route tokens to experts as ``spec``'s model does.
@@ -165,11 +174,7 @@ def route(router_logits: torch.Tensor, spec: ModelSpec, *, correction_bias: torc
     if T == 0:
         return weights, ids
     e_pad = next_pow2(E)
-    # Keep the [BLOCK_T, E_PAD] tile near 4K elements: one program per token for E=256.
-    block_t = max(1, min(next_pow2(T), 4096 // e_pad, 64))
-    # The selection is a chain of dozens of row reductions (DeepSeek-V3: about 80); across 4 warps each
-    # goes through shared memory and a barrier, within one warp through shuffles.
-    warps = 1 if block_t * e_pad <= ONE_WARP_ELEMENTS else 4
+    block_t, warps = _tile(T, e_pad)
     launch(_route_kernel, (cdiv(T, block_t),), (
         router_logits, correction_bias if correction_bias is not None else weights, weights, ids,
         T, E, router_logits.stride(0), router_logits.stride(1), float(spec.routed_scaling_factor),

@@ -6,7 +6,12 @@ DeepSeek-V3 uses (upcast the tokens, upcast the weight -- 7.3 MB written and rea
 the matmul), 15 us on an H100, and a matmul plus a split-K reduction on the others (5-6 us;
 ``experiments/probe_decode.py``). ``router_logits`` reads the weight once, in its own dtype, and
 multiplies in float32 in one launch, many programs wide. Past ``GEMV_TOKENS`` tokens it is a
-real matmul, left to PyTorch as the models write it.
+real matmul. In the tokens' dtype PyTorch's is fast (one cuBLAS GEMM). The float32 form is not: at
+DeepSeek-V3's T = 8192 PyTorch spent 222 us upcasting the tokens and 844 us in a float32 GEMM on the
+H100 (``probe_decode --points``, PERF_LOG v20), 8 % of the layer. With 16-bit tokens and weight,
+``_router_mma_kernel`` multiplies the tiles as stored on the tensor cores with float32 accumulation:
+products of 16-bit numbers are exact in float32, so this too is the float32 matmul of the upcast
+inputs up to the order of the sums.
 """
 from __future__ import annotations
 
@@ -15,13 +20,14 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from ._utils import SUPPORTED_DTYPES, cdiv, check_tensor, next_pow2
+from ._utils import SUPPORTED_DTYPES, cdiv, check_tensor, interpreting, next_pow2, num_sms
 
 __all__ = ["router_logits", "GEMV_TOKENS"]
 
 GEMV_TOKENS = 16     # up to this many tokens, the kernel; above, x @ w.T in PyTorch
 _PROGRAMS = 256      # at least this many programs where E allows: the weight read needs every SM busy
 _ELEMENTS = 8192     # per program and step, tokens x experts x hidden (64 float32 registers a thread)
+_MMA_DTYPES = (torch.float16, torch.bfloat16)  # float32 logits above GEMV_TOKENS: _router_mma_kernel
 
 
 @triton.jit
@@ -46,6 +52,47 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_xt, stride_xh, stride_
              acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_e[None, :])
 
 
+@triton.jit
+def _router_mma_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_xt, stride_xh, stride_we, stride_wh, stride_ot,
+                       stride_oe, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    # One (BLOCK_T tokens) x (BLOCK_E experts) tile of float32 logits over H. UPCAST: multiply in float32
+    # (IEEE) instead, for Triton's interpreter, whose tl.dot on bfloat16 tiles is wrong; the same numbers.
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)                              # [BT]
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)                              # [BE]
+    offs_h = tl.arange(0, BLOCK_H)                                                            # [BH]
+    mask_t, mask_e = offs_t < T, offs_e < E
+    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt + offs_h[None, :] * stride_xh
+    w_ptrs = w_ptr + offs_e[None, :].to(tl.int64) * stride_we + offs_h[:, None] * stride_wh
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        mask_h = h0 + offs_h < H
+        x = tl.load(x_ptrs, mask=mask_t[:, None] & mask_h[None, :], other=0.0)              # [BT, BH]
+        w = tl.load(w_ptrs, mask=mask_h[:, None] & mask_e[None, :], other=0.0)              # [BH, BE]
+        if UPCAST:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+        x_ptrs += BLOCK_H * stride_xh
+        w_ptrs += BLOCK_H * stride_wh
+    tl.store(out_ptr + offs_t[:, None] * stride_ot + offs_e[None, :] * stride_oe, acc,
+             mask=mask_t[:, None] & mask_e[None, :])
+
+
+def _router_mma(hidden_states: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """float32 logits of 16-bit tokens and weight of one dtype: (T, H), (E, H) -> (T, E)."""
+    (T, H), E = hidden_states.shape, router_weight.shape[0]
+    out = torch.empty(T, E, dtype=torch.float32, device=hidden_states.device)
+    block_e = max(16, min(128, next_pow2(E)))
+    # 128-token tiles where they fill the GPU, else 64 (DeepSeek-V3, E = 256: T = 4096 -> 128 programs)
+    block_t = 128 if cdiv(T, 128) * cdiv(E, block_e) >= num_sms(hidden_states.device) else 64
+    launch(_router_mma_kernel, (cdiv(T, block_t), cdiv(E, block_e)), (
+        hidden_states, router_weight, out, T, E, H, hidden_states.stride(0), hidden_states.stride(1),
+        router_weight.stride(0), router_weight.stride(1), out.stride(0), out.stride(1), block_t, block_e, 64,
+        interpreting()), num_warps=8 if block_t == 128 else 4, num_stages=4)
+    return out
+
+
 def router_logits(hidden_states: torch.Tensor, router_weight: torch.Tensor, *, float32: bool = False) -> torch.Tensor:
     """``hidden_states @ router_weight.T`` as the models compute it: (T, H), (E, H) -> (T, E).
 
@@ -60,7 +107,11 @@ def router_logits(hidden_states: torch.Tensor, router_weight: torch.Tensor, *, f
     if router_weight.shape[1] != H:
         raise ValueError(f"router_weight has hidden size {router_weight.shape[1]} (dim 1) but hidden_states has H={H}")
     dtype = torch.float32 if float32 else hidden_states.dtype
-    if T > GEMV_TOKENS or T == 0 or E == 0:
+    if T == 0 or E == 0:
+        return hidden_states.new_empty(T, E, dtype=dtype)
+    if T > GEMV_TOKENS:
+        if float32 and hidden_states.dtype in _MMA_DTYPES and router_weight.dtype == hidden_states.dtype:
+            return _router_mma(hidden_states, router_weight)
         return hidden_states.to(dtype) @ router_weight.to(dtype).T
     out = torch.empty(T, E, dtype=dtype, device=hidden_states.device)
     block_t = next_pow2(T)

@@ -6,12 +6,12 @@ it is one launch, ``_schedule_one_chunk_kernel``; above, three, with one program
 of ``CHUNK_SLOTS`` slots where they work per slot:
 
 1. ``_histogram_kernel``: per chunk of BLOCK_S slots, how many go to each expert.
-2. ``_scan_kernel`` (one program): expert counts and offsets, each chunk's base position
-   per expert, and the M-block map: block b -> (expert, first sorted row, its rank among the
+2. ``_scan_kernel`` (one program): expert counts and offsets, per chunk and expert the slots
+   of that expert in the chunks before it, and the M-block map: block b -> (expert, first sorted row, its rank among the
    expert's blocks and their number; the GEMMs group an expert's blocks by these).
 3. ``_scatter_kernel``: per chunk, give each slot its row in the expert-sorted order
-   (the chunk's base row for its expert plus its rank among the chunk's earlier slots of
-   that expert), and write the inverse map.
+   (its expert's first row, plus that expert's slots in earlier chunks, plus its rank among
+   the chunk's earlier slots of that expert), and write the inverse map.
 
 A *slot* is one (token, choice) pair, ``slot = t * k + j``. Slots are sorted by expert,
 and by slot within an expert. Activations are never padded: an expert's last M-block
@@ -105,12 +105,13 @@ def _chunk_histogram(ids_ptr, chunk_start, S, E, BLOCK_S: tl.constexpr, NBINS: t
 @triton.jit
 def _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
                E, max_blocks, BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, NBINS: tl.constexpr,
-               BLOCK_B: tl.constexpr):
+               BLOCK_R: tl.constexpr):
     """M-block b -> (expert, first sorted row, rank among the expert's blocks, the expert's block
     count), from the slots per bin and their first rows. Only real experts get blocks; blocks past
     the used ones get expert -1 (rank 0 of 1). ABSORB_M > 0: an expert with a whole block and at most
     ABSORB_M rows after its last one gets no block for them: its last block takes them (its rows run
-    to the expert's end)."""
+    to the expert's end). Written expert-major, BLOCK_R ranks of every expert at a time: as many steps as
+    the busiest expert has blocks / BLOCK_R (one, mostly), not one per block."""
     offs_bin = tl.arange(0, NBINS)
     nblk = (totals + BLOCK_M - 1) // BLOCK_M
     if ABSORB_M > 0:
@@ -121,20 +122,25 @@ def _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, 
     blk_start = blk_end - nblk
     used = tl.sum(nblk, axis=0)
     tl.store(num_blocks_ptr + offs_bin * 0, blk_end, mask=offs_bin == NBINS - 1)
-    for b0 in range(0, max_blocks, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)                                  # [BB]
-        # expert of block b: the number of experts whose blocks end at or before b
-        expert = tl.sum((blk_end[None, :] <= offs_b[:, None]).to(tl.int32), axis=1)
-        is_e = offs_bin[None, :] == expert[:, None]                          # [BB, NBINS]
-        rank = tl.sum(tl.where(is_e, offs_b[:, None] - blk_start[None, :], 0), axis=1)
-        row = tl.sum(tl.where(is_e, starts[None, :], 0), axis=1) + rank * BLOCK_M
-        siblings = tl.sum(tl.where(is_e, nblk[None, :], 0), axis=1)
-        live = offs_b < used
-        in_grid = offs_b < max_blocks
-        tl.store(block_expert_ptr + offs_b, tl.where(live, expert, -1), mask=in_grid)
-        tl.store(block_row_ptr + offs_b, tl.where(live, row, 0), mask=in_grid)
-        tl.store(block_rank_ptr + offs_b, tl.where(live, rank, 0), mask=in_grid)
-        tl.store(block_siblings_ptr + offs_b, tl.where(live, siblings, 1), mask=in_grid)
+    TILE: tl.constexpr = (BLOCK_R, NBINS)
+    experts = tl.broadcast_to(offs_bin[None, :], TILE)
+    for r0 in range(0, tl.max(nblk, axis=0), BLOCK_R):
+        rank = tl.broadcast_to(r0 + tl.arange(0, BLOCK_R)[:, None], TILE)   # [BR, NBINS]: rank r of expert e
+        live = rank < nblk[None, :]
+        b = blk_start[None, :] + rank
+        tl.store(block_expert_ptr + b, experts, mask=live)
+        tl.store(block_row_ptr + b, starts[None, :] + rank * BLOCK_M, mask=live)
+        tl.store(block_rank_ptr + b, rank, mask=live)
+        tl.store(block_siblings_ptr + b, tl.broadcast_to(nblk[None, :], TILE), mask=live)
+    # the grid's blocks past the used ones: no expert
+    STEP: tl.constexpr = BLOCK_R * NBINS
+    for b0 in range(used, max_blocks, STEP):
+        b = b0 + tl.arange(0, STEP)
+        unused = b < max_blocks
+        tl.store(block_expert_ptr + b, tl.full((STEP,), -1, tl.int32), mask=unused)
+        tl.store(block_row_ptr + b, tl.zeros((STEP,), tl.int32), mask=unused)
+        tl.store(block_rank_ptr + b, tl.zeros((STEP,), tl.int32), mask=unused)
+        tl.store(block_siblings_ptr + b, tl.full((STEP,), 1, tl.int32), mask=unused)
 
 
 @triton.jit
@@ -181,29 +187,35 @@ def _histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK_S: tl.constexpr, NBINS: tl.
 def _scan_kernel(
     hist_ptr, base_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, block_rank_ptr,
     block_siblings_ptr, num_blocks_ptr, num_invalid_ptr, num_chunks, E, max_blocks,
-    BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
+    # One pass over the chunks' histograms, BLOCK_C chunks at a time (one load each, not one per
+    # chunk: one step per chunk took 240 us at DeepSeek-V3's T = 8192, PERF_LOG v20): per (chunk,
+    # bin) the slots of that bin in the chunks before it (the scatter adds the bin's first row).
     offs_bin = tl.arange(0, NBINS)
-    # Slots per bin over all chunks.
+    offs_c = tl.arange(0, BLOCK_C)
     totals = tl.zeros((NBINS,), tl.int32)
-    for c in range(num_chunks):
-        totals += tl.load(hist_ptr + c * NBINS + offs_bin)
+    for c0 in range(0, num_chunks, BLOCK_C):
+        at = (c0 + offs_c[:, None]) * NBINS + offs_bin[None, :]              # [BC, NBINS]
+        in_range = (c0 + offs_c[:, None] < num_chunks) & (offs_bin[None, :] >= 0)
+        hist = tl.load(hist_ptr + at, mask=in_range, other=0)
+        tl.store(base_ptr + at, totals[None, :] + tl.cumsum(hist, axis=0) - hist, mask=in_range)
+        totals += tl.sum(hist, axis=0)
     starts = tl.cumsum(totals, axis=0) - totals                              # exclusive: first row per bin
     _store_totals(totals, starts, counts_ptr, offsets_ptr, num_invalid_ptr, E, NBINS)
-    # Base per (chunk, bin): the sorted row of the chunk's first slot in that bin.
-    running = starts
-    for c in range(num_chunks):
-        tl.store(base_ptr + c * NBINS + offs_bin, running)
-        running += tl.load(hist_ptr + c * NBINS + offs_bin)
     _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
-               E, max_blocks, BLOCK_M, ABSORB_M, NBINS, BLOCK_B)
+               E, max_blocks, BLOCK_M, ABSORB_M, NBINS, BLOCK_R)
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, base_ptr, sorted_slots_ptr, slot_pos_ptr, S, E,
+def _scatter_kernel(ids_ptr, base_ptr, offsets_ptr, sorted_slots_ptr, slot_pos_ptr, S, E,
                     BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, NBINS: tl.constexpr):
     pid = tl.program_id(0)
-    next_row = tl.load(base_ptr + pid * NBINS + tl.arange(0, NBINS))        # [NBINS] next free row per bin
+    offs_bin = tl.arange(0, NBINS)
+    # [NBINS] next free row per bin: the bin's first row and its slots in the chunks before this one
+    next_row = (tl.load(base_ptr + pid * NBINS + offs_bin)
+                + tl.load(offsets_ptr + offs_bin, mask=offs_bin <= E + 1, other=0))
     _scatter_chunk(ids_ptr, next_row, sorted_slots_ptr, slot_pos_ptr, pid.to(tl.int64) * BLOCK_S, S, E,
                    BLOCK_S, SUB_S, NBINS)
 
@@ -214,13 +226,13 @@ def _schedule_one_chunk_kernel(
     ids_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr,
     num_blocks_ptr, num_invalid_ptr, sorted_slots_ptr, slot_pos_ptr, S, E, max_blocks,
     BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, NBINS: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     totals = _chunk_histogram(ids_ptr, 0, S, E, BLOCK_S, NBINS)
     starts = tl.cumsum(totals, axis=0) - totals
     _store_totals(totals, starts, counts_ptr, offsets_ptr, num_invalid_ptr, E, NBINS)
     _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
-               E, max_blocks, BLOCK_M, ABSORB_M, NBINS, BLOCK_B)
+               E, max_blocks, BLOCK_M, ABSORB_M, NBINS, BLOCK_R)
     _scatter_chunk(ids_ptr, starts, sorted_slots_ptr, slot_pos_ptr, 0, S, E, BLOCK_S, SUB_S, NBINS)
 
 
@@ -243,8 +255,10 @@ def _plan(S: int, num_experts: int, block_m: int):
     for n in sizes:
         bounds.append((end, end + n))
         end += cdiv(n, 4) * 4
-    block_b = max(16, min(64, 8192 // nbins))
-    return one_launch, nbins, block_s, num_chunks, nmax, block_b, _sub_slots(block_s, nbins), end, bounds
+    # [ranks, bins] of the block map and [chunks, bins] of the scan per step: about 8192 elements
+    block_r = max(1, 8192 // nbins)
+    block_c = min(next_pow2(num_chunks), max(1, 8192 // nbins))
+    return one_launch, nbins, block_s, num_chunks, nmax, block_r, block_c, _sub_slots(block_s, nbins), end, bounds
 
 
 def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int, absorb_m: int = 0) -> Schedule:
@@ -263,7 +277,7 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int, absor
     T, k = topk_ids.shape
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     S = T * k
-    one_launch, nbins, block_s, num_chunks, nmax, block_b, sub_s, total, bounds = _plan(S, num_experts, block_m)
+    one_launch, nbins, block_s, num_chunks, nmax, block_r, block_c, sub_s, total, bounds = _plan(S, num_experts, block_m)
     buf = torch.empty(total, dtype=torch.int32, device=ids.device)
     parts = [buf[a:b] for a, b in bounds]
     sched = Schedule(
@@ -280,15 +294,16 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int, absor
         launch(_schedule_one_chunk_kernel, (1,), (
             ids, sched.expert_counts, sched.expert_offsets, sched.block_expert, sched.block_row_start,
             sched.block_rank, sched.block_siblings, sched.num_blocks, sched.num_invalid, sched.sorted_slots,
-            sched.slot_positions, S, num_experts, nmax, block_s, sub_s, block_m, absorb_m, nbins, block_b))
+            sched.slot_positions, S, num_experts, nmax, block_s, sub_s, block_m, absorb_m, nbins, block_r))
         return sched
     hist, base = parts[10].view(num_chunks, nbins), parts[11].view(num_chunks, nbins)
     launch(_histogram_kernel, (num_chunks,), (ids, hist, S, num_experts, block_s, nbins))
     launch(_scan_kernel, (1,), (hist, base, sched.expert_counts, sched.expert_offsets, sched.block_expert,
                                 sched.block_row_start, sched.block_rank, sched.block_siblings, sched.num_blocks,
-                                sched.num_invalid, num_chunks, num_experts, nmax, block_m, absorb_m, nbins, block_b))
-    launch(_scatter_kernel, (num_chunks,), (ids, base, sched.sorted_slots, sched.slot_positions, S, num_experts,
-                                            block_s, sub_s, nbins))
+                                sched.num_invalid, num_chunks, num_experts, nmax, block_m, absorb_m, nbins, block_r,
+                                block_c), num_warps=8)
+    launch(_scatter_kernel, (num_chunks,), (ids, base, sched.expert_offsets, sched.sorted_slots, sched.slot_positions,
+                                            S, num_experts, block_s, sub_s, nbins))
     return sched
 
 
