@@ -15,7 +15,7 @@ from .specs import ModelSpec
 
 __all__ = ["route"]
 
-ONE_WARP_ELEMENTS = 256  # tiles of up to this many (token, expert) elements route in one warp (PERF_LOG v14)
+ONE_WARP_ELEMENTS = 256  # tiles of up to this many (token, expert) elements route in one warp (PERF_LOG v14, v20)
 
 
 @triton.jit
@@ -121,11 +121,16 @@ def _route_kernel(
 
 
 def _tile(T: int, e_pad: int) -> tuple[int, int]:
-    """(tokens per program, warps) of the routing kernel."""
-    # Keep the [BLOCK_T, E_PAD] tile near 4K elements.
+    """(tokens per program, warps) of the routing kernel. The selection is a chain of dozens of row
+    reductions (DeepSeek-V3: about 80); across 4 warps each goes through shared memory and a barrier,
+    within one warp through shuffles. So a tile of up to 256 (token, expert) elements runs in one warp,
+    and with 64+ experts every T does: one token per warp at E = 256 took 20 us at T = 8192 where 16
+    tokens in 4 warps took 55, Qwen2's 4 tokens per warp 6-8 us where 64 in 4 warps took 12 (H100,
+    ``probe_front``, PERF_LOG v20). With fewer experts, tiles of up to 64 tokens in 4 warps (Mixtral:
+    5.1 us at T = 8192, 32 tokens in one warp 5.5)."""
+    if e_pad >= 64:
+        return max(1, min(next_pow2(T), ONE_WARP_ELEMENTS // e_pad)), 1
     block_t = max(1, min(next_pow2(T), 4096 // e_pad, 64))
-    # The selection is a chain of dozens of row reductions (DeepSeek-V3: about 80); across 4 warps each
-    # goes through shared memory and a barrier, within one warp through shuffles.
     return block_t, 1 if block_t * e_pad <= ONE_WARP_ELEMENTS else 4
 
 
