@@ -14,7 +14,8 @@ overflow checks, PyTorch's router matmul, the routing kernel in 4 warps) are in 
 
     python -m experiments.probe_decode            # -> results/<GPU>/probe_decode.jsonl
     python -m experiments.probe_decode --points qwen2_57b_a14b:2048,4096 mixtral_8x7b:1024
-        # the shipped forward's timeline at other (model, T) points (variant "default" only; PERF_LOG gap 1)
+        # the shipped forward's timeline at other (model, T) points (variant "default" only; PERF_LOG v20)
+        # -> results/<GPU>/probe_decode_points.jsonl
 """
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ def main() -> None:
                     functional.SLOT_SCHEDULE_MAX_TOKENS = shipped
         del p
         torch.cuda.empty_cache()
-    path = common.REPO / "results" / common.device_name(dev) / "probe_decode.jsonl"
+    name = "probe_decode_points.jsonl" if args.points else "probe_decode.jsonl"
+    path = common.REPO / "results" / common.device_name(dev) / name
     common.write_rows(path, rows, ("probe", "model", "T", "variant", "commit"))
     print(f"{len(rows)} rows -> {path.relative_to(common.REPO)}")
 

@@ -6,7 +6,8 @@ one-program scan, 240 us; the routing kernel, 64 us) and 67 us of Qwen2's 3.3 ms
 timed here alone (device events, L2 cleared before each call), on the models' shapes with random inputs:
 
 * ``router``: ``tritonmoe.router_logits`` (float32 logits of bf16 inputs on the tensor cores, DeepSeek-V3)
-  against the models' PyTorch expression (``x.float() @ w.float().T``); outputs compared first;
+  at its shipped tile (``router._mma_tile``) and at other (tokens, experts) tiles, against the models'
+  PyTorch expression (``x.float() @ w.float().T``); each output's relative error to PyTorch's recorded;
 * ``route``: the routing kernel at its shipped tile (``route._tile``) and at other (tokens per program,
   warps) choices: one warp for a tile of 256, 512 or 1024 (token, expert) elements, and four warps for 4096;
   weights and ids compared with the shipped tile's;
@@ -22,12 +23,14 @@ import torch
 
 from tritonmoe import build_schedule, route as route_fn, router_logits
 from tritonmoe.configs import get_tiles
+from tritonmoe.router import _mma_tile, _router_mma
 from tritonmoe.specs import get_spec
 from tritonmoe._utils import next_pow2
 from . import common
 
 MODELS = ("mixtral_8x7b", "qwen2_57b_a14b", "deepseek_v3")
-TOKENS = (512, 2048, 4096, 8192)
+TOKENS = (32, 128, 512, 2048, 4096, 8192)
+ROUTER_TILES = ((128, 128), (64, 128), (32, 128), (64, 64), (32, 64), (16, 64), (32, 32), (16, 32), (16, 16))
 ROUTE_ELEMENTS = ((256, 1), (512, 1), (1024, 1), (4096, 4))  # (tile elements, warps) besides the shipped one
 SEED = 0
 WARMUP_MS, REP_MS = 25, 200
@@ -68,9 +71,15 @@ def main() -> None:
             logits = router_logits(x, w, float32=fp32)
             if fp32:
                 torch_logits = x.float() @ w.float().T
-                err = ((logits - torch_logits).norm() / torch_logits.norm()).item()
-                for variant, fn in (("tritonmoe", lambda: router_logits(x, w, float32=True)),
-                                    ("torch_fp32", lambda: x.float() @ w.float().T)):
+                shipped = _mma_tile(T, E, torch.cuda.get_device_properties(dev).multi_processor_count)
+                variants = {f"tritonmoe {shipped[0]}x{shipped[1]}": lambda: router_logits(x, w, float32=True),
+                            "torch_fp32": lambda: x.float() @ w.float().T}
+                for tile in ROUTER_TILES:
+                    if tile != shipped and tile[1] <= max(16, E):
+                        variants[f"tile {tile[0]}x{tile[1]}"] = lambda tile=tile: _router_mma(x, w, tile)
+                for variant, fn in variants.items():
+                    out = fn()
+                    err = ((out - torch_logits).norm() / torch_logits.norm()).item()
                     point.append({**base, "stage": "router", "variant": variant, "rel_err": err, **_time(fn, dev)})
             ref_w, ref_i = route_fn(logits, spec, correction_bias=bias)
             shipped_tile = route_module._tile

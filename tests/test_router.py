@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import tritonmoe
-from tritonmoe.router import GEMV_TOKENS
+from tritonmoe.router import GEMV_TOKENS, _router_mma
 from conftest import rel_err
 
 
@@ -57,6 +57,9 @@ def test_router_logits_float32_matmul_tiles(T, E, H, dtype, device, poison):
     assert out.dtype == torch.float32 and out.shape == (T, E)
     assert rel_err(out, ref) < 1e-5
     assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for tile in ((16, 16), (32, 64), (128, 128)):  # the tiles _mma_tile picks on a GPU, small to large
+        out = _router_mma(x, w, tile)
+        assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), tile
 
 
 def test_router_logits_bad_input(device):

@@ -79,17 +79,27 @@ def _router_mma_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_xt, stride_xh, str
              mask=mask_t[:, None] & mask_e[None, :])
 
 
-def _router_mma(hidden_states: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-    """float32 logits of 16-bit tokens and weight of one dtype: (T, H), (E, H) -> (T, E)."""
+def _mma_tile(T: int, E: int, sms: int) -> tuple[int, int]:
+    """(tokens, experts) per program of ``_router_mma_kernel``: 128 x 128 where that fills the GPU (fewer,
+    larger tiles read the weight and the tokens fewer times), else tokens halved down to 16, then experts."""
+    block_t, block_e = 128, max(16, min(128, next_pow2(E)))
+    while block_t > 16 and cdiv(T, block_t) * cdiv(E, block_e) < sms:
+        block_t //= 2
+    while block_e > 16 and cdiv(T, block_t) * cdiv(E, block_e) < sms:
+        block_e //= 2
+    return block_t, block_e
+
+
+def _router_mma(hidden_states: torch.Tensor, router_weight: torch.Tensor, tile: tuple[int, int] | None = None):
+    """float32 logits of 16-bit tokens and weight of one dtype: (T, H), (E, H) -> (T, E). ``tile``: (tokens,
+    experts) per program instead of ``_mma_tile``'s (``experiments/probe_front.py`` compares them)."""
     (T, H), E = hidden_states.shape, router_weight.shape[0]
     out = torch.empty(T, E, dtype=torch.float32, device=hidden_states.device)
-    block_e = max(16, min(128, next_pow2(E)))
-    # 128-token tiles where they fill the GPU, else 64 (DeepSeek-V3, E = 256: T = 4096 -> 128 programs)
-    block_t = 128 if cdiv(T, 128) * cdiv(E, block_e) >= num_sms(hidden_states.device) else 64
+    block_t, block_e = tile or _mma_tile(T, E, num_sms(hidden_states.device))
     launch(_router_mma_kernel, (cdiv(T, block_t), cdiv(E, block_e)), (
         hidden_states, router_weight, out, T, E, H, hidden_states.stride(0), hidden_states.stride(1),
         router_weight.stride(0), router_weight.stride(1), out.stride(0), out.stride(1), block_t, block_e, 64,
-        interpreting()), num_warps=8 if block_t == 128 else 4, num_stages=4)
+        interpreting()), num_warps=8 if block_t * block_e >= 128 * 128 else 4, num_stages=4)
     return out
 
 
