@@ -8,13 +8,17 @@ what the small kernels and the boundaries between kernels cost. The profiler's c
 GPU's; a replay's span is from its first kernel's start to its last kernel's end. Variants:
 "default" (a slot schedule at T = 1, ``functional.SLOT_SCHEDULE_MAX_TOKENS``), "built_schedule"
 (the schedule kernel at every T: the control for PERF_LOG v16) and "slot_schedule" (a slot schedule
-at every T: the measurement for raising that limit). The controls of earlier versions (Triton's
-overflow checks, PyTorch's router matmul, the routing kernel in 4 warps) are in the rows of commits
-3b60a07, 81a41d4 and 0245d56, with the code that ran them.
+at every T: the measurement for raising that limit) with programmatic dependent launch (each kernel's
+programs may start while the previous kernel's last ones run, ``tritonmoe._launch``), and "no_pdl", the
+default without it (PERF_LOG v20). With it a kernel's programs may start, and wait, before the previous
+kernel ends, so a kernel's duration can include that wait and the gap before it can be negative; the span
+is what the floor compares with. The controls of earlier versions (Triton's overflow checks, PyTorch's
+router matmul, the routing kernel in 4 warps) are in the rows of commits 3b60a07, 81a41d4 and 0245d56,
+with the code that ran them.
 
     python -m experiments.probe_decode            # -> results/<GPU>/probe_decode.jsonl
     python -m experiments.probe_decode --points qwen2_57b_a14b:2048,4096 mixtral_8x7b:1024
-        # the shipped forward's timeline at other (model, T) points (variant "default" only; PERF_LOG v20)
+        # the forward's timeline at other (model, T) points (variants default and no_pdl; PERF_LOG v20)
         # -> results/<GPU>/probe_decode_points.jsonl
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import replace
 
 import torch
 
-from tritonmoe import functional
+from tritonmoe import _launch, functional
 from tritonmoe.specs import get_spec
 from . import common
 from .impls import IMPLS
@@ -35,8 +39,10 @@ MODELS = ("mixtral_8x7b", "qwen2_57b_a14b", "deepseek_v3")
 TOKENS = (1, 2, 4)
 REPLAYS = 20
 SEED = 0
-# functional.SLOT_SCHEDULE_MAX_TOKENS per variant (None: as shipped)
-VARIANTS = {"default": None, "built_schedule": 0, "slot_schedule": max(TOKENS)}
+# per variant: functional.SLOT_SCHEDULE_MAX_TOKENS (None: as shipped) and programmatic dependent launch
+# (tritonmoe._launch.PDL, shipped on)
+VARIANTS = {"default": (None, True), "no_pdl": (None, False), "built_schedule": (0, True),
+            "slot_schedule": (max(TOKENS), True)}
 
 
 def _short(name: str) -> str:
@@ -103,7 +109,7 @@ def main() -> None:
     parser.add_argument("--points", nargs="+", metavar="MODEL:T,T", help="other (model, T) points, variant default")
     args = parser.parse_args()
     points = _points(args.points) if args.points else {name: TOKENS for name in MODELS}
-    variants = {"default": None} if args.points else VARIANTS
+    variants = {k: VARIANTS[k] for k in ("default", "no_pdl")} if args.points else VARIANTS
     dev = torch.device("cuda")
     prov = common.provenance(dev, SEED)
     ceilings = common.measure_ceilings(dev, 100, 500)
@@ -112,14 +118,15 @@ def main() -> None:
         spec = get_spec(name)
         p = make_problem(spec, max(tokens), torch.bfloat16, dev, SEED)
         for T in tokens:
-            for variant, max_tokens in variants.items():
-                shipped = functional.SLOT_SCHEDULE_MAX_TOKENS
+            for variant, (max_tokens, pdl) in variants.items():
+                shipped = functional.SLOT_SCHEDULE_MAX_TOKENS, _launch.PDL
                 if max_tokens is not None:
                     functional.SLOT_SCHEDULE_MAX_TOKENS = max_tokens
+                _launch.PDL = pdl
                 try:
                     rows.append(_profile(p, name, T, variant, prov, ceilings))
                 finally:
-                    functional.SLOT_SCHEDULE_MAX_TOKENS = shipped
+                    functional.SLOT_SCHEDULE_MAX_TOKENS, _launch.PDL = shipped
         del p
         torch.cuda.empty_cache()
     name = "probe_decode_points.jsonl" if args.points else "probe_decode.jsonl"

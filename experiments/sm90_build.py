@@ -29,7 +29,7 @@ CASES = [("gate_up", 128, 128, 64, 8, 4), ("gate_up", 128, 64, 64, 8, 4), ("down
          ("gate_up", 16, 64, 128, 4, 4)]
 INSTRUCTIONS = {"wgmma": r"wgmma\.mma_async", "bulk_tensor_copy": r"cp\.async\.bulk\.tensor",
                 "cp_async": r"cp\.async\.(?:ca|cg)", "local_memory": r"(?:ld|st)\.local",
-                "setmaxnreg": r"setmaxnreg"}
+                "setmaxnreg": r"setmaxnreg", "griddepcontrol": r"griddepcontrol\.(?:wait|launch_dependents)"}
 DIVISIBLE = ("N", "K", "stride_am", "stride_om", "stride_wn", "k_per_split", "n_offset", "up_offset", "stride_we")
 
 
@@ -42,7 +42,7 @@ def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: 
     consts = dict(GATHER_A=gather, GATE_UP_SILU=gate_up, SCATTER_WEIGHTED=not gate_up, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_K=bk, GROUP_M=8, EXPERT_GROUPS=True, MIN_BLOCK_M=bm, ABSORB_M=0, EVEN_K=True,
                   DOT_PRECISION="tf32", WEIGHT_TMA=tma, A_TMA=a_tma, PERSISTENT=persistent, SWEEP_N=0, SLOT_BLOCKS=False,
-                  GATE_UP_BOX=gate_up and tma, stride_ak=1, stride_wk=1, stride_on=1)
+                  GATE_UP_BOX=gate_up and tma, USE_GDC=True, stride_ak=1, stride_wk=1, stride_on=1)
     if not tma:
         consts["w_desc"] = None
     if not a_tma:
@@ -55,7 +55,8 @@ def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: 
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in DIVISIBLE}
     src = ASTSource(_expert_gemm_kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages,
+                                                                                   launch_pdl=True))
     ptx = compiled.asm["ptx"]
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:

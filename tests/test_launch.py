@@ -1,13 +1,16 @@
 """tritonmoe._launch: the cached direct launch may reuse a compiled kernel only where Triton
 would have specialised the arguments the same way (the key is checked here on the CPU; the
 launches themselves run in every GPU test)."""
+import importlib
+import inspect
+
 import pytest
 import torch
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from tritonmoe._launch import _signature
+from tritonmoe._launch import _signature, _takes_gdc
 
 
 def _kernel(x, n, BLOCK: tl.constexpr):
@@ -60,3 +63,20 @@ def test_descriptors():
 
 def test_other_values_by_value():
     assert sig(n=True) != sig(n=False) and sig(n=1.5) != sig(n=2.5)
+
+
+def test_every_forward_kernel_waits_for_its_predecessor():
+    # launch() turns on programmatic dependent launch for kernels whose last parameter is USE_GDC, and each
+    # such kernel must call await_previous(USE_GDC) before it reads: a kernel left out would run unordered
+    # against a predecessor launched with PDL, so every kernel of the forward takes part
+    # the modules (the package exports functions named route and permute)
+    gemm, permute, route, router, schedule = (importlib.import_module(f"tritonmoe.{m}") for m in
+                                              ("gemm", "permute", "route", "router", "schedule"))
+    kernels = [router._router_kernel, router._router_mma_kernel, route._route_kernel, schedule._histogram_kernel,
+               schedule._scan_kernel, schedule._scatter_kernel, schedule._schedule_one_chunk_kernel,
+               gemm._expert_gemm_kernel, gemm._expert_gemm_kernel_checked, gemm._silu_mul_kernel,
+               permute._permute_kernel, permute._combine_kernel]
+    for k in kernels:
+        assert _takes_gdc(k), k.fn.__name__
+        assert "await_previous(USE_GDC)" in inspect.getsource(k.fn), k.fn.__name__
+    assert not _takes_gdc(KERNEL)

@@ -11,18 +11,28 @@ block shape, padding and the same for its shape and strides; anything else by va
 first call of a signature goes through ``kernel[grid]``, as does every call under the
 interpreter, with Triton's launch hooks set (profilers) or with a Triton whose launcher this
 was not checked against (``DIRECT_TRITON``).
+
+Programmatic dependent launch (Hopper and later): a kernel whose last parameter is ``USE_GDC`` gets it
+from here, and is launched with ``launch_pdl`` where the GPU has it, so its programs may start while the
+previous kernel's last ones still run. Such a kernel calls ``await_previous(USE_GDC)`` before it reads
+anything: it waits there until the previous kernel has finished and its writes are visible, then lets
+the next kernel launch. The forward is a chain of short kernels at small T, each of which otherwise starts
+only after the previous one has drained (PERF_LOG v20). ``PDL = False`` turns it off (A/B).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
+import triton.language as tl
 from triton import knobs
 from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._utils import interpreting
 
-__all__ = ["launch"]
+__all__ = ["launch", "await_previous"]
 
 # Triton versions whose CompiledKernel.run(grid..., stream, function, packed_metadata,
 # launch_metadata, enter_hook, exit_hook, *args) this was checked against (an internal API).
@@ -65,20 +75,49 @@ def _hooked(hook) -> bool:
 OPTIONS = dict(sanitize_overflow=False)
 
 
+PDL = True  # programmatic dependent launch where the GPU has it (compute capability 9.0+)
+
+
+@triton.jit
+def await_previous(USE_GDC: tl.constexpr):
+    """At a kernel's start, before it reads anything an earlier kernel wrote: with programmatic dependent
+    launch, wait for the previous kernel to finish (its writes visible), then let the next one launch.
+    Every program of every such kernel waits here, so each kernel also finishes after its predecessor."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device: int) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_gdc(kernel) -> bool:
+    return kernel.arg_names[-1] == "USE_GDC"
+
+
 def launch(kernel, grid: tuple, args: tuple, *, num_warps: int = 4, num_stages: int = 3) -> None:
     """``kernel[grid](*args, num_warps=..., num_stages=...)``, where ``args`` are ALL of the kernel's
-    parameters, constexprs included, in signature order (what the compiled launcher takes)."""
-    if not _direct or interpreting() or _hooked(knobs.runtime.launch_enter_hook) or \
+    parameters, constexprs included, in signature order (what the compiled launcher takes), less a last
+    ``USE_GDC``, which this adds (programmatic dependent launch: see the module's docstring)."""
+    interpret = interpreting()
+    device = None if interpret else torch.cuda.current_device()
+    pdl = False
+    if _takes_gdc(kernel):
+        pdl = PDL and not interpret and _has_pdl(device)
+        args = (*args, pdl)
+    if not _direct or interpret or _hooked(knobs.runtime.launch_enter_hook) or \
             _hooked(knobs.runtime.launch_exit_hook):
-        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **OPTIONS)
+        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl, **OPTIONS)
         return
-    device = torch.cuda.current_device()
     key = (kernel, device, num_warps, num_stages, knobs.runtime.debug, _signature(kernel, args))
     compiled = _compiled.get(key)
     if compiled is None:
         if len(args) != len(kernel.params):
             raise TypeError(f"launch({kernel.fn.__name__}): {len(args)} arguments for {len(kernel.params)} parameters")
-        _compiled[key] = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **OPTIONS)
+        _compiled[key] = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl, **OPTIONS)
         return
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1

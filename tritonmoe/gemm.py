@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import launch
+from ._launch import await_previous, launch
 from ._utils import cdiv, check_matmul_dtype, dot_precision, num_sms
 from .permute import permute
 from .schedule import Schedule
@@ -58,7 +58,9 @@ def _expert_gemm_kernel(
     SWEEP_N: tl.constexpr,           # N-tiles per sweep over all M-blocks (0: all of N in one sweep)
     SLOT_BLOCKS: tl.constexpr,       # a slot schedule: M-block b is slot b (one row), expert block_expert[b] = topk_ids
     GATE_UP_BOX: tl.constexpr,       # GATE_UP_SILU with w_desc a (2E, F, K) view: gate and up tiles in one box, one dot
+    USE_GDC: tl.constexpr,           # programmatic dependent launch (set by _launch.launch)
 ):
+    await_previous(USE_GDC)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if SLOT_BLOCKS:
         # max_blocks = T*k blocks, N-tile major: the programs of one N-tile run together, so slots
@@ -305,7 +307,8 @@ _expert_gemm_kernel_checked = triton.jit(debug=True, do_not_specialize=["max_blo
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    await_previous(USE_GDC)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)

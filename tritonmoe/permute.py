@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import await_previous, launch
 from ._utils import cdiv, next_pow2
 from .schedule import Schedule
 
@@ -21,7 +21,8 @@ __all__ = ["permute", "combine"]
 
 @triton.jit
 def _permute_kernel(x_ptr, out_ptr, sorted_slots_ptr, S, H, TOP_K, stride_xt, stride_xh, stride_om, stride_oh,
-                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, SLOT_ORDER: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, SLOT_ORDER: tl.constexpr, USE_GDC: tl.constexpr):
+    await_previous(USE_GDC)
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)                   # [BR]
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)                                  # [BH]
     mask_r = offs_r < S
@@ -36,7 +37,8 @@ def _permute_kernel(x_ptr, out_ptr, sorted_slots_ptr, S, H, TOP_K, stride_xt, st
 
 @triton.jit
 def _combine_kernel(rows_ptr, out_ptr, T, H, stride_rm, stride_rh, stride_ot, stride_oh,
-                    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
+    await_previous(USE_GDC)
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)                   # [BT]
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)                                  # [BH]
     mask = (offs_t[:, None] < T) & (offs_h[None, :] < H)

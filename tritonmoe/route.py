@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import await_previous, launch
 from ._utils import cdiv, check_tensor, next_pow2, SUPPORTED_DTYPES
 from .specs import ModelSpec
 
@@ -37,7 +37,9 @@ def _route_kernel(
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     GROUP_SIZE: tl.constexpr, GROUP_SCORE_TOPK: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
+    await_previous(USE_GDC)
     pid = tl.program_id(0).to(tl.int64)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)                          # [BT]
     offs_e = tl.arange(0, E_PAD)                                            # [E_PAD]

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import await_previous, launch
 from ._utils import SUPPORTED_DTYPES, cdiv, check_tensor, interpreting, next_pow2, num_sms
 
 __all__ = ["router_logits", "GEMV_TOKENS"]
@@ -32,7 +32,8 @@ _MMA_DTYPES = (torch.float16, torch.bfloat16)  # float32 logits above GEMV_TOKEN
 
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_xt, stride_xh, stride_we, stride_wh, stride_ot, stride_oe,
-                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
+    await_previous(USE_GDC)
     # Each program: all T tokens against BLOCK_E experts' rows, over H in BLOCK_H steps. Products of
     # 16-bit inputs are exact in float32, so this is the float32 matmul of the upcast inputs up to
     # the order of the sums.
@@ -55,7 +56,8 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_xt, stride_xh, stride_
 @triton.jit
 def _router_mma_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_xt, stride_xh, stride_we, stride_wh, stride_ot,
                        stride_oe, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       UPCAST: tl.constexpr, USE_GDC: tl.constexpr):
+    await_previous(USE_GDC)
     # One (BLOCK_T tokens) x (BLOCK_E experts) tile of float32 logits over H. UPCAST: multiply in float32
     # (IEEE) instead, for Triton's interpreter, whose tl.dot on bfloat16 tiles is wrong; the same numbers.
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)                              # [BT]

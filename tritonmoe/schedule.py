@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import await_previous, launch
 from ._utils import cdiv, next_pow2
 
 __all__ = ["Schedule", "build_schedule", "slot_schedule", "max_blocks", "SLOT_BLOCK_M"]
@@ -177,7 +177,8 @@ def _scatter_chunk(ids_ptr, next_row, sorted_slots_ptr, slot_pos_ptr, chunk_star
 
 # debug=True keeps the device_assert of _chunk_histogram (Triton drops asserts otherwise).
 @triton.jit(debug=True)
-def _histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK_S: tl.constexpr, NBINS: tl.constexpr):
+def _histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK_S: tl.constexpr, NBINS: tl.constexpr, USE_GDC: tl.constexpr):
+    await_previous(USE_GDC)
     pid = tl.program_id(0)
     hist = _chunk_histogram(ids_ptr, pid.to(tl.int64) * BLOCK_S, S, E, BLOCK_S, NBINS)
     tl.store(hist_ptr + pid * NBINS + tl.arange(0, NBINS), hist)
@@ -188,8 +189,9 @@ def _scan_kernel(
     hist_ptr, base_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, block_rank_ptr,
     block_siblings_ptr, num_blocks_ptr, num_invalid_ptr, num_chunks, E, max_blocks,
     BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, USE_GDC: tl.constexpr,
 ):
+    await_previous(USE_GDC)
     # One pass over the chunks' histograms, BLOCK_C chunks at a time (one load each, not one per
     # chunk: one step per chunk took 240 us at DeepSeek-V3's T = 8192, PERF_LOG v20): per (chunk,
     # bin) the slots of that bin in the chunks before it (the scatter adds the bin's first row).
@@ -210,7 +212,8 @@ def _scan_kernel(
 
 @triton.jit
 def _scatter_kernel(ids_ptr, base_ptr, offsets_ptr, sorted_slots_ptr, slot_pos_ptr, S, E,
-                    BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, NBINS: tl.constexpr):
+                    BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, NBINS: tl.constexpr, USE_GDC: tl.constexpr):
+    await_previous(USE_GDC)
     pid = tl.program_id(0)
     offs_bin = tl.arange(0, NBINS)
     # [NBINS] next free row per bin: the bin's first row and its slots in the chunks before this one
@@ -226,8 +229,9 @@ def _schedule_one_chunk_kernel(
     ids_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr,
     num_blocks_ptr, num_invalid_ptr, sorted_slots_ptr, slot_pos_ptr, S, E, max_blocks,
     BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, NBINS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_GDC: tl.constexpr,
 ):
+    await_previous(USE_GDC)
     totals = _chunk_histogram(ids_ptr, 0, S, E, BLOCK_S, NBINS)
     starts = tl.cumsum(totals, axis=0) - totals
     _store_totals(totals, starts, counts_ptr, offsets_ptr, num_invalid_ptr, E, NBINS)
