@@ -25,7 +25,7 @@ from tritonmoe import build_schedule, route as route_fn, router_logits
 from tritonmoe.configs import get_tiles
 from tritonmoe.router import _mma_tile, _router_mma
 from tritonmoe.specs import get_spec
-from tritonmoe._utils import next_pow2
+from tritonmoe._utils import next_pow2, num_sms
 from . import common
 
 MODELS = ("mixtral_8x7b", "qwen2_57b_a14b", "deepseek_v3")
@@ -71,7 +71,7 @@ def main() -> None:
             logits = router_logits(x, w, float32=fp32)
             if fp32:
                 torch_logits = x.float() @ w.float().T
-                shipped = _mma_tile(T, E, torch.cuda.get_device_properties(dev).multi_processor_count)
+                shipped = _mma_tile(T, E, num_sms(dev))
                 variants = {f"tritonmoe {shipped[0]}x{shipped[1]}": lambda: router_logits(x, w, float32=True),
                             "torch_fp32": lambda: x.float() @ w.float().T}
                 for tile in ROUTER_TILES:

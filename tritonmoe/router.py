@@ -24,7 +24,7 @@ from ._utils import SUPPORTED_DTYPES, cdiv, check_tensor, interpreting, next_pow
 
 __all__ = ["router_logits", "GEMV_TOKENS"]
 
-GEMV_TOKENS = 16     # up to this many tokens, the kernel; above, x @ w.T in PyTorch
+GEMV_TOKENS = 16     # up to this many tokens, _router_kernel; above, a matmul (PyTorch, or _router_mma_kernel)
 _PROGRAMS = 256      # at least this many programs where E allows: the weight read needs every SM busy
 _ELEMENTS = 8192     # per program and step, tokens x experts x hidden (64 float32 registers a thread)
 _MMA_DTYPES = (torch.float16, torch.bfloat16)  # float32 logits above GEMV_TOKENS: _router_mma_kernel
