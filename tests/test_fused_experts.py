@@ -91,6 +91,23 @@ def test_gate_up_descriptor_is_one_box_of_gate_and_up_rows():
     assert _gate_up_descriptor(w13.transpose(1, 2).contiguous().transpose(1, 2), 16, 32) is None  # strided
 
 
+def test_permuted_gate_up_inputs_through_tma_with_either_weight_tile(monkeypatch, device, poison):
+    # tiles.permute_input puts the input rows in expert order so that TMA can load them: with the one-dot
+    # gate+up box as with two dots, the launch builds the input's descriptor (it once did for two dots only)
+    from tritonmoe import gemm
+    seen = []
+    real = gemm._descriptor
+    monkeypatch.setattr(gemm, "_descriptor", lambda t, block: seen.append(tuple(block)) or real(t, block))
+    down = tritonmoe.TileConfig(block_m=32, block_n=16, block_k=16, num_stages=2)  # no TMA: no descriptor
+    for one_dot in (True, False):
+        up = tritonmoe.TileConfig(block_m=32, block_n=16, block_k=32, num_stages=2, tma=True, permute_input=True,
+                                  gate_up_one_dot=one_dot)
+        for dtype in dtypes_for(device):
+            seen.clear()
+            check(*make_inputs(40, 2, 4, device, dtype, H=64, F=48), tiles=(up, down))
+            assert (32, 32) in seen, (one_dot, seen)  # (block_m, block_k): the input's tiles; weights' are (16, 32)
+
+
 @pytest.mark.parametrize("blocks", [(16, 32), (64, 16)], ids=["gate_up16-down32", "gate_up64-down16"])
 def test_block_m_per_gemm(blocks, device, poison):
     # each GEMM with its own M-blocks: the down projection gets its own block map over the same rows

@@ -389,11 +389,13 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     grid = (min(tiles_bound, num_sms(a.device)) if tiles.persistent else tiles_bound, split_k)
     w_desc = a_desc = None
     gate_up_box = False
-    if tiles.tma and gate_up_silu and tiles.gate_up_one_dot:
-        w_desc = _gate_up_descriptor(w, tiles.block_n, tiles.block_k)
-        gate_up_box = w_desc is not None
-    if tiles.tma and w_desc is None:
-        w_desc = _descriptor(w, (tiles.block_n, tiles.block_k))
+    if tiles.tma:
+        if gate_up_silu and tiles.gate_up_one_dot:
+            w_desc = _gate_up_descriptor(w, tiles.block_n, tiles.block_k)
+            gate_up_box = w_desc is not None
+        if w_desc is None:
+            w_desc = _descriptor(w, (tiles.block_n, tiles.block_k))
+        # contiguous input rows (permuted or the down projection's) through TMA too, whichever weight tile
         if not gather_a and not sched.slot_blocks:  # a slot schedule's one-row tiles load through pointers
             a_desc = _descriptor(a, (sched.block_m, tiles.block_k))
     unused = sched.block_expert  # a pointer for the slot schedule's absent tensors (never read)
