@@ -252,8 +252,9 @@ def test_probe_ws_smoke():
 
 
 def test_refine_offers_persistent_one_dot_gate_up():
-    # the gate+up's best TMA tiles of 64+ rows also as persistent programs (full-height tiles, one sweep); never
-    # for the down projection, pointer tiles or small blocks, and the robust stage varies none of them
+    # the gate+up's best tiles of 64+ rows also as persistent one-dot programs (full-height tiles, one sweep), and at
+    # 128 rows the dense probe's structure; never for the down projection or small blocks, and the robust stage
+    # varies none of them
     from dataclasses import replace
     from omegaconf import OmegaConf
     from experiments.tune import refine, robust_variants
@@ -262,9 +263,15 @@ def test_refine_offers_persistent_one_dot_gate_up():
                                   persistent=True, robust_min_block_m=[16], robust_sweep_n=[4], robust_absorb_m=[32]))
     best = TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, tma=True)
     got = [t for t in refine("gate_up", best, space, False) if t.persistent]
-    assert got == [replace(best, persistent=True)]
+    assert got == [replace(best, persistent=True), replace(best, persistent=True, num_stages=3)]
     assert not any(t.persistent for t in refine("down", best, space, False))
-    assert not any(t.persistent for t in refine("gate_up", replace(best, tma=False), space, False))
+    # pointer tiles are tried persistent with TMA weight tiles (the one-dot box), tails dropped
+    pointer = replace(best, tma=False, block_n=64, min_block_m=16)
+    assert [t for t in refine("gate_up", pointer, space, False) if t.persistent] == [
+        replace(pointer, tma=True, persistent=True, min_block_m=0),
+        replace(best, persistent=True, num_stages=3)]
+    assert [t for t in refine("gate_up", replace(best, block_m=64), space, False) if t.persistent] == [
+        replace(best, block_m=64, persistent=True)]
     assert not any(t.persistent for t in refine("gate_up", replace(best, block_m=32), space, False))
     assert not any(t.persistent for t in refine("gate_up", best, OmegaConf.merge(space, {"persistent": False}), False))
     assert robust_variants("gate_up", got[0], space) == []
