@@ -80,3 +80,44 @@ def test_every_forward_kernel_waits_for_its_predecessor():
         assert _takes_gdc(k), k.fn.__name__
         assert "await_previous(USE_GDC)" in inspect.getsource(k.fn), k.fn.__name__
     assert not _takes_gdc(KERNEL)
+
+
+class _RecordingKernel:
+    """Stands in for a Triton kernel whose last parameter is USE_GDC: records how it was launched."""
+    arg_names = ["x", "USE_GDC"]
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((args[-1], kw["launch_pdl"]))
+
+
+@pytest.mark.parametrize("dependent", [True, False])
+def test_launch_dependent_only_where_asked(monkeypatch, dependent):
+    # on a GPU with programmatic dependent launch, launch() turns it on (USE_GDC and launch_pdl) unless the
+    # caller says the kernel must not start early (a persistent grid)
+    from tritonmoe import _launch
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(_launch, "_direct", False)
+    monkeypatch.setattr(_launch, "_has_pdl", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    kernel = _RecordingKernel()
+    _launch.launch(kernel, (1,), (X,), dependent=dependent)
+    assert kernel.calls == [(dependent, dependent)]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_persistent_gemm_is_not_launched_early(monkeypatch, persistent):
+    # a persistent grid launched early lands its programs where the previous kernel leaves room (PERF_LOG v21)
+    import tritonmoe
+    from tritonmoe import gemm
+    seen = []
+    real = gemm.launch
+    monkeypatch.setattr(gemm, "launch", lambda *a, **kw: (seen.append(kw["dependent"]), real(*a, **kw)))
+    torch.manual_seed(0)
+    x, w13 = torch.randn(24, 32), torch.randn(4, 64, 32)
+    ids = torch.randint(0, 4, (24, 2), dtype=torch.int32)
+    tiles = tritonmoe.TileConfig(block_m=16, block_n=32, block_k=32, persistent=persistent)
+    out = tritonmoe.gate_up_silu(x, w13, tritonmoe.build_schedule(ids, 4, 16), tiles)
+    assert seen == [not persistent] and torch.isfinite(out).all()

@@ -411,7 +411,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         min_block_m, sched.absorb_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
         tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks, gate_up_box,
-    ), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    ), num_warps=tiles.num_warps, num_stages=tiles.num_stages, dependent=not tiles.persistent)
     return out
 
 
