@@ -41,8 +41,8 @@ def report(d: dict) -> str:
         if f > min(mb, gm):
             misses.append(f"{m} T={T}: slower than the faster baseline ({f:.3f} vs {min(mb, gm):.3f} ms)")
         if frac < target:
-            misses.append(f"{m} T={T}: {frac:.0%} of the {'bandwidth' if hbm else 'compute'} floor "
-                          f"(target {target:.0%})" + (f"; as a CUDA graph {r['floor_ms'] / g:.0%}" if g else ""))
+            misses.append(f"{m} T={T}: {frac:.1%} of the {'bandwidth' if hbm else 'compute'} floor "
+                          f"(target {target:.0%})" + (f"; as a CUDA graph {r['floor_ms'] / g:.1%}" if g else ""))
         out.append(f"| {m} | {T} | {r['bytes'] / 1e9:.2f} | {r['flops'] / 1e9:.0f} | {r['floor_ms']:.3f} | "
                    f"{'HBM' if hbm else 'bf16 MMA'} | {f:.3f} ({r['ms_p20']:.3f}–{r['ms_p80']:.3f}) | "
                    f"{f'{g:.3f}' if g else '—'} | {mb:.3f} | {gm:.3f} | {min(mb, gm) / f:.2f}× | {frac:.0%} | "
