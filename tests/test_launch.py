@@ -108,7 +108,7 @@ def test_launch_dependent_only_where_asked(monkeypatch, dependent):
 
 
 @pytest.mark.parametrize("persistent", [False, True])
-def test_persistent_gemm_is_not_launched_early(monkeypatch, persistent):
+def test_persistent_gemm_is_not_launched_early(monkeypatch, persistent, device):
     # a persistent grid launched early lands its programs where the previous kernel leaves room (PERF_LOG v21)
     import tritonmoe
     from tritonmoe import gemm
@@ -116,8 +116,8 @@ def test_persistent_gemm_is_not_launched_early(monkeypatch, persistent):
     real = gemm.launch
     monkeypatch.setattr(gemm, "launch", lambda *a, **kw: (seen.append(kw["dependent"]), real(*a, **kw)))
     torch.manual_seed(0)
-    x, w13 = torch.randn(24, 32), torch.randn(4, 64, 32)
-    ids = torch.randint(0, 4, (24, 2), dtype=torch.int32)
+    x, w13 = torch.randn(24, 32, device=device), torch.randn(4, 64, 32, device=device)
+    ids = torch.randint(0, 4, (24, 2), dtype=torch.int32, device=device)
     tiles = tritonmoe.TileConfig(block_m=16, block_n=32, block_k=32, persistent=persistent)
     out = tritonmoe.gate_up_silu(x, w13, tritonmoe.build_schedule(ids, 4, 16), tiles)
     assert seen == [not persistent] and torch.isfinite(out).all()
