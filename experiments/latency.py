@@ -16,7 +16,15 @@ CHECK_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 ROUTE_MARGIN = 1e-6
 
 
+# Tokens are drawn this many at a time (the grid's largest T) and the first T kept: CUDA's generator gives a
+# tensor's first rows other values at another size (and moves on by another amount), so drawing T rows made a
+# point's tokens and router weight depend on the largest T of the run that measured it (PERF_LOG v21).
+TOKEN_ROWS = 8192
+
+
 def make_problem(spec, T, dtype, device, seed) -> Problem:
+    """Random expert weights, router weight, correction bias and T tokens for ``spec``: the same values for a
+    given seed whatever T (the first T of ``max(T, TOKEN_ROWS)`` rows)."""
     g = torch.Generator(device=device).manual_seed(seed)
     H, F, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
 
@@ -29,7 +37,8 @@ def make_problem(spec, T, dtype, device, seed) -> Problem:
         w13[e] = randn(2 * F, H, scale=H ** -0.5)
         w2[e] = randn(H, F, scale=F ** -0.5)
     bias = randn(E, scale=0.05).float() if spec.uses_correction_bias else None
-    return Problem(spec, randn(T, H), randn(E, H, scale=H ** -0.5), bias, w13, w2)
+    x = randn(max(T, TOKEN_ROWS), H)[:T]
+    return Problem(spec, x, randn(E, H, scale=H ** -0.5), bias, w13, w2)
 
 
 def expected(p: Problem):

@@ -294,3 +294,19 @@ def test_choose_pair_charges_the_down_projections_own_block_map():
     best = {("gate_up", 128): (up, {"ms_p50": 1.0}), ("down", 128): (down, {"ms_p50": 2.0})}
     total, _, _ = _choose_pair(best, Bench())
     assert total == 3.5 and asked == [(128, 32)]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_problem_inputs_do_not_depend_on_the_runs_largest_t(model):
+    # a point's tokens and router weight are the same whichever other points a run measures (PERF_LOG v21:
+    # drawing T rows gave Mixtral T = 4 other tokens, and another expert, in a run that stopped at T = 64)
+    import torch
+    from experiments import common
+    from experiments.latency import make_problem
+    spec = common.model_spec(model, {"hidden_size": 64, "intermediate_size": 32, "max_experts": 16,
+                                     "shared_intermediate_size": 48})
+    small = make_problem(spec, 4, torch.float32, torch.device("cpu"), 0)
+    big = make_problem(spec, 64, torch.float32, torch.device("cpu"), 0)
+    assert small.x.shape == (4, 64) and big.x.shape == (64, 64)
+    assert torch.equal(small.x, big.x[:4]) and torch.equal(small.router_weight, big.router_weight)
+    assert torch.equal(small.w13, big.w13) and not torch.equal(big.x[:4], big.x[4:8])
