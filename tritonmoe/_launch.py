@@ -105,9 +105,9 @@ def launch(kernel, grid: tuple, args: tuple, *, num_warps: int = 4, num_stages: 
     ``USE_GDC``, which this adds (programmatic dependent launch: see the module's docstring).
 
     ``dependent=False``: launched as without it, once the previous kernel has finished. For a persistent grid
-    (one program per SM): launched early, its programs are placed wherever the previous kernel's last ones
-    leave room, and a persistent grid lasts as long as its slowest SM (DeepSeek-V3 T = 8192's persistent
-    gate+up: 15.4 ms launched early, 8.8 ms without; PERF_LOG v21)."""
+    (one program per SM, each walking a fixed share of the tiles): launched early, DeepSeek-V3 T = 8192's
+    persistent gate+up took 15.4 ms against 8.8 without (PERF_LOG v21; the cause was not isolated: how the
+    early-launched programs were placed on the SMs is the suspect, not measured)."""
     interpret = interpreting()
     device = None if interpret else torch.cuda.current_device()
     pdl = False
