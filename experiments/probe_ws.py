@@ -27,6 +27,18 @@ columns out), per tile and persistent:
   TMA box (2, BLOCK_N, BLOCK_K) brings the gate and the up rows of the same columns into one
   shared-memory tile, reshaped to (2 BLOCK_N, BLOCK_K).
 
+And a ladder from the dense persistent one-dot gate+up (cuBLAS's rate, v19) to tritonmoe's MoE kernel, one
+difference at a time, on the same dense problem (PERF_LOG v21: the MoE kernel's persistent walk keeps none of
+the dense loop's gain, and which of its differences costs it was not measured):
+
+* ``ladder_store``: the dense persistent 3-D-box kernel storing its tile through pointers (masked), not TMA;
+* ``ladder_gather``: + input rows loaded through pointers at row indices read from memory (identity), as the
+  MoE kernel gathers tokens;
+* ``ladder_sched``: + each tile's rows and weight rows looked up in a block table (expert, first row) and the
+  expert's end, as the MoE kernel reads its schedule;
+* ``moe_tile`` / ``moe_persistent``: ``tritonmoe.gate_up_silu`` itself with every row routed to one expert
+  (E = 1, k = 1: the same product), its tiles per program and persistent.
+
 Shapes: the rows of one expert GEMM at the ridge and above (M = 256 ... 8192) against Mixtral's gate+up
 (N = 2 x 14336, K = 4096) and down (N = 4096, K = 14336) weights. Each output is checked against
 cuBLAS before it is timed; each kernel variant runs in its own child process with a time limit, so a
@@ -35,6 +47,8 @@ variant that hangs the GPU costs its limit and is recorded as such, not the call
     python -m experiments.probe_ws          # -> results/<GPU>/probe_ws.jsonl
     python -m experiments.probe_ws --smoke  # CPU interpreter, tiny shapes: the kernels run, nothing written
     PROBE_KERNELS=cublas,tile_gate_up_3d python -m experiments.probe_ws   # some kernels only
+    PROBE_KERNELS=cublas,persistent_gate_up_3d,ladder_store,ladder_gather,ladder_sched,moe_tile,moe_persistent \
+        python -m experiments.probe_ws                                     # the ladder
 """
 from __future__ import annotations
 
@@ -61,9 +75,15 @@ VARIANTS = [("tile", 128, 256, 64, 8, 3), ("tile", 128, 128, 64, 8, 4), ("persis
             ("tile_gate_up2", 128, 128, 64, 8, 3), ("tile_gate_up_packed", 128, 128, 64, 8, 3),
             ("persistent_gate_up2", 128, 128, 64, 8, 3), ("persistent_gate_up_packed", 128, 128, 64, 8, 3),
             ("tile_gate_up2", 128, 128, 64, 8, 4), ("tile_gate_up_packed", 128, 128, 64, 8, 4),
-            ("tile_gate_up_3d", 128, 128, 64, 8, 3), ("persistent_gate_up_3d", 128, 128, 64, 8, 3)]
+            ("tile_gate_up_3d", 128, 128, 64, 8, 3), ("persistent_gate_up_3d", 128, 128, 64, 8, 3),
+            # the ladder from the dense persistent one-dot gate+up to the MoE kernel (same tiles)
+            ("ladder_store", 128, 128, 64, 8, 3), ("ladder_gather", 128, 128, 64, 8, 3),
+            ("ladder_sched", 128, 128, 64, 8, 3), ("moe_tile", 128, 128, 64, 8, 3), ("moe_tile", 128, 128, 64, 8, 4),
+            ("moe_persistent", 128, 128, 64, 8, 3)]
+LADDER_KERNELS = ("ladder_store", "ladder_gather", "ladder_sched")
+MOE_KERNELS = ("moe_tile", "moe_persistent")
 GATE_UP_KERNELS = ("tile_gate_up2", "tile_gate_up_packed", "tile_gate_up_3d", "persistent_gate_up2",
-                   "persistent_gate_up_packed", "persistent_gate_up_3d")
+                   "persistent_gate_up_packed", "persistent_gate_up_3d", *LADDER_KERNELS, *MOE_KERNELS)
 GROUP_M = 8
 SEED = 0
 WARMUP_MS, REP_MS = 25, 200
@@ -165,6 +185,71 @@ def _gate_up_persistent_kernel(a_desc, b_desc, c_desc, M, F, K, BLOCK_M: tl.cons
                       BOX3D)
 
 
+@triton.jit
+def _ladder_kernel(a_ptr, a_desc, b_desc, c_ptr, rows_ptr, block_expert_ptr, block_row_ptr, expert_end_ptr, M, F, K,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                   NUM_PROGRAMS: tl.constexpr, GATHER: tl.constexpr, SCHED: tl.constexpr):
+    """The persistent 3-D-box gate+up with the tile stored through pointers; GATHER: input rows through pointers
+    at indices read from ``rows_ptr``; SCHED: the tile's expert, first row and end looked up as the MoE kernel
+    does (block table, then the expert's end)."""
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(F, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_pos(tile, num_m, num_n, GROUP)
+        expert, row_start, row_end = 0, pid_m * BLOCK_M, M
+        if SCHED:
+            expert = tl.load(block_expert_ptr + pid_m)
+            row_start = tl.load(block_row_ptr + pid_m)
+            row_end = tl.load(expert_end_ptr + expert)
+        offs_m = row_start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        offs_k = tl.arange(0, BLOCK_K)
+        if GATHER:
+            a_rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+            a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            if GATHER:
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                a_ptrs += BLOCK_K
+            else:
+                a = a_desc.load([row_start, k])
+            w = tl.reshape(b_desc.load([2 * expert, pid_n * BLOCK_N, k]), (2 * BLOCK_N, BLOCK_K))
+            acc = tl.dot(a, w.T, acc)
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * F + offs_n[None, :]
+        tl.store(c_ptrs, (gate * tl.sigmoid(gate) * up).to(c_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & (offs_n < F)[None, :])
+
+
+def ladder(a: torch.Tensor, w13: torch.Tensor, kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int,
+           num_programs: int) -> torch.Tensor:
+    """``gate_up`` by the ladder's kernels (``LADDER_KERNELS``): the same product, one MoE difference more each."""
+    (M, K), F = a.shape, w13.shape[0] // 2
+    c = torch.empty(M, F, dtype=a.dtype, device=a.device)
+    a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
+    b_desc = TensorDescriptor.from_tensor(w13.view(2, F, K), [2, bn, bk])
+    idx = torch.arange(M, device=a.device, dtype=torch.int32)  # identity rows / one expert's block table
+    num_m = triton.cdiv(M, bm)
+    block_row = torch.arange(num_m, device=a.device, dtype=torch.int32) * bm
+    block_expert = torch.zeros(num_m, device=a.device, dtype=torch.int32)
+    expert_end = torch.full((1,), M, device=a.device, dtype=torch.int32)
+    grid = min(num_m * triton.cdiv(F, bn), num_programs)
+    _ladder_kernel[(grid,)](a, a_desc, b_desc, c, idx, block_expert, block_row, expert_end, M, F, K, bm, bn, bk,
+                            GROUP_M, grid, kernel != "ladder_store", kernel == "ladder_sched",
+                            num_warps=warps, num_stages=stages)
+    return c
+
+
+def moe_gate_up(a: torch.Tensor, w13: torch.Tensor, kernel: str, bm: int, bn: int, bk: int, warps: int,
+                stages: int, sched) -> torch.Tensor:
+    """``tritonmoe.gate_up_silu`` with every row routed to one expert (``sched``: E = 1, k = 1): rows in order."""
+    import tritonmoe
+    tiles = tritonmoe.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, group_m=GROUP_M,
+                                 tma=True, persistent=kernel == "moe_persistent")
+    return tritonmoe.gate_up_silu(a, w13[None], sched, tiles)
+
+
 def pack_gate_up(w13: torch.Tensor, block_n: int) -> torch.Tensor:
     """(2F, K) gate rows then up rows -> (2F, K) with each block_n gate rows followed by the same columns' up rows."""
     two_f, K = w13.shape
@@ -229,6 +314,12 @@ def child(variant: list, smoke: bool) -> list[dict]:
                    "K": b.shape[1], "kernel": kernel, "config": f"m{bm}n{bn}k{bk}w{warps}s{stages}"}
             if kernel == "cublas":
                 fn = lambda: a @ b.T  # noqa: E731
+            elif kernel in LADDER_KERNELS:
+                fn = lambda: ladder(a, w, kernel, bm, bn, bk, warps, stages, sms)  # noqa: E731
+            elif kernel in MOE_KERNELS:
+                import tritonmoe
+                sched = tritonmoe.build_schedule(torch.zeros(M, 1, dtype=torch.int32, device=dev), 1, bm)
+                fn = lambda: moe_gate_up(a, w, kernel, bm, bn, bk, warps, stages, sched)  # noqa: E731
             elif fused:
                 fn = lambda: gate_up(a, w, kernel, bm, bn, bk, warps, stages, sms)  # noqa: E731
             else:
@@ -279,7 +370,8 @@ def main(smoke: bool = False) -> list[dict]:
         path = common.REPO / "results" / common.device_name(dev) / "probe_ws.jsonl"
         common.write_rows(path, rows, KEY)
     ok = {(r["kernel"], r["config"], r["gemm"], r["M"]): r for r in rows if r["status"] == "ok"}
-    kernels = ("cublas", "tile", "persistent", "persistent_ws") + GATE_UP_KERNELS
+    kernels = [k for k in ("cublas", "tile", "persistent", "persistent_ws") + GATE_UP_KERNELS
+               if any(r["kernel"] == k for r in ok.values())]  # the columns of the kernels that ran
     print(f"\nbest ms per kernel (gate_up_silu: the fused gate+up; its cuBLAS column is the plain gate_up GEMM)")
     print(f"{'gemm':12s} {'M':>5s} " + " ".join(f"{k.replace('_gate_up', '_gu'):>14s}" for k in kernels))
     for gemm in ("gate_up", "down", "gate_up_silu"):
