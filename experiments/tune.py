@@ -36,7 +36,7 @@ import torch
 import tritonmoe
 from tritonmoe import TileConfig, build_schedule, combine, gate_up_silu, grouped_gemm
 from tritonmoe import configs
-from tritonmoe.configs import CONFIG_DIR, default_tiles, device_key, problem_key
+from tritonmoe.configs import CONFIG_DIR, default_tiles, device_key, get_tiles, problem_key
 from tritonmoe.functional import _schedule_tiles
 from . import common
 from .latency import check, make_problem
@@ -303,6 +303,11 @@ def _tune_shape(cfg, spec, device, dtype, seed, prov, progress) -> list[dict]:
             rows += robust_rows
         else:
             best_pair = _choose_pair(best, bench)
+        check = None
+        if best_pair is not None and worst is None and cfg.experiment.get("forward_check_rounds", 0):
+            best_pair, check, check_rows = _forward_check(cfg.experiment, spec, T, dtype, device, bench, best_pair,
+                                                          base)
+            rows += check_rows
         if best_pair is not None:
             total, (gt, gr), (dt, dr) = best_pair
             default_ms = _default_total(bench, tpe)
@@ -310,9 +315,13 @@ def _tune_shape(cfg, spec, device, dtype, seed, prov, progress) -> list[dict]:
                          "down_ms": dr["ms_p50"], "default_ms": default_ms}
             if worst is not None:
                 chosen[T]["worst"] = worst
+            if check is not None:
+                chosen[T]["forward_check"] = check
             progress.step(f"{spec.name} T={T}: {total:.3f} ms (defaults {default_ms:.3f}) gate_up {_cfg_str(gt)} | "
                           f"down {_cfg_str(dt)}" + (f" | slowest routing {worst['routing']} {worst['ms']:.3f} ms"
-                                                    if worst else ""))
+                                                    if worst else "")
+                          + (f" | forward: tuned {check['tuned_ms']:.3f} ms, before {check['before_ms']:.3f} ms, "
+                             f"kept {check['kept']}" if check else ""))
         else:
             progress.step(f"{spec.name} T={T}: no working config")
         del bench, p
@@ -320,6 +329,54 @@ def _tune_shape(cfg, spec, device, dtype, seed, prov, progress) -> list[dict]:
     if chosen and gpu and cfg.experiment.write_configs:
         _write_table(spec, dtype, device, chosen, prov)
     return rows
+
+
+def _forward_check(e, spec, T, dtype, device, bench, pair, base) -> tuple:
+    """The GEMMs' fastest pair against the tiles the package runs at T before this tune (the table's, or the
+    defaults), as the experts' forward (schedule, both GEMMs, combine) on the model's routing, the two timed in
+    turns for ``e.forward_check_rounds`` rounds in this process. The faster forward's pair is kept: a re-tune
+    never makes the forward slower than what it replaces, as measured here (PERF_LOG v21: GEMM-alone winners
+    that the forward did not confirm, and one that made it 1.6x slower). Returns (the pair to keep, as
+    ``_choose_pair`` gives it, or None; {"tuned_ms", "before_ms", "kept"}, or None where the tiles are the
+    same; rows)."""
+    _, (gt, gr), (dt, dr) = pair
+    before = get_tiles(T, spec.top_k, spec.num_experts, spec.intermediate_size, spec.hidden_size, dtype, device)
+    if before == (gt, dt):
+        return pair, None, []
+    p = bench.p
+    pairs = {"tuned": (gt, dt), "before": before}
+    fns = {name: (lambda tiles=tiles: tritonmoe.fused_experts(p.x, p.w13, p.w2, bench.weights, bench.ids,
+                                                              tiles=tiles)) for name, tiles in pairs.items()}
+    medians = {name: [] for name in fns}
+    failed = {}
+    for _ in range(e.forward_check_rounds):  # in turns: a power-capped GPU's drift hits both alike
+        for name, fn in fns.items():
+            if name in failed:
+                continue
+            try:
+                medians[name].append(statistics.median(common.time_ms(fn, device, e.warmup_ms, e.rep_ms)))
+            except Exception as why:  # noqa: BLE001 - e.g. tiles of an older table this code no longer runs
+                failed[name] = f"{type(why).__name__}: {str(why)[:200]}"
+    if "tuned" in failed:
+        raise RuntimeError(f"tune: the chosen tiles fail in the forward at T={T}: {failed['tuned']}")
+    ms = {name: statistics.median(m) if m else float("inf") for name, m in medians.items()}
+    kept = "tuned" if ms["tuned"] <= ms["before"] else "before"
+    rows = [{**base, "kernel": "forward", "config": f"{_cfg_str(t[0])}|{_cfg_str(t[1])}", "stage": "forward_check",
+             "tiles": [asdict(t[0]), asdict(t[1])], "routing": None, "candidate": name, "kept": name == kept,
+             **({"status": "error", "reason": failed[name]} if name in failed else
+                {"status": "ok", "ms_p50": ms[name], "round_ms": medians[name]})}
+            for name, t in pairs.items()]
+    check = {"tuned_ms": ms["tuned"], "before_ms": ms["before"], "kept": kept}
+    if kept == "tuned":
+        return pair, check, rows
+    bu, bd = before
+    up, down = bench.measure("gate_up", bu), bench.measure("down", bd)  # the kept tiles' GEMMs alone, for the record
+    if up["status"] != "ok" or down["status"] != "ok":  # cannot happen where their forward ran; said if it does
+        check["kept"] = "tuned"
+        for r in rows:
+            r["kept"] = r["candidate"] == "tuned"
+        return pair, check, rows
+    return (up["ms_p50"] + down["ms_p50"], (bu, up), (bd, down)), check, rows
 
 
 def _choose_pair(best: dict, bench) -> tuple | None:
@@ -432,6 +489,10 @@ def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:
         buckets[str(T)] = {"gate_up": c["gate_up"], "down": c["down"], **kept}
         source["ms"][str(T)] = {**{k: round(c[k], 4) for k in ("gate_up_ms", "down_ms", "default_ms")},
                                 "commit": prov["commit"], "date": prov["date"]}
+        if "forward_check" in c:  # the experts' forward with these tiles and with those they replaced
+            f = c["forward_check"]
+            source["ms"][str(T)]["forward_check"] = {"tuned_ms": round(f["tuned_ms"], 4),
+                                                     "before_ms": round(f["before_ms"], 4), "kept": f["kept"]}
         if "worst" in c:  # chosen by the robust stage: its slowest routing's total
             source["ms"][str(T)]["slowest_routing"] = {"routing": c["worst"]["routing"],
                                                        "ms": round(c["worst"]["ms"], 4),

@@ -156,6 +156,12 @@ def test_smoke_tune_skew_shapes(tmp_path):
     assert {r["model"] for r in rows} == {"mixtral_8x7b_E8", "mixtral_8x7b_E16"}
     assert all(r["status"] == "ok" for r in rows)
     assert not (tmp_path / "configs").exists()
+    # the chosen tiles' forward against the interpreter's defaults, one kept per shape
+    checks = [r for r in rows if r["stage"] == "forward_check"]
+    assert sorted((r["model"], r["candidate"]) for r in checks) == [
+        ("mixtral_8x7b_E16", "before"), ("mixtral_8x7b_E16", "tuned"), ("mixtral_8x7b_E8", "before"),
+        ("mixtral_8x7b_E8", "tuned")]
+    assert all(sum(r["kept"] for r in checks if r["model"] == m) == 1 for m in ("mixtral_8x7b_E8", "mixtral_8x7b_E16"))
 
 
 def test_smoke_tune_robust_stage(tmp_path):
@@ -173,6 +179,7 @@ def test_smoke_tune_robust_stage(tmp_path):
     assert all(r["status"] == "ok" for r in rows)
     assert {r["routing"] for r in robust} == {"model", "0", "hot"}
     assert {r["T"] for r in robust} == {40} and {r["T"] for r in rows} == {3, 40}  # robust_min_tokens
+    assert {r["T"] for r in rows if r["stage"] == "forward_check"} == {3}  # not where the robust stage chose
     for kernel in ("gate_up", "down"):
         configs = {r["config"] for r in robust if r["kernel"] == kernel}
         assert any("tail16" in c for c in configs) and any("sw1" in c for c in configs), configs
@@ -310,3 +317,40 @@ def test_problem_inputs_do_not_depend_on_the_runs_largest_t(model):
     assert small.x.shape == (4, 64) and big.x.shape == (64, 64)
     assert torch.equal(small.x, big.x[:4]) and torch.equal(small.router_weight, big.router_weight)
     assert torch.equal(small.w13, big.w13) and not torch.equal(big.x[:4], big.x[4:8])
+
+
+@pytest.mark.parametrize("faster", ["tuned", "before"])
+def test_forward_check_keeps_the_faster_forward(monkeypatch, faster):
+    # the GEMMs' fastest pair is kept only where the experts' forward with it is at least as fast as with the
+    # tiles the package ran before; otherwise those are kept, with their GEMM times for the table's record
+    import torch
+    from omegaconf import OmegaConf
+    from experiments import tune
+    from tritonmoe import TileConfig
+    tuned = (TileConfig(block_m=64, block_n=128), TileConfig(block_m=64, block_n=256))
+    before = (TileConfig(block_m=32), TileConfig(block_m=32, block_n=128))
+    monkeypatch.setattr(tune, "get_tiles", lambda *a: before)
+    slow = tuned if faster == "before" else before
+    monkeypatch.setattr(tune.common, "time_ms", lambda fn, *a: [2.0 if fn.__defaults__[0] == slow else 1.0])
+
+    class Bench:
+        p = type("P", (), {"x": None, "w13": None, "w2": None})()
+        weights = ids = None
+
+        def measure(self, kernel, t):
+            return {"status": "ok", "ms_p50": 0.5 if kernel == "gate_up" else 0.25}
+
+    spec = type("S", (), {"top_k": 2, "num_experts": 8, "intermediate_size": 32, "hidden_size": 64})()
+    pair = (3.0, (tuned[0], {"ms_p50": 2.0}), (tuned[1], {"ms_p50": 1.0}))
+    e = OmegaConf.create({"forward_check_rounds": 3, "warmup_ms": 0, "rep_ms": 0})
+    kept, check, rows = tune._forward_check(e, spec, 40, torch.float32, torch.device("cpu"), Bench(), pair, {})
+    assert check == {"tuned_ms": 2.0 if faster == "before" else 1.0, "before_ms": 1.0 if faster == "before" else 2.0,
+                     "kept": faster}
+    assert [(r["candidate"], r["kept"]) for r in rows] == [("tuned", faster == "tuned"), ("before", faster == "before")]
+    if faster == "tuned":
+        assert kept is pair
+    else:
+        assert (kept[1][0], kept[2][0]) == before and kept[0] == 0.75
+    # the same tiles as before: nothing to check
+    monkeypatch.setattr(tune, "get_tiles", lambda *a: tuned)
+    assert tune._forward_check(e, spec, 40, torch.float32, torch.device("cpu"), Bench(), pair, {}) == (pair, None, [])
