@@ -37,7 +37,8 @@ import tritonmoe
 from tritonmoe import TileConfig, build_schedule, combine, gate_up_silu, grouped_gemm
 from tritonmoe import configs
 from tritonmoe.configs import CONFIG_DIR, default_tiles, device_key, get_tiles, problem_key
-from tritonmoe.functional import _schedule_tiles
+from tritonmoe.functional import SLOT_SCHEDULE_MAX_TOKENS, _schedule_tiles
+from tritonmoe.schedule import slot_schedule
 from . import common
 from .latency import check, make_problem
 from .skew import skew_spec, skewed_topk_ids
@@ -198,10 +199,27 @@ class _Bench:
             self._sched[block_m, absorb_m] = build_schedule(self.ids, self.spec.num_experts, block_m, absorb_m)
         return self._sched[block_m, absorb_m]
 
+    def uses_slots(self, t: TileConfig) -> bool:
+        """Whether the forward runs ``t`` on a slot schedule (every slot its own one-row block, no schedule
+        built): up to ``SLOT_SCHEDULE_MAX_TOKENS`` tokens, unless the tiles walk a built schedule's blocks
+        (``functional._forward``'s rule)."""
+        return self.T <= SLOT_SCHEDULE_MAX_TOKENS and not (t.persistent or t.sweep_n)
+
+    def schedule_for(self, t: TileConfig):
+        """The schedule the forward runs ``t`` on: a slot schedule (``uses_slots``) or one built for its block map."""
+        if self.uses_slots(t):
+            if "slots" not in self._sched:
+                self._sched["slots"] = slot_schedule(self.ids, self.spec.num_experts)
+            return self._sched["slots"]
+        return self.sched(*t.block_map)
+
     def fn(self, kernel, t: TileConfig):
-        # the tiles as the forward runs them (expert groups)
+        # the tiles as the forward runs them (expert groups; a slot schedule where the forward uses one)
         t = _schedule_tiles(t, "expert_groups")
-        s, p = self.sched(*t.block_map), self.p
+        return self._call(kernel, t, self.schedule_for(t))
+
+    def _call(self, kernel, t: TileConfig, s):
+        p = self.p
         if kernel == "gate_up":
             return lambda: gate_up_silu(p.x, p.w13, s, t)
         k = self.spec.top_k * t.split_k
@@ -216,19 +234,22 @@ class _Bench:
                                                                                     self.warmup_ms, self.rep_ms))
         return self._schedule_ms[block_m, absorb_m]
 
-    def expected(self, kernel, block_m):
-        """The default tiles' output: gate_up in sorted order depends on block_m only through the schedule."""
-        key = (kernel, block_m)
+    def expected(self, kernel, block_m, slots: bool = False):
+        """The default tiles' output on the same kind of schedule (``slots``: a slot schedule, whose gate_up rows
+        are in slot order; else a built one's, in sorted order, which does not depend on the block map)."""
+        key = (kernel, block_m, slots)
         if key not in self._expected:
             gate_up_t, down_t = default_tiles(self.T * self.spec.top_k / self.spec.num_experts, False)
-            t = replace(gate_up_t if kernel == "gate_up" else down_t, block_m=block_m)
-            self._expected[key] = self.fn(kernel, t)()
+            t = _schedule_tiles(replace(gate_up_t if kernel == "gate_up" else down_t, block_m=block_m),
+                                "expert_groups")
+            s = self.schedule_for(t) if slots else self.sched(*t.block_map)
+            self._expected[key] = self._call(kernel, t, s)()
         return self._expected[key]
 
     def measure(self, kernel, t: TileConfig) -> dict:
         try:
             fn = self.fn(kernel, t)
-            err = check(fn(), self.expected(kernel, t.block_m))
+            err = check(fn(), self.expected(kernel, t.block_m, self.uses_slots(t)))
             if not err <= 1e-2:
                 return {"status": "wrong", "rel_err": err}
             times = common.time_ms(fn, self.p.x.device, self.warmup_ms, self.rep_ms)
@@ -386,7 +407,8 @@ def _choose_pair(best: dict, bench) -> tuple | None:
     for (ku, _), up in best.items():
         for (kd, _), down in best.items():
             if (ku, kd) == ("gate_up", "down"):
-                extra = 0.0 if up[0].block_map == down[0].block_map else bench.schedule_ms(*down[0].block_map)
+                same = up[0].block_map == down[0].block_map or bench.uses_slots(up[0]) and bench.uses_slots(down[0])
+                extra = 0.0 if same else bench.schedule_ms(*down[0].block_map)
                 pairs.append((up[1]["ms_p50"] + down[1]["ms_p50"] + extra, up, down))
     return min(pairs, key=lambda p: p[0]) if pairs else None
 

@@ -285,9 +285,10 @@ def test_refine_offers_persistent_one_dot_gate_up():
     assert robust_variants("gate_up", best, space)  # tails, sweeps and absorbed tails of the per-tile kernel
 
 
-def test_choose_pair_charges_the_down_projections_own_block_map():
+@pytest.mark.parametrize("slots", [False, True])
+def test_choose_pair_charges_the_down_projections_own_block_map(slots):
     # a down projection whose (block_m, absorb_m) differs from the gate+up's pays one schedule build of its own
-    # block map, absorb_m included
+    # block map, absorb_m included; not where both run on a slot schedule (the forward builds none)
     from experiments.tune import _choose_pair
     from tritonmoe import TileConfig
     asked = []
@@ -297,10 +298,37 @@ def test_choose_pair_charges_the_down_projections_own_block_map():
             asked.append((block_m, absorb_m))
             return 0.5
 
+        def uses_slots(self, t):
+            return slots
+
     up, down = TileConfig(block_m=128), TileConfig(block_m=128, absorb_m=32)
     best = {("gate_up", 128): (up, {"ms_p50": 1.0}), ("down", 128): (down, {"ms_p50": 2.0})}
     total, _, _ = _choose_pair(best, Bench())
-    assert total == 3.5 and asked == [(128, 32)]
+    assert (total, asked) == ((3.0, []) if slots else (3.5, [(128, 32)]))
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_tuner_times_the_schedule_the_forward_runs(T):
+    # up to SLOT_SCHEDULE_MAX_TOKENS tokens the forward runs its GEMMs on a slot schedule (no schedule built), so
+    # the tuner must time them there too, except tiles that walk a built schedule's blocks (persistent, sweeps);
+    # every candidate's output is checked against the default tiles' on the same kind of schedule
+    import torch
+    from dataclasses import replace
+    from experiments import common
+    from experiments.latency import make_problem
+    from experiments.tune import _Bench
+    from tritonmoe import TileConfig
+    spec = common.model_spec("qwen2_57b_a14b", {"hidden_size": 64, "intermediate_size": 32, "max_experts": 16,
+                                                "shared_intermediate_size": 48})
+    bench = _Bench(make_problem(spec, T, torch.float32, torch.device("cpu"), 0), spec, T, torch.float32, 0, 0)
+    tiles = TileConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
+    assert bench.schedule_for(tiles).slot_blocks == (T <= 2)
+    walking = replace(tiles, block_m=64, block_n=32, persistent=True, tma=True)
+    assert not bench.schedule_for(walking).slot_blocks
+    for kernel in ("gate_up", "down"):
+        for t in (tiles, walking):
+            r = bench.measure(kernel, t)
+            assert r["status"] == "ok" and r["rel_err"] < 1e-5, (kernel, t, r)
 
 
 @pytest.mark.parametrize("model", MODELS)
