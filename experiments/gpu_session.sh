@@ -15,6 +15,7 @@
 #     ridge  the GEMMs where experts average 64-1024 rows: cuBLAS, grouped_mm and tritonmoe against the floor (probe_ridge)
 #     ws     a dense GEMM per tile, persistent, and warp-specialised persistent (Triton) against cuBLAS (probe_ws)
 #     front  the router matmul, routing and schedule at T = 32-8192 timed alone, with variants (probe_front)
+#     combine the combine against what fusing it into the down projection would cost: atomic adds, zero, cast (probe_combine)
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
@@ -96,6 +97,7 @@ stage_power() { python3 -m experiments.probe_power 2>&1 | tee "$OUT/probe_power.
 stage_ridge() { python3 -m experiments.probe_ridge 2>&1 | tee "$OUT/probe_ridge.log"; }
 stage_ws() { python3 -m experiments.probe_ws 2>&1 | tee "$OUT/probe_ws.log"; }
 stage_front() { python3 -m experiments.probe_front 2>&1 | tee "$OUT/probe_front.log"; }
+stage_combine() { python3 -m experiments.probe_combine 2>&1 | tee "$OUT/probe_combine.log"; }
 stage_flush() { megablocks_ready; python3 -m experiments.probe_flush 2>&1 | tee "$OUT/probe_flush.log"; }
 
 for stage in $stages; do "stage_$stage"; done

@@ -246,6 +246,18 @@ def test_probe_sweep_group_cap_caps_and_restores():
         assert gemm._group_blocks is grown
 
 
+def test_probe_combine_smoke():
+    # the fused-combine probe at tiny shapes on the interpreter: every op at every point, each result checked
+    # (the atomic buffer holds k everywhere: every token's k rows added), nothing written
+    env = smoke_env()
+    code = "import json; from experiments import probe_combine; print(json.dumps(probe_combine.main(smoke=True)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {(r["model"], r["op"]) for r in rows} == {(m, op) for m in MODELS for op in
+                                                     ("combine", "rows_write", "atomic_add", "zero", "cast")}
+    assert all(r["status"] == "ok" for r in rows)
+
+
 def test_probe_ws_smoke():
     from experiments import probe_ws
     # the warp-specialisation probe at tiny shapes on the interpreter: every kernel variant runs in its
