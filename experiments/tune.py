@@ -357,7 +357,7 @@ def _forward_check(e, spec, T, dtype, device, bench, pair, base) -> tuple:
     defaults), as the experts' forward (schedule, both GEMMs, combine) on the model's routing, the two timed in
     turns for ``e.forward_check_rounds`` rounds in this process. The faster forward's pair is kept: a re-tune
     never makes the forward slower than what it replaces, as measured here (PERF_LOG v21: GEMM-alone winners
-    that the forward did not confirm, and one that made it 1.6x slower). Returns (the pair to keep, as
+    that the forward did not confirm, and one that made it 1.7x slower). Returns (the pair to keep, as
     ``_choose_pair`` gives it, or None; {"tuned_ms", "before_ms", "kept"}, or None where the tiles are the
     same; rows)."""
     _, (gt, gr), (dt, dr) = pair
