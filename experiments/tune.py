@@ -202,7 +202,8 @@ class _Bench:
     def uses_slots(self, t: TileConfig) -> bool:
         """Whether the forward runs ``t`` on a slot schedule (every slot its own one-row block, no schedule
         built): up to ``SLOT_SCHEDULE_MAX_TOKENS`` tokens, unless the tiles walk a built schedule's blocks
-        (``functional._forward``'s rule)."""
+        (``functional._forward``'s rule, there for both GEMMs if either walks: never a candidate at these T,
+        since walking tiles need 64+ rows per block; the forward check would catch it)."""
         return self.T <= SLOT_SCHEDULE_MAX_TOKENS and not (t.persistent or t.sweep_n)
 
     def schedule_for(self, t: TileConfig):
