@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 import tritonmoe  # before triton: without a GPU it switches on the interpreter
 import triton
@@ -70,6 +71,10 @@ def device_name(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------
 # Shapes
 # ---------------------------------------------------------------------------------------------
+
+# The smoke profile's tiny shapes, for the probes' --smoke runs outside Hydra (one home: the profile's yaml)
+SMOKE_SHRINK = OmegaConf.to_container(OmegaConf.load(REPO / "experiments" / "conf" / "profile" / "smoke.yaml").shrink)
+
 
 def model_spec(name: str, shrink=None) -> ModelSpec:
     """The model's spec, or a tiny copy with the same routing for the smoke profile."""

@@ -40,7 +40,6 @@ POINTS = {"mixtral_8x7b": (512, 1024, 2048, 8192), "qwen2_57b_a14b": (1024, 2048
 SEED = 0
 WARMUP_MS, REP_MS = 25, 200
 KEY = ("experiment", "model", "T", "kernel", "variant", "commit")  # one row per key in the results file
-SMOKE_SHAPES = {"hidden_size": 64, "intermediate_size": 32, "max_experts": 16, "shared_intermediate_size": 48}
 
 
 def _variants(kernel: str, tuned: TileConfig) -> dict[str, TileConfig]:
@@ -117,7 +116,7 @@ def main(smoke: bool = False) -> None:
     rows = []
     progress = common.Progress(sum(map(len, points.values())), "points")
     for model, tokens in points.items():
-        spec = common.model_spec(model, SMOKE_SHAPES if smoke else None)
+        spec = common.model_spec(model, common.SMOKE_SHRINK if smoke else None)
         big = make_problem(spec, max(tokens), dtype, dev, SEED)
         for T in tokens:
             p = replace(big, x=big.x[:T])

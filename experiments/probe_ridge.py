@@ -48,7 +48,6 @@ DENSE_ROWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 KEY = ("experiment", "kind", "model", "T", "M", "gemm", "impl", "commit")  # one row per key in the results file
 SEED = 0
 WARMUP_MS, REP_MS = 25, 200
-SMOKE_SHAPES = {"hidden_size": 64, "intermediate_size": 32, "max_experts": 16, "shared_intermediate_size": 48}
 
 
 def _floor(bytes_: float, flops: float, ceilings: dict) -> dict:
@@ -149,7 +148,7 @@ def main(smoke: bool = False) -> list[dict]:
     rows = []
     progress = common.Progress(sum(map(len, points.values())) + len(points), "steps")
     for model, tokens in points.items():
-        spec = common.model_spec(model, SMOKE_SHAPES if smoke else None)
+        spec = common.model_spec(model, common.SMOKE_SHRINK if smoke else None)
         rows += dense_rows(spec, model, dev, dtype, ceilings, base, dense_m)
         progress.step(f"{model} dense")
         big = make_problem(spec, max(tokens), dtype, dev, SEED)

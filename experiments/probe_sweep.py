@@ -59,7 +59,6 @@ POINTS = [("mixtral_8x7b", 512, None), ("mixtral_8x7b", 1024, None), ("mixtral_8
 SKEW_BASE, SKEW_TOP_K = "mixtral_8x7b", {8: 2, 16: 4}
 SEED = 0
 WARMUP_MS, REP_MS = 25, 100
-SMOKE_SHAPES = {"hidden_size": 64, "intermediate_size": 32, "max_experts": 16, "shared_intermediate_size": 48}
 
 
 def _points(smoke: bool):
@@ -76,13 +75,13 @@ def _points(smoke: bool):
 
 def _spec(name: str, smoke: bool):
     """The model's spec, or for "E<n>" the skew experiment's: Mixtral's H and weight bytes over n experts."""
-    shrink = SMOKE_SHAPES if smoke else None
+    shrink = common.SMOKE_SHRINK if smoke else None
     if not name.startswith("E"):
         return common.model_spec(name, shrink)
     base = common.model_spec(SKEW_BASE, shrink)
     E = int(name[1:])
     if smoke:
-        E = min(E, SMOKE_SHAPES["max_experts"])
+        E = min(E, common.SMOKE_SHRINK["max_experts"])
     return base.replace(num_experts=E, top_k=min(SKEW_TOP_K.get(E, 8), E),
                         intermediate_size=max(16, base.num_experts * base.intermediate_size // E))
 

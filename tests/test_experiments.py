@@ -330,8 +330,7 @@ def test_tuner_times_the_schedule_the_forward_runs(T):
     from experiments.latency import make_problem
     from experiments.tune import _Bench
     from tritonmoe import TileConfig
-    spec = common.model_spec("qwen2_57b_a14b", {"hidden_size": 64, "intermediate_size": 32, "max_experts": 16,
-                                                "shared_intermediate_size": 48})
+    spec = common.model_spec("qwen2_57b_a14b", common.SMOKE_SHRINK)
     bench = _Bench(make_problem(spec, T, torch.float32, torch.device("cpu"), 0), spec, T, torch.float32, 0, 0)
     tiles = TileConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
     assert bench.schedule_for(tiles).slot_blocks == (T <= 2)
@@ -350,8 +349,7 @@ def test_problem_inputs_do_not_depend_on_the_runs_largest_t(model):
     import torch
     from experiments import common
     from experiments.latency import make_problem
-    spec = common.model_spec(model, {"hidden_size": 64, "intermediate_size": 32, "max_experts": 16,
-                                     "shared_intermediate_size": 48})
+    spec = common.model_spec(model, common.SMOKE_SHRINK)
     small = make_problem(spec, 4, torch.float32, torch.device("cpu"), 0)
     big = make_problem(spec, 64, torch.float32, torch.device("cpu"), 0)
     assert small.x.shape == (4, 64) and big.x.shape == (64, 64)
