@@ -258,6 +258,22 @@ def test_probe_combine_smoke():
     assert all(r["status"] == "ok" for r in rows)
 
 
+def test_probe_routing_counts_and_padding():
+    # every (model, T) routes T k slots (the probe asserts it); padded rows are whole tiles per touched expert
+    from experiments import probe_routing
+    assert probe_routing.padded_rows([0, 1, 64, 65, 130], 64) == 0 + 64 + 64 + 128 + 192
+    assert probe_routing.padded_rows([3, 16], 16) == 32
+    env = smoke_env()
+    code = "import json; from experiments import probe_routing; print(json.dumps(probe_routing.main(smoke=True)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["model"] for r in rows} == set(probe_routing.MODELS)
+    for r in rows:
+        assert sum(r["expert_counts"]) == r["slots"] == r["T"] * r["top_k"]
+        assert r["distinct_experts"] == sum(c > 0 for c in r["expert_counts"]) <= r["num_experts"]
+        assert r["slots"] <= r["padded_rows_16"] <= r["padded_rows_64"] <= r["padded_rows_128"]
+
+
 def test_probe_ws_smoke():
     from experiments import probe_ws
     # the warp-specialisation probe at tiny shapes on the interpreter: every kernel variant runs in its

@@ -1,0 +1,145 @@
+"""Probe: where a skewed routing's extra time goes in the GEMMs (issue #7, PERF_LOG gap 5).
+
+The skew grid's worst cells (E >= 16 at T = 2048 and 8192) run 8-27 % slower under skew than under the
+uniform routing, whose experts all get whole 128-row blocks. Padding to 64-row tiles (the smallest wgmma
+tile) explains 4-19 % of the extra tensor-core work at those cells (``experiments/skew.py``'s exact counts),
+not all of it at E = 16 (4 %, 1.20x measured). This asks Nsight Compute, kernel by kernel, at a few of those
+cells under the uniform routing, Zipf s = 2 and one hot expert: how long each GEMM ran, how busy the tensor
+pipes and DRAM were, how many bytes came from DRAM and how many L2 sectors hit. A skewed GEMM that reads
+more DRAM bytes re-reads weights; one whose tensor pipes and DRAM are both idler waits on latency (cold
+experts' programs that stream weights for a few rows); one whose tensor pipes are busier computes padding.
+
+ncu profiles a child process that runs the experts' forward (``tritonmoe.fused_experts``, the skew
+experiment's shapes and exact routing, tuned tiles) once outside the profiled range (compiling) and once
+inside; caches are flushed before each kernel (ncu's default), clocks left alone (``--clock-control none``).
+Metrics the installed ncu does not know on this GPU are left out (listed in the run's output).
+
+    python -m experiments.probe_skew_profile          # GPU -> results/<GPU>/probe_skew_profile.jsonl
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+import tritonmoe
+from . import common
+from .skew import skew_spec, skewed_topk_ids
+from .traffic import find_ncu, ncu_csv
+
+MODEL = "mixtral_8x7b"            # the skew experiment's model: H = 4096, E F = 8 x 14336
+CELLS = ((16, 2048), (64, 2048), (256, 8192), (128, 8192))
+SKEWS = ("0", "2.0", "hot")
+TOP_K = {"default": 8, "8": 2, "16": 4}  # skew.yaml's top_k
+SEED = 0
+METRICS = {  # column -> ncu metric
+    "ms": "gpu__time_duration.sum",
+    "dram_read_bytes": "dram__bytes_read.sum",
+    "dram_write_bytes": "dram__bytes_write.sum",
+    "dram_pct": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "sm_pct": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "tensor_gmma_pct": "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed",
+    "tensor_hmma_pct": "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed",
+    "l2_hit_pct": "lts__t_sector_hit_rate.pct",
+    "warps_active_pct": "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "grid_size": "launch__grid_size",
+}
+KEY = ("experiment", "E", "T", "skew", "launch", "commit")
+
+
+def _problem(E: int, T: int, skew: str):
+    spec = skew_spec(common.model_spec(MODEL), E, TOP_K)
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(SEED)
+    H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
+    w13 = (torch.randn(E, 2 * F, H, generator=g, device=dev) * H ** -0.5).to(dtype)
+    w2 = (torch.randn(E, H, F, generator=g, device=dev) * F ** -0.5).to(dtype)
+    x = torch.randn(T, H, generator=g, device=dev).to(dtype)
+    ids = skewed_topk_ids(T, k, E, skew if skew == "hot" else float(skew), seed=SEED).to(dev)
+    weights = torch.rand(T, k, generator=g, device=dev)
+    return spec, x, w13, w2, weights / weights.sum(1, keepdim=True), ids
+
+
+def _child(E: int, T: int, skew: str) -> None:
+    """Run under ncu: the experts' forward once to compile, then once profiled."""
+    _, x, w13, w2, weights, ids = _problem(E, T, skew)
+    with torch.no_grad():
+        tritonmoe.fused_experts(x, w13, w2, weights, ids)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        tritonmoe.fused_experts(x, w13, w2, weights, ids)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+
+
+def _known_metrics(ncu: str) -> dict:
+    """The METRICS whose base name this ncu lists for the GPU (all of them if it cannot say)."""
+    done = subprocess.run([ncu, "--query-metrics"], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0 or not done.stdout.strip():
+        return dict(METRICS)
+    names = {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
+    return {col: m for col, m in METRICS.items() if m.split(".")[0] in names}
+
+
+def main() -> list[dict]:
+    dev = torch.device("cuda")
+    ncu = find_ncu()
+    if ncu is None:
+        raise SystemExit("probe_skew_profile: ncu not found (Nsight Compute profiles CUDA kernels only)")
+    metrics = _known_metrics(ncu)
+    print(f"metrics: {', '.join(metrics)}; not known here: {', '.join(set(METRICS) - set(metrics)) or 'none'}")
+    base = {**common.provenance(dev, SEED), "experiment": "probe_skew_profile", "model": MODEL}
+    rows = []
+    progress = common.Progress(len(CELLS) * len(SKEWS), "routings")
+    for E, T in CELLS:
+        for skew in SKEWS:
+            cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--metrics",
+                   ",".join(metrics.values()), "--csv", "--print-units", "base", sys.executable, "-m",
+                   "experiments.probe_skew_profile", "--child", str(E), str(T), skew]
+            try:
+                table = ncu_csv(cmd)
+            except (RuntimeError, subprocess.TimeoutExpired) as why:
+                rows.append({**base, "E": E, "T": T, "skew": skew, "launch": -1, "status": "error",
+                             "reason": str(why)[-400:]})
+                progress.step(f"E={E} T={T} skew={skew}: ncu failed")
+                continue
+            launches: dict[str, dict] = {}
+            by_metric = {m: col for col, m in metrics.items()}
+            for r in table:
+                entry = launches.setdefault(r["ID"], {"kernel": r["Kernel Name"].split("(")[0]})
+                value = r["Metric Value"].replace(",", "")
+                try:
+                    entry[by_metric[r["Metric Name"]]] = float(value)
+                except (KeyError, ValueError):
+                    continue
+            gemms = 0
+            for i, (_, entry) in enumerate(sorted(launches.items(), key=lambda kv: int(kv[0]))):
+                if "ms" in entry:
+                    entry["ms"] /= 1e6  # ns -> ms
+                if "expert_gemm" in entry["kernel"]:  # the gate+up first, then the down projection
+                    entry["gemm"] = ("gate_up", "down")[gemms] if gemms < 2 else f"gemm{gemms}"
+                    gemms += 1
+                rows.append({**base, "E": E, "T": T, "skew": skew, "launch": i, "status": "ok", **entry})
+            progress.step(f"E={E} T={T} skew={skew}: {len(launches)} kernels")
+    path = common.REPO / "results" / common.device_name(dev) / "probe_skew_profile.jsonl"
+    common.write_rows(path, rows, KEY)
+    cols = [c for c in ("ms", "dram_read_bytes", "dram_pct", "tensor_gmma_pct", "tensor_hmma_pct", "sm_pct",
+                        "l2_hit_pct", "warps_active_pct") if c in metrics]
+    print(f"\n{'E':>4s} {'T':>5s} {'skew':>5s} {'gemm':8s} " + " ".join(f"{c[:12]:>12s}" for c in cols))
+    for r in rows:
+        if r.get("gemm") in ("gate_up", "down"):
+            print(f"{r['E']:>4d} {r['T']:>5d} {r['skew']:>5s} {r['gemm']:8s} "
+                  + " ".join(f"{r.get(c, float('nan')) / (1e6 if 'bytes' in c else 1):>12.3f}" for c in cols))
+    print("(dram_read_bytes in MB)")
+    print(f"{len(rows)} rows -> {path.relative_to(common.REPO)}")
+    return rows
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv:
+        i = sys.argv.index("--child")
+        _child(int(sys.argv[i + 1]), int(sys.argv[i + 2]), sys.argv[i + 3])
+    else:
+        main()
