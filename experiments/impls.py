@@ -7,12 +7,14 @@ routing, experts); ``EXPERTS[name](problem)`` the experts alone given a routing.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F_
 
 import tritonmoe
+from tritonmoe.configs import get_chunk_tokens, get_tiles
 from tritonmoe.specs import ModelSpec
 
 
@@ -68,6 +70,18 @@ def tritonmoe_fixed_experts(p: Problem):
 def tritonmoe_tail_tiles_experts(p: Problem):
     """Each expert's last, partial M-block with the smallest tile height that holds its rows."""
     return tritonmoe_experts(p, schedule="tail_tiles")
+
+
+def tritonmoe_atomic_combine_experts(p: Problem):
+    """tritonmoe_fused with its tuned tiles, except that the down projection adds its weighted rows into the
+    output with atomic adds (``TileConfig.atomic_combine``) instead of writing them for ``combine``; chunked
+    where the table chunks the shape."""
+    s, x = p.spec, p.x
+    args = (s.num_experts, s.intermediate_size, s.hidden_size, x.dtype, x.device)
+    chunk = get_chunk_tokens(x.shape[0], *args)
+    gate_up, down = get_tiles(min(x.shape[0], chunk or x.shape[0]), s.top_k, *args)
+    tiles = (gate_up, dataclasses.replace(down, atomic_combine=True))
+    return lambda weights, ids: tritonmoe.fused_experts(x, p.w13, p.w2, weights, ids, tiles=tiles, chunk_tokens=chunk)
 
 
 def tritonmoe_unfused_experts(p: Problem):
@@ -155,6 +169,7 @@ EXPERTS = {
     "tritonmoe_fused": tritonmoe_experts,
     "tritonmoe_fixed": tritonmoe_fixed_experts,
     "tritonmoe_tail_tiles": tritonmoe_tail_tiles_experts,
+    "tritonmoe_atomic_combine": tritonmoe_atomic_combine_experts,
     "tritonmoe_unfused": tritonmoe_unfused_experts,
     "torch_loop": torch_loop_experts,
     "torch_grouped_mm": torch_grouped_mm_experts,

@@ -57,6 +57,14 @@ def test_smoke_latency_runs(tmp_path):
     assert len((tmp_path / "smoke" / "latency.jsonl").read_text().splitlines()) == len(rows)
 
 
+def test_smoke_latency_atomic_combine(tmp_path):
+    # the A/B of the down projection's atomic combine: its forward checked against the reference like the others
+    rows = run_smoke(tmp_path, "latency", "model=qwen2_57b_a14b", "profile.tokens=[5]",
+                     "experiment.impls=[tritonmoe_fused,tritonmoe_atomic_combine]")
+    assert {r["impl"] for r in rows} == {"tritonmoe_fused", "tritonmoe_atomic_combine"}
+    assert all(r["status"] == "ok" and r["rel_err"] < 1e-5 for r in rows)
+
+
 def test_import_order_error():
     # Without a GPU, importing triton before tritonmoe (and no TRITON_INTERPRET) must fail clearly.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

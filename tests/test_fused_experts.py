@@ -306,6 +306,49 @@ def test_slot_schedule_needs_no_block_walk(device, poison, built):
     assert built
 
 
+# The down projection adding each weighted row into its token's output row with atomics (no combine):
+# every token's k rows meet in one row from many programs; with split-K partials, TMA, persistent programs,
+# the preprint's group order and a slot schedule; a chunked forward hands it a slice of a poisoned output,
+# which it must zero first. (case, schedule, down tiles, chunk_tokens): each lever once, on the interpreter's budget.
+ATOMIC_CASES = {
+    "tails-groups": ("every-tail-height", "expert_groups", dict(), None),
+    "tails-groups-chunked": ("every-tail-height", "expert_groups", dict(), 64),
+    "E256-fixed-split3": ("E256-most-empty", "fixed", dict(split_k=3), None),
+    "one-expert-tma": ("all-on-one-expert", "expert_groups", dict(tma=True), None),
+    "one-expert-persistent": ("all-on-one-expert", "expert_groups", dict(persistent=True), None),
+    "E256-slots": ("E256-most-empty", "slots", dict(), None),
+}
+
+
+@pytest.mark.parametrize("case", ATOMIC_CASES)
+def test_atomic_combine(case, device, poison):
+    extreme, schedule, down, chunk = ATOMIC_CASES[case]
+    T, k, E, ids = EXTREMES[extreme]
+    gate_up = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, group_m=3, num_stages=2)
+    tiles = (gate_up, dataclasses.replace(gate_up, atomic_combine=True, **down))
+    for dtype in dtypes_for(device):
+        check(*make_inputs(ids.shape[0], k, E, device, dtype, ids=ids), tiles=tiles, schedule=schedule,
+              chunk_tokens=chunk)
+
+
+def test_atomic_combine_refusals(device):
+    x, w13, w2, weights, ids = make_inputs(9, 2, 4, device, torch.float32)
+    plain = tritonmoe.TileConfig(block_m=16, block_n=32, block_k=32)
+    atomic = dataclasses.replace(plain, atomic_combine=True)
+    sched = tritonmoe.build_schedule(ids, 4, 16)
+    with pytest.raises(ValueError, match=r"the gate\+up's tiles must not set it"):
+        tritonmoe.fused_experts(x, w13, w2, weights, ids, tiles=(atomic, atomic))
+    inter = tritonmoe.gate_up_silu(x, w13, sched, plain)
+    with pytest.raises(ValueError, match="atomic_combine adds weighted rows into token rows: it needs topk_weights"):
+        tritonmoe.grouped_gemm(inter, w2, sched, atomic)
+    with pytest.raises(ValueError, match=r"out must be a \(9, 40\)"):
+        tritonmoe.grouped_gemm(inter, w2, sched, atomic, topk_weights=weights, out=x.new_zeros(8, H))
+    with pytest.raises(ValueError, match="out is the atomic_combine result"):
+        tritonmoe.grouped_gemm(inter, w2, sched, plain, topk_weights=weights, out=x.new_zeros(9, H))
+    with pytest.raises(ValueError, match="TileConfig.atomic_combine must be a bool"):
+        tritonmoe.TileConfig(atomic_combine=1)
+
+
 def test_bad_schedule(device):
     with pytest.raises(ValueError, match="schedule must be one of"):
         tritonmoe.fused_experts(*make_inputs(4, 2, 8, device, torch.float32), schedule="dynamic")

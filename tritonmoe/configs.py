@@ -26,7 +26,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 log = logging.getLogger("tritonmoe")
 
 
-FLAGS = ("tma", "expert_groups", "persistent", "permute_input", "gate_up_one_dot")  # TileConfig's bool fields
+FLAGS = ("tma", "expert_groups", "persistent", "permute_input", "gate_up_one_dot", "atomic_combine")  # TileConfig's bool fields
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,11 @@ class TileConfig:
     # tile. A dense gate+up of Mixtral's shape runs 5 % faster per tile with one dot, and as fast as cuBLAS's
     # plain GEMM with one dot and persistent programs (experiments/probe_ws.py, PERF_LOG v19).
     gate_up_one_dot: bool = True
+    # down only: the epilogue adds each weighted row into its token's output row with atomic adds (the output
+    # zeroed first) instead of writing it at its slot's row for ``combine`` to sum: T*k*H elements neither
+    # written nor read back, for T*k*H atomic adds and a zero fill. The k rows of a token then add up in the
+    # output dtype in an order that varies from run to run (results not bitwise reproducible). A tuned choice.
+    atomic_combine: bool = False
 
     def __post_init__(self):
         for name in FLAGS:

@@ -177,5 +177,7 @@ def _forward(hidden_states, w13, w2, weights, ids, fused, tiles, schedule, out=N
         gate = grouped_gemm(x_sorted, w13, sched, gate_up_tiles, n_offset=0, n=F)
         up = grouped_gemm(x_sorted, w13, sched, gate_up_tiles, n_offset=F, n=F)
         inter = silu_mul(gate, up)
+    if down_tiles.atomic_combine:  # the down projection adds its rows into the output: no combine
+        return grouped_gemm(inter, w2, down_sched, down_tiles, topk_weights=weights, out=out)
     slot_rows = grouped_gemm(inter, w2, down_sched, down_tiles, topk_weights=weights)
     return combine(slot_rows, k * down_tiles.split_k, out, dtype=hidden_states.dtype)

@@ -30,6 +30,10 @@ from .schedule import Schedule
 
 __all__ = ["gate_up_silu", "grouped_gemm", "silu_mul"]
 
+# SCATTER_WEIGHTED: where the down projection's weighted rows go
+WRITE_SLOT_ROWS = tl.constexpr(1)  # each at its slot's row of a (T*k, n) result, summed by ``combine``
+ADD_TOKEN_ROWS = tl.constexpr(2)   # added into its token's row of a zeroed (T, n) output (TileConfig.atomic_combine)
+
 
 @triton.jit(do_not_specialize=["max_blocks"])  # it changes with T: no recompiles for its divisibility
 def _expert_gemm_kernel(
@@ -45,7 +49,8 @@ def _expert_gemm_kernel(
     # meta-parameters
     GATHER_A: tl.constexpr,          # a is in token order: row of sorted row i is sorted_slots[i] // TOP_K
     GATE_UP_SILU: tl.constexpr,      # also multiply rows up_offset + n, and keep silu(gate) * up
-    SCATTER_WEIGHTED: tl.constexpr,  # scale by the slot's routing weight, write at the slot's row
+    SCATTER_WEIGHTED: tl.constexpr,  # scale by the slot's routing weight, then WRITE_SLOT_ROWS: write it at the slot's
+                                     # row; ADD_TOKEN_ROWS: add it into its token's row with atomics (0: neither)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EXPERT_GROUPS: tl.constexpr,     # a group of M-blocks never spans two experts (else GROUP_M consecutive blocks)
     MIN_BLOCK_M: tl.constexpr,       # smallest tile height for an expert's last, partial M-block
@@ -198,18 +203,26 @@ def _split_gate_up(acc, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _store_tile(acc, acc_up, offs_m, mask_m, slots, offs_n, mask_n, out_ptr, topk_weights_ptr, stride_om, stride_on,
-                pid_k, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr):
+                pid_k, TOP_K, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr):
     if GATE_UP_SILU:
         acc = acc * tl.sigmoid(acc) * acc_up                                                    # SiLU(g) * u
     if SCATTER_WEIGHTED:
         acc = acc * tl.load(topk_weights_ptr + slots, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-        # split-K partials of one slot sit side by side (rows slot * splits + pid_k), and
-        # combine sums them with the slot's k choices: no atomics, a fixed order.
-        out_rows = slots * tl.num_programs(1) + pid_k
+    if SCATTER_WEIGHTED == ADD_TOKEN_ROWS:
+        # the token's k rows (and split-K partials) meet in its output row, zeroed by the caller
+        tokens = slots // TOP_K
+        out_ptrs = out_ptr + tokens[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :],
+                      sem="relaxed")
     else:
-        out_rows = offs_m.to(tl.int64)
-    out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if SCATTER_WEIGHTED == WRITE_SLOT_ROWS:
+            # split-K partials of one slot sit side by side (rows slot * splits + pid_k), and
+            # combine sums them with the slot's k choices: no atomics, a fixed order.
+            out_rows = slots * tl.num_programs(1) + pid_k
+        else:
+            out_rows = offs_m.to(tl.int64)
+        out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -293,12 +306,12 @@ def _expert_tile(
     if GATE_UP_BOX:
         acc, acc_up = _split_gate_up(acc, TILE_M, BLOCK_N)
     _store_tile(acc, acc_up, offs_m, mask_m, slots, offs_n, mask_n, out_ptr, topk_weights_ptr, stride_om, stride_on,
-                pid_k, GATE_UP_SILU, SCATTER_WEIGHTED)
+                pid_k, TOP_K, GATE_UP_SILU, SCATTER_WEIGHTED)
     if EXTRA_M > 0:
         if GATE_UP_BOX:
             acc_x, acc_x_up = _split_gate_up(acc_x, EXTRA_M, BLOCK_N)
         _store_tile(acc_x, acc_x_up, offs_x, mask_x, slots_x, offs_n, mask_n, out_ptr, topk_weights_ptr, stride_om,
-                    stride_on, pid_k, GATE_UP_SILU, SCATTER_WEIGHTED)
+                    stride_on, pid_k, TOP_K, GATE_UP_SILU, SCATTER_WEIGHTED)
 
 
 # The same kernel with its device-side check of expert ids compiled in (debug=True; the launch options
@@ -371,6 +384,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     if sched.max_blocks == 0:
         return out
     weighted = topk_weights is not None
+    scatter = 0 if not weighted else (ADD_TOKEN_ROWS.value if tiles.atomic_combine else WRITE_SLOT_ROWS.value)
     K = w.shape[2]
     k_per_split = cdiv(cdiv(K, split_k), tiles.block_k) * tiles.block_k
     num_n_tiles = cdiv(n, tiles.block_n)
@@ -406,7 +420,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         w_desc, a_desc,
         n, K, sched.top_k, n_offset, up_offset, sched.max_blocks, k_per_split, sched.num_experts,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        gather_a, gate_up_silu, weighted,  # GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED
+        gather_a, gate_up_silu, scatter,  # GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED
         sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
         min_block_m, sched.absorb_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
@@ -425,6 +439,9 @@ def gate_up_silu(hidden_states: torch.Tensor, w13: torch.Tensor, sched: Schedule
     if tiles.split_k != 1:
         raise ValueError(f"tiles: the fused gate+up GEMM has no split-K (its SiLU needs whole sums), got "
                          f"split_k={tiles.split_k}")
+    if tiles.atomic_combine:
+        raise ValueError("tiles: atomic_combine is the down projection's (it adds weighted rows into token rows); "
+                         "the gate+up's tiles must not set it")
     S, F = sched.num_tokens * sched.top_k, w13.shape[1] // 2
     out = torch.empty(S, F, dtype=hidden_states.dtype, device=hidden_states.device)
     a = permute(hidden_states, sched) if tiles.permute_input else hidden_states
@@ -434,7 +451,7 @@ def gate_up_silu(hidden_states: torch.Tensor, w13: torch.Tensor, sched: Schedule
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sched: Schedule, tiles, *, n_offset: int = 0,
                  n: int | None = None, gather_a: bool = False,
-                 topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+                 topk_weights: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """One projection per M-block: ``a[rows] @ w[e, n_offset:n_offset+n, :]^T``.
 
     ``a`` is (T, K) in token order with ``gather_a`` (rows picked through the schedule),
@@ -446,14 +463,32 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sched: Schedule, tiles, *, n_
     per output tile, for calls with too few tiles to fill the GPU (decode). Their float32
     partials land side by side, rows ``slot * split_k + s`` of a (T*k*split_k, n) result, and
     ``combine(result, k * split_k)`` adds them up in a fixed order.
+
+    ``tiles.atomic_combine`` (weighted only): each weighted row (and split-K partial) is added into its
+    token's row of a (T, n) result of ``a``'s dtype with atomic adds instead: the layer's output, no
+    ``combine``; ``out``, if given, is that result (zeroed here), else one is allocated.
     """
     S = sched.num_tokens * sched.top_k
     n = w.shape[1] - n_offset if n is None else n
     split_k = tiles.split_k
     if split_k != 1 and topk_weights is None:
         raise ValueError(f"tiles: split_k={split_k} needs topk_weights (partials are summed by combine)")
-    dtype = torch.float32 if split_k > 1 else a.dtype
-    out = torch.empty(S * split_k, n, dtype=dtype, device=a.device)
+    if tiles.atomic_combine:
+        if topk_weights is None:
+            raise ValueError("tiles: atomic_combine adds weighted rows into token rows: it needs topk_weights")
+        shape = (sched.num_tokens, n)
+        if out is None:
+            out = torch.zeros(shape, dtype=a.dtype, device=a.device)
+        elif tuple(out.shape) != shape or out.dtype != a.dtype or out.device != a.device:
+            raise ValueError(f"out must be a {shape} {a.dtype} tensor on {a.device} (tokens x n), got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        else:
+            out.zero_()
+    elif out is not None:
+        raise ValueError("out is the atomic_combine result; without it grouped_gemm allocates its own")
+    else:
+        dtype = torch.float32 if split_k > 1 else a.dtype
+        out = torch.empty(S * split_k, n, dtype=dtype, device=a.device)
     return _launch(a, w, out, sched, tiles, n=n, n_offset=n_offset, up_offset=0, gather_a=gather_a,
                    gate_up_silu=False, topk_weights=topk_weights, split_k=split_k)
 
