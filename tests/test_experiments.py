@@ -344,7 +344,7 @@ def test_choose_pair_charges_the_down_projections_own_block_map(slots):
 
 
 @pytest.mark.parametrize("T", [1, 2, 3])
-def test_tuner_times_the_schedule_the_forward_runs(T):
+def test_tuner_times_the_schedule_the_forward_runs(T, device):
     # up to SLOT_SCHEDULE_MAX_TOKENS tokens the forward runs its GEMMs on a slot schedule (no schedule built), so
     # the tuner must time them there too, except tiles that walk a built schedule's blocks (persistent, sweeps);
     # every candidate's output is checked against the default tiles' on the same kind of schedule
@@ -355,7 +355,7 @@ def test_tuner_times_the_schedule_the_forward_runs(T):
     from experiments.tune import _Bench
     from tritonmoe import TileConfig
     spec = common.model_spec("qwen2_57b_a14b", common.SMOKE_SHRINK)
-    bench = _Bench(make_problem(spec, T, torch.float32, torch.device("cpu"), 0), spec, T, torch.float32, 0, 0)
+    bench = _Bench(make_problem(spec, T, torch.float32, device, 0), spec, T, torch.float32, 0, 0)
     tiles = TileConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
     assert bench.schedule_for(tiles).slot_blocks == (T <= 2)
     walking = replace(tiles, block_m=64, block_n=32, persistent=True, tma=True)
