@@ -510,8 +510,10 @@ def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:
         # a bucket's chunk_tokens (set from a measurement, not by this tuner) stays
         kept = {k: v for k, v in buckets.get(str(T), {}).items() if k == "chunk_tokens"}
         buckets[str(T)] = {"gate_up": c["gate_up"], "down": c["down"], **kept}
+        # "model": the shape's name in tune.jsonl's rows of this run (a skew shape may share a model's key: E=8 is
+        # Mixtral's), where the key's own "model" names whichever run made the entry first
         source["ms"][str(T)] = {**{k: round(c[k], 4) for k in ("gate_up_ms", "down_ms", "default_ms")},
-                                "commit": prov["commit"], "date": prov["date"]}
+                                "commit": prov["commit"], "date": prov["date"], "model": spec.name}
         if "forward_check" in c:  # the experts' forward with these tiles and with those they replaced
             f = c["forward_check"]
             source["ms"][str(T)]["forward_check"] = {"tuned_ms": round(f["tuned_ms"], 4),
