@@ -72,16 +72,28 @@ def tritonmoe_tail_tiles_experts(p: Problem):
     return tritonmoe_experts(p, schedule="tail_tiles")
 
 
-def tritonmoe_atomic_combine_experts(p: Problem):
-    """tritonmoe_fused with its tuned tiles, except that the down projection adds its weighted rows into the
-    output with atomic adds (``TileConfig.atomic_combine``) instead of writing them for ``combine``; chunked
-    where the table chunks the shape."""
+def _tuned_with(p: Problem, change):
+    """tritonmoe_fused's experts with its tuned tiles passed through ``change(tiles, gemm) -> tiles``; chunked where
+    the table chunks the shape."""
     s, x = p.spec, p.x
     args = (s.num_experts, s.intermediate_size, s.hidden_size, x.dtype, x.device)
     chunk = get_chunk_tokens(x.shape[0], *args)
     gate_up, down = get_tiles(min(x.shape[0], chunk or x.shape[0]), s.top_k, *args)
-    tiles = (gate_up, dataclasses.replace(down, atomic_combine=True))
+    tiles = (change(gate_up, "gate_up"), change(down, "down"))
     return lambda weights, ids: tritonmoe.fused_experts(x, p.w13, p.w2, weights, ids, tiles=tiles, chunk_tokens=chunk)
+
+
+def tritonmoe_atomic_combine_experts(p: Problem):
+    """The tuned tiles, except that the down projection adds its weighted rows into the output with atomic adds
+    (``TileConfig.atomic_combine``) instead of writing them for ``combine``."""
+    return _tuned_with(p, lambda t, gemm: dataclasses.replace(t, atomic_combine=gemm == "down"))
+
+
+def tritonmoe_swap_ab_experts(p: Problem):
+    """The tuned tiles with ``swap_ab`` (tiles under 64 rows as the transposed product) and tail tiles down to 16
+    rows (``min_block_m``; not for persistent tiles, which run full-height tiles only)."""
+    return _tuned_with(p, lambda t, gemm: dataclasses.replace(t, swap_ab=True, min_block_m=t.min_block_m if t.persistent
+                                                              else min(16, t.block_m)))
 
 
 def tritonmoe_unfused_experts(p: Problem):
@@ -170,6 +182,7 @@ EXPERTS = {
     "tritonmoe_fixed": tritonmoe_fixed_experts,
     "tritonmoe_tail_tiles": tritonmoe_tail_tiles_experts,
     "tritonmoe_atomic_combine": tritonmoe_atomic_combine_experts,
+    "tritonmoe_swap_ab": tritonmoe_swap_ab_experts,
     "tritonmoe_unfused": tritonmoe_unfused_experts,
     "torch_loop": torch_loop_experts,
     "torch_grouped_mm": torch_grouped_mm_experts,

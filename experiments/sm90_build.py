@@ -27,6 +27,10 @@ from . import common  # noqa: E402
 # (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the large-T tiles of the H100 table
 CASES = [("gate_up", 128, 128, 64, 8, 4), ("gate_up", 128, 64, 64, 8, 4), ("down", 128, 256, 64, 8, 4),
          ("gate_up", 16, 64, 128, 4, 4)]
+# tiles under 64 rows as the transposed product (TileConfig.swap_ab): 16-row blocks, and 128-row blocks with
+# tail tiles down to 16 rows (the kernel then holds a branch per tile height)
+SWAP_CASES = [("gate_up", 16, 64, 128, 4, 4, 16), ("down", 16, 64, 128, 4, 4, 16), ("gate_up", 128, 128, 64, 8, 4, 16),
+              ("down", 128, 256, 64, 8, 4, 16)]
 INSTRUCTIONS = {"wgmma": r"wgmma\.mma_async", "bulk_tensor_copy": r"cp\.async\.bulk\.tensor",
                 "cp_async": r"cp\.async\.(?:ca|cg)", "local_memory": r"(?:ld|st)\.local",
                 "setmaxnreg": r"setmaxnreg", "griddepcontrol": r"griddepcontrol\.(?:wait|launch_dependents)"}
@@ -34,15 +38,15 @@ DIVISIBLE = ("N", "K", "stride_am", "stride_om", "stride_wn", "k_per_split", "n_
 
 
 def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: bool, persistent: bool = False,
-          permute_input: bool = False) -> dict:
+          permute_input: bool = False, min_bm: int | None = None, swap_ab: bool = False) -> dict:
     gate_up = kernel == "gate_up"
     gather = gate_up and not permute_input
     a_tma = tma and not gather  # gathered inputs stay pointer loads
     names = _expert_gemm_kernel.arg_names
     consts = dict(GATHER_A=gather, GATE_UP_SILU=gate_up, SCATTER_WEIGHTED=not gate_up, BLOCK_M=bm, BLOCK_N=bn,
-                  BLOCK_K=bk, GROUP_M=8, EXPERT_GROUPS=True, MIN_BLOCK_M=bm, ABSORB_M=0, EVEN_K=True,
+                  BLOCK_K=bk, GROUP_M=8, EXPERT_GROUPS=True, MIN_BLOCK_M=min_bm or bm, ABSORB_M=0, EVEN_K=True,
                   DOT_PRECISION="tf32", WEIGHT_TMA=tma, A_TMA=a_tma, PERSISTENT=persistent, SWEEP_N=0, SLOT_BLOCKS=False,
-                  GATE_UP_BOX=gate_up and tma, USE_GDC=True, stride_ak=1, stride_wk=1, stride_on=1)
+                  GATE_UP_BOX=gate_up and tma, SWAP_AB=swap_ab, USE_GDC=True, stride_ak=1, stride_wk=1, stride_on=1)
     if not tma:
         consts["w_desc"] = None
     if not a_tma:
@@ -66,7 +70,7 @@ def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: 
                                 text=True).stderr
     regs, spills = re.search(r"Used (\d+) registers", report), re.search(r"(\d+) bytes spill stores", report)
     return {"kernel": kernel, "block_m": bm, "block_n": bn, "block_k": bk, "num_warps": warps, "num_stages": stages,
-            "tma": tma, "shared_bytes": compiled.metadata.shared,
+            "tma": tma, "min_block_m": min_bm or bm, "swap_ab": swap_ab, "shared_bytes": compiled.metadata.shared,
             "registers": int(regs.group(1)) if regs else None, "spill_store_bytes": int(spills.group(1)) if spills else None,
             **{f"ptx_{k}": len(re.findall(v, ptx)) for k, v in INSTRUCTIONS.items()}}
 
@@ -74,17 +78,20 @@ def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: 
 def main() -> None:
     prov = {**common.provenance(torch.device("cpu"), 0), "device": "sm90-build", "target": "cuda sm_90 (ptxas sm_90a)"}
     rows = []
-    for case in CASES:
+    builds = [(case, dict()) for case in CASES]
+    builds += [(case[:6], dict(min_bm=case[6], swap_ab=swap)) for case in SWAP_CASES for swap in (False, True)
+               if swap or case[6] < case[1]]  # 16-row blocks unswapped are CASES' last
+    for case, extra in builds:
         for tma in (False, True):
-            rows.append({**prov, "experiment": "sm90_build", **build(*case, tma)})
+            rows.append({**prov, "experiment": "sm90_build", **build(*case, tma, **extra)})
             r = rows[-1]
             print(f"{r['kernel']:8s} {r['block_m']:>3d}x{r['block_n']:<3d}x{r['block_k']:<3d} w{r['num_warps']} "
-                  f"s{r['num_stages']} tma={str(tma):5s} regs {r['registers']:>3} spills {r['spill_store_bytes']} "
+                  f"s{r['num_stages']} tail{r['min_block_m']:<3d} swap={str(r['swap_ab']):5s} tma={str(tma):5s} regs {r['registers']:>3} spills {r['spill_store_bytes']} "
                   f"smem {r['shared_bytes'] // 1024:>3d} KB  wgmma {r['ptx_wgmma']} bulk {r['ptx_bulk_tensor_copy']} "
                   f"cp.async {r['ptx_cp_async']} local {r['ptx_local_memory']}", flush=True)
     path = common.REPO / "results" / "sm90-build" / "sm90_build.jsonl"
     common.write_rows(path, rows, ("experiment", "kernel", "block_m", "block_n", "block_k", "num_warps",
-                                   "num_stages", "tma"))
+                                   "num_stages", "tma", "min_block_m", "swap_ab"))
     print(f"{len(rows)} rows -> {path.relative_to(common.REPO)}")
 
 

@@ -57,11 +57,11 @@ def test_smoke_latency_runs(tmp_path):
     assert len((tmp_path / "smoke" / "latency.jsonl").read_text().splitlines()) == len(rows)
 
 
-def test_smoke_latency_atomic_combine(tmp_path):
-    # the A/B of the down projection's atomic combine: its forward checked against the reference like the others
+def test_smoke_latency_tile_variants(tmp_path):
+    # the A/Bs of the atomic combine and of swapped small tiles: their forwards checked against the reference
     rows = run_smoke(tmp_path, "latency", "model=qwen2_57b_a14b", "profile.tokens=[5]",
-                     "experiment.impls=[tritonmoe_fused,tritonmoe_atomic_combine]")
-    assert {r["impl"] for r in rows} == {"tritonmoe_fused", "tritonmoe_atomic_combine"}
+                     "experiment.impls=[tritonmoe_fused,tritonmoe_atomic_combine,tritonmoe_swap_ab]")
+    assert {r["impl"] for r in rows} == {"tritonmoe_fused", "tritonmoe_atomic_combine", "tritonmoe_swap_ab"}
     assert all(r["status"] == "ok" and r["rel_err"] < 1e-5 for r in rows)
 
 

@@ -331,6 +331,29 @@ def test_atomic_combine(case, device, poison):
               chunk_tokens=chunk)
 
 
+# Tiles under 64 rows computing the transposed product (weights as the MMA's M): tail tiles of every height
+# under full 64- and 128-row tiles (pointer loads; TMA with the gate+up's one-dot box), 32-row blocks
+# throughout, the unfused pipeline's plain projections; absorbed tails and slot schedules keep the usual product.
+SWAP_CASES = {
+    "tails-64": (dict(block_m=64, min_block_m=16), True, "expert_groups"),
+    "tails-128-tma": (dict(block_m=128, min_block_m=16, tma=True), True, "expert_groups"),
+    "blocks-32-unfused": (dict(block_m=32), False, "fixed"),
+    "blocks-32-tma-absorb": (dict(block_m=32, tma=True, absorb_m=16), True, "expert_groups"),
+    "slots": (dict(block_m=32), True, "slots"),
+}
+
+
+@pytest.mark.parametrize("case", SWAP_CASES)
+def test_swap_ab_tiles(case, device, poison):
+    fields, fused, schedule = SWAP_CASES[case]
+    # a slot schedule runs one block per slot: a few tokens keep the interpreter's run short
+    ids, E = SLOT_CASES["T5-shared-experts"] if schedule == "slots" else (EXTREMES["every-tail-height"][3], 12)
+    tiles = tritonmoe.TileConfig(block_n=32, block_k=32, group_m=3, num_stages=2, swap_ab=True, **fields)
+    for dtype in dtypes_for(device):
+        check(*make_inputs(ids.shape[0], ids.shape[1], E, device, dtype, ids=ids, H=80, F=48), fused=fused,
+              tiles=(tiles, tiles), schedule=schedule)
+
+
 def test_atomic_combine_refusals(device):
     x, w13, w2, weights, ids = make_inputs(9, 2, 4, device, torch.float32)
     plain = tritonmoe.TileConfig(block_m=16, block_n=32, block_k=32)

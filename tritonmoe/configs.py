@@ -26,7 +26,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 log = logging.getLogger("tritonmoe")
 
 
-FLAGS = ("tma", "expert_groups", "persistent", "permute_input", "gate_up_one_dot", "atomic_combine")  # TileConfig's bool fields
+FLAGS = ("tma", "expert_groups", "persistent", "permute_input", "gate_up_one_dot", "atomic_combine", "swap_ab")  # TileConfig's bool fields
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,10 @@ class TileConfig:
     # written nor read back, for T*k*H atomic adds and a zero fill. The k rows of a token then add up in the
     # output dtype in an order that varies from run to run (results not bitwise reproducible). A tuned choice.
     atomic_combine: bool = False
+    # Tiles under 64 rows (tail tiles, or block_m < 64) compute the transposed product, weight columns as the
+    # MMA's M and rows as its N: on Hopper tl.dot is a wgmma only where M is 64+, the older mma.sync under it
+    # (per-tile paths; not slot schedules, persistent programs or absorbed tails). A tuned choice.
+    swap_ab: bool = False
 
     def __post_init__(self):
         for name in FLAGS:

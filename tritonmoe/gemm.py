@@ -63,6 +63,7 @@ def _expert_gemm_kernel(
     SWEEP_N: tl.constexpr,           # N-tiles per sweep over all M-blocks (0: all of N in one sweep)
     SLOT_BLOCKS: tl.constexpr,       # a slot schedule: M-block b is slot b (one row), expert block_expert[b] = topk_ids
     GATE_UP_BOX: tl.constexpr,       # GATE_UP_SILU with w_desc a (2E, F, K) view: gate and up tiles in one box, one dot
+    SWAP_AB: tl.constexpr,           # tiles under 64 rows (one program each) compute the transposed product
     USE_GDC: tl.constexpr,           # programmatic dependent launch (set by _launch.launch)
 ):
     await_previous(USE_GDC)
@@ -80,7 +81,7 @@ def _expert_gemm_kernel(
                          expert.to(tl.int32), pid_m, pid_m + 1, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split,
                          stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
                          GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, 0, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
-                         WEIGHT_TMA, False, True, GATE_UP_BOX)
+                         WEIGHT_TMA, False, True, GATE_UP_BOX, False)
     elif PERSISTENT:
         # The tiles of the used M-blocks (their count is on the device), grid-strided over the programs;
         # consecutive tiles' K loops run as one pipelined loop, so one tile's epilogue can overlap the
@@ -95,7 +96,7 @@ def _expert_gemm_kernel(
                          tl.load(block_row_ptr + pid_m), tl.load(expert_offsets_ptr + expert + 1), pid_n, N, K, TOP_K,
                          n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                          stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, 0, BLOCK_N, BLOCK_K,
-                         EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX)
+                         EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False)
     else:
         pid = tl.program_id(0)
         if SWEEP_N > 0:
@@ -136,14 +137,14 @@ def _expert_gemm_kernel(
                                  row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
                                  stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
                                  GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M >> h, 0, BLOCK_N, BLOCK_K, EVEN_K,
-                                 DOT_PRECISION, WEIGHT_TMA, A_TMA and h == 0, False, GATE_UP_BOX)
+                                 DOT_PRECISION, WEIGHT_TMA, A_TMA and h == 0, False, GATE_UP_BOX, SWAP_AB)
         if ABSORB_M > 0:
             if height == -1:
                 _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
                              row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
                              stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
                              GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, ABSORB_M, BLOCK_N, BLOCK_K, EVEN_K,
-                             DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX)
+                             DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False)
 
 
 @triton.jit
@@ -232,7 +233,7 @@ def _expert_tile(
     stride_om, stride_on, GATHER_A: tl.constexpr, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr,
     TILE_M: tl.constexpr, EXTRA_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr, A_TMA: tl.constexpr, SLOT_ORDER: tl.constexpr,
-    GATE_UP_BOX: tl.constexpr,
+    GATE_UP_BOX: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     """One (TILE_M rows of one expert) x (BLOCK_N columns) output tile over one split-K slice, and with
     EXTRA_M > 0 the expert's rows after them (up to EXTRA_M: an absorbing block) as a second tile that
@@ -240,7 +241,10 @@ def _expert_tile(
     SLOT_ORDER: rows are slots (a slot schedule), else sorted rows mapped to slots by sorted_slots.
     GATE_UP_BOX: the gate and up weight tiles come as one (2, BLOCK_N, BLOCK_K) box, so each K step is
     one dot of 2 * BLOCK_N columns (Triton pipelines one wide dot better than two that share the input:
-    experiments/probe_ws.py); the accumulator is split into gate and up before the epilogue."""
+    experiments/probe_ws.py); the accumulator is split into gate and up before the epilogue.
+    SWAP_AB: a tile under 64 rows (and no absorbed rows) computes (w_tile @ a_tile^T)^T: the weight tile's
+    columns are the MMA's M and the rows its N, since on Hopper tl.dot is a wgmma only where M is 64+ (under
+    it, the older mma.sync); the accumulator is transposed back before the epilogue."""
     pid_k = tl.program_id(1)  # split-K slice: [pid_k * k_per_split, ...) of the reduction
     offs_m = row_start + tl.arange(0, TILE_M)                                                   # [TM]
     mask_m = offs_m < row_end
@@ -259,10 +263,17 @@ def _expert_tile(
     # (or are zero-filled past the last) and only feed output columns that are never stored.
     w_row = (expert * (stride_we // stride_wn)).to(tl.int32) + n_offset + pid_n * BLOCK_N  # E * rows < 2**31
     WIDE: tl.constexpr = 2 if GATE_UP_BOX else 1  # accumulator columns per output column
-    acc = tl.zeros((TILE_M, WIDE * BLOCK_N), dtype=tl.float32)
-    acc_up = acc  # replaced where GATE_UP_SILU with two dots
-    if GATE_UP_SILU and not GATE_UP_BOX:
-        acc_up = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
+    SWAP: tl.constexpr = SWAP_AB and TILE_M < 64 and EXTRA_M == 0
+    if SWAP:  # transposed: (output columns, rows)
+        acc = tl.zeros((WIDE * BLOCK_N, TILE_M), dtype=tl.float32)
+        acc_up = acc  # replaced where GATE_UP_SILU with two dots
+        if GATE_UP_SILU and not GATE_UP_BOX:
+            acc_up = tl.zeros((BLOCK_N, TILE_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((TILE_M, WIDE * BLOCK_N), dtype=tl.float32)
+        acc_up = acc  # replaced where GATE_UP_SILU with two dots
+        if GATE_UP_SILU and not GATE_UP_BOX:
+            acc_up = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     if EXTRA_M > 0:
         offs_x = row_start + TILE_M + tl.arange(0, EXTRA_M)                                     # [XM]
         mask_x = offs_x < row_end
@@ -286,7 +297,10 @@ def _expert_tile(
             w = w_desc.load([w_row, k0]).T  # columns past K are zero-filled by the copy engine
         else:
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if SWAP:
+            acc = tl.dot(tl.trans(w), tl.trans(a), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         if EXTRA_M > 0:
             a_x = tl.load(a_ptrs_x, mask=mask_x[:, None] & mask_k[None, :], other=0.0)
             acc_x = tl.dot(a_x, w, acc_x, input_precision=DOT_PRECISION)
@@ -297,12 +311,19 @@ def _expert_tile(
                 w_up = w_desc.load([w_row + up_offset, k0]).T
             else:
                 w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
+            if SWAP:
+                acc_up = tl.dot(tl.trans(w_up), tl.trans(a), acc_up, input_precision=DOT_PRECISION)
+            else:
+                acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
             if EXTRA_M > 0:
                 acc_x_up = tl.dot(a_x, w_up, acc_x_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
+    if SWAP:
+        acc = tl.trans(acc)
+        if GATE_UP_SILU and not GATE_UP_BOX:
+            acc_up = tl.trans(acc_up)
     if GATE_UP_BOX:
         acc, acc_up = _split_gate_up(acc, TILE_M, BLOCK_N)
     _store_tile(acc, acc_up, offs_m, mask_m, slots, offs_n, mask_n, out_ptr, topk_weights_ptr, stride_om, stride_on,
@@ -424,7 +445,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
         min_block_m, sched.absorb_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
-        tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks, gate_up_box,
+        tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks, gate_up_box, tiles.swap_ab,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages, dependent=not tiles.persistent)
     return out
 
