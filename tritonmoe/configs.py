@@ -75,11 +75,13 @@ class TileConfig:
     # down only: the epilogue adds each weighted row into its token's output row with atomic adds (the output
     # zeroed first) instead of writing it at its slot's row for ``combine`` to sum: T*k*H elements neither
     # written nor read back, for T*k*H atomic adds and a zero fill. The k rows of a token then add up in the
-    # output dtype in an order that varies from run to run (results not bitwise reproducible). A tuned choice.
+    # output dtype in an order that varies from run to run (results not bitwise reproducible). Off in every
+    # tuned table: in the forward on the H100, from 1.4 % faster to 4.9 % slower (experiments/PERF_LOG.md v22).
     atomic_combine: bool = False
     # Tiles under 64 rows (tail tiles, or block_m < 64) compute the transposed product, weight columns as the
     # MMA's M and rows as its N: on Hopper tl.dot is a wgmma only where M is 64+, the older mma.sync under it
-    # (per-tile paths; not slot schedules, persistent programs or absorbed tails). A tuned choice.
+    # (per-tile paths; not slot schedules, persistent programs or absorbed tails). Off in every tuned table:
+    # slower in the forward on the H100 where it changed anything (Mixtral T = 1024: 11 %; PERF_LOG v22).
     swap_ab: bool = False
 
     def __post_init__(self):
