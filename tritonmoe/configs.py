@@ -26,7 +26,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 log = logging.getLogger("tritonmoe")
 
 
-FLAGS = ("tma", "expert_groups", "persistent", "permute_input", "gate_up_one_dot", "atomic_combine", "swap_ab")  # TileConfig's bool fields
+# TileConfig's bool fields
+FLAGS = ("tma", "expert_groups", "persistent", "permute_input", "gate_up_one_dot", "atomic_combine", "swap_ab")
 
 
 @dataclass(frozen=True)
