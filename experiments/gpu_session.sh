@@ -18,6 +18,7 @@
 #     combine the combine against what fusing it into the down projection would cost: atomic adds, zero, cast (probe_combine)
 #     routing each expert's rows in the latency grid's routing and the rows padded to 16/64/128-row tiles (probe_routing)
 #     skewprof Nsight Compute per GEMM at the skew grid's worst cells: time, tensor/DRAM busy, DRAM bytes (probe_skew_profile)
+#     skeworder the worst skew cells with the hot experts first, last, spread or as the grid has them (probe_skew_order)
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
@@ -102,6 +103,7 @@ stage_front() { python3 -m experiments.probe_front 2>&1 | tee "$OUT/probe_front.
 stage_combine() { python3 -m experiments.probe_combine 2>&1 | tee "$OUT/probe_combine.log"; }
 stage_routing() { python3 -m experiments.probe_routing 2>&1 | tee "$OUT/probe_routing.log" | grep -v "^\["; }
 stage_skewprof() { python3 -m experiments.probe_skew_profile 2>&1 | tee "$OUT/probe_skew_profile.log"; }
+stage_skeworder() { python3 -m experiments.probe_skew_order 2>&1 | tee "$OUT/probe_skew_order.log" | grep -v "^\["; }
 stage_flush() { megablocks_ready; python3 -m experiments.probe_flush 2>&1 | tee "$OUT/probe_flush.log"; }
 
 for stage in $stages; do "stage_$stage"; done

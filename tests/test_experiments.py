@@ -282,6 +282,30 @@ def test_probe_routing_counts_and_padding():
         assert r["slots"] <= r["padded_rows_16"] <= r["padded_rows_64"] <= r["padded_rows_128"]
 
 
+def test_probe_skew_order_relabels_by_rank():
+    # the same routing with experts renamed by popularity rank: a permutation; hot_first / hot_last / spread put
+    # the most popular expert at id 0 / E-1 / 0 and the second at 1 / E-2 / E/8+1; every count kept (s = 0.5: no
+    # expert capped at T, so no ties at the top)
+    import torch
+    from experiments import probe_skew_order as pso
+    from experiments.skew import expert_counts, skewed_topk_ids
+    E, T, k = 64, 256, 8
+    ids = skewed_topk_ids(T, k, E, 0.5, seed=0)
+    counts = expert_counts(T, k, E, 0.5)
+    for order, first, second in (("hot_first", 0, 1), ("hot_last", E - 1, E - 2), ("spread", 0, E // 8 + 1)):
+        new = pso.relabel(ids, counts, E, order)
+        c = torch.bincount(new.flatten().long(), minlength=E)
+        assert sorted(c.tolist()) == sorted(counts) and c.argmax().item() == first
+        assert c.argsort(descending=True, stable=True)[1].item() == second, order
+        assert all(len(set(row.tolist())) == k for row in new)  # still k distinct experts per token
+    assert pso.relabel(ids, counts, E, "as_grid") is ids
+    env = smoke_env()
+    code = "import json; from experiments import probe_skew_order; print(json.dumps(probe_skew_order.main(smoke=True)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(r["status"] == "ok" for r in rows) and {r["order"] for r in rows} == set(pso.ORDERS)
+
+
 def test_probe_ws_smoke():
     from experiments import probe_ws
     # the warp-specialisation probe at tiny shapes on the interpreter: every kernel variant runs in its
