@@ -251,6 +251,17 @@ def write_rows(path: Path, rows: list[dict], key_fields: tuple[str, ...]) -> Non
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in all_rows))
 
 
+def save_probe_rows(name: str, device: torch.device, rows: list[dict], key_fields: tuple[str, ...],
+                    smoke: bool = False) -> None:
+    """A probe's rows into results/<GPU>/<name>.jsonl (``write_rows``), or nowhere for a smoke run; says which."""
+    if smoke:
+        print(f"{len(rows)} rows (smoke: not written)")
+        return
+    path = REPO / "results" / device_name(device) / f"{name}.jsonl"
+    write_rows(path, rows, key_fields)
+    print(f"{len(rows)} rows -> {path.relative_to(REPO)}")
+
+
 class Progress:
     """One line per step with an ETA, for long sweeps."""
 

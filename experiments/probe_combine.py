@@ -127,12 +127,7 @@ def main(smoke: bool = False) -> list[dict]:
             extra = us["zero"] + us["atomic_add"] + us["cast"] - us["rows_write"] - us["combine"]
             print(f"{model:15s} {T:>5d} {us['combine']:>8.1f} {us['rows_write']:>10.1f} {us['atomic_add']:>8.1f} "
                   f"{us['zero']:>6.1f} {us['cast']:>6.1f} {extra:>11.1f}")
-    if not smoke:
-        path = common.REPO / "results" / common.device_name(dev) / "probe_combine.jsonl"
-        common.write_rows(path, rows_out, KEY)
-        print(f"{len(rows_out)} rows -> {path.relative_to(common.REPO)}")
-    else:
-        print(f"{len(rows_out)} rows (smoke: not written)")
+    common.save_probe_rows("probe_combine", dev, rows_out, KEY, smoke)
     return rows_out
 
 

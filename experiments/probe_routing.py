@@ -67,12 +67,7 @@ def main(smoke: bool = False) -> list[dict]:
         print(f"{r['model']:15s} {r['T']:>5d} {r['slots'] / r['num_experts']:>7.1f} {r['max_count']:>5d} "
               f"{r['distinct_experts']:>8d} "
               + " ".join(f"{r[f'padded_rows_{m}'] / r['slots']:>7.3f}" for m in PAD_ROWS))
-    if smoke:
-        print(f"{len(rows)} rows (smoke: not written)")
-    else:
-        path = common.REPO / "results" / common.device_name(dev) / "probe_routing.jsonl"
-        common.write_rows(path, rows, KEY)
-        print(f"{len(rows)} rows -> {path.relative_to(common.REPO)}")
+    common.save_probe_rows("probe_routing", dev, rows, KEY, smoke)
     return rows
 
 

@@ -28,7 +28,7 @@ import tritonmoe
 from tritonmoe import reference
 from . import common
 from .latency import CHECK_TOL, check
-from .skew import expert_counts, skew_spec, skewed_topk_ids
+from .skew import expert_counts, random_inputs, skew_spec, skewed_topk_ids
 
 MODEL = "mixtral_8x7b"                 # the skew experiment's model: H = 4096, E F = 8 x 14336
 CELLS = ((16, 2048), (64, 2048), (128, 8192), (256, 8192))
@@ -65,12 +65,7 @@ def main(smoke: bool = False) -> list[dict]:
     for E, T in cells:
         spec = skew_spec(base_model, E, TOP_K)
         H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
-        g = torch.Generator(device=dev).manual_seed(SEED)
-        w13 = (torch.randn(E, 2 * F, H, generator=g, device=dev) * H ** -0.5).to(dtype)
-        w2 = (torch.randn(E, H, F, generator=g, device=dev) * F ** -0.5).to(dtype)
-        x = torch.randn(T, H, generator=g, device=dev).to(dtype)
-        weights = torch.rand(T, k, generator=g, device=dev)
-        weights = weights / weights.sum(1, keepdim=True)
+        x, w13, w2, weights = random_inputs(spec, T, dev, dtype, SEED)
         for skew in ("0",) + SKEWS:
             s = skew if skew == "hot" else float(skew)
             grid_ids = skewed_topk_ids(T, k, E, s, seed=SEED)
@@ -100,12 +95,7 @@ def main(smoke: bool = False) -> list[dict]:
         for skew in SKEWS:
             print(f"{E:>4d} {T:>5d} {skew:>5s} {uni:>8.3f} "
                   + " ".join(f"{ok.get((E, T, skew, o), float('nan')) / uni:>9.3f}" for o in ORDERS))
-    if smoke:
-        print(f"{len(rows)} rows (smoke: not written)")
-    else:
-        path = common.REPO / "results" / common.device_name(dev) / "probe_skew_order.jsonl"
-        common.write_rows(path, rows, KEY)
-        print(f"{len(rows)} rows -> {path.relative_to(common.REPO)}")
+    common.save_probe_rows("probe_skew_order", dev, rows, KEY, smoke)
     return rows
 
 

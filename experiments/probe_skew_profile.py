@@ -18,7 +18,6 @@ Metrics the installed ncu does not know on this GPU are left out (listed in the 
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -26,7 +25,7 @@ import torch
 
 import tritonmoe
 from . import common
-from .skew import skew_spec, skewed_topk_ids
+from .skew import random_inputs, skew_spec, skewed_topk_ids
 from .traffic import find_ncu, ncu_csv
 
 MODEL = "mixtral_8x7b"            # the skew experiment's model: H = 4096, E F = 8 x 14336
@@ -49,22 +48,12 @@ METRICS = {  # column -> ncu metric
 KEY = ("experiment", "E", "T", "skew", "launch", "commit")
 
 
-def _problem(E: int, T: int, skew: str):
-    spec = skew_spec(common.model_spec(MODEL), E, TOP_K)
-    dev, dtype = torch.device("cuda"), torch.bfloat16
-    g = torch.Generator(device=dev).manual_seed(SEED)
-    H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
-    w13 = (torch.randn(E, 2 * F, H, generator=g, device=dev) * H ** -0.5).to(dtype)
-    w2 = (torch.randn(E, H, F, generator=g, device=dev) * F ** -0.5).to(dtype)
-    x = torch.randn(T, H, generator=g, device=dev).to(dtype)
-    ids = skewed_topk_ids(T, k, E, skew if skew == "hot" else float(skew), seed=SEED).to(dev)
-    weights = torch.rand(T, k, generator=g, device=dev)
-    return spec, x, w13, w2, weights / weights.sum(1, keepdim=True), ids
-
-
 def _child(E: int, T: int, skew: str) -> None:
     """Run under ncu: the experts' forward once to compile, then once profiled."""
-    _, x, w13, w2, weights, ids = _problem(E, T, skew)
+    spec = skew_spec(common.model_spec(MODEL), E, TOP_K)
+    dev = torch.device("cuda")
+    x, w13, w2, weights = random_inputs(spec, T, dev, torch.bfloat16, SEED)
+    ids = skewed_topk_ids(T, spec.top_k, E, skew if skew == "hot" else float(skew), seed=SEED).to(dev)
     with torch.no_grad():
         tritonmoe.fused_experts(x, w13, w2, weights, ids)
         torch.cuda.synchronize()
@@ -123,8 +112,6 @@ def main() -> list[dict]:
                     gemms += 1
                 rows.append({**base, "E": E, "T": T, "skew": skew, "launch": i, "status": "ok", **entry})
             progress.step(f"E={E} T={T} skew={skew}: {len(launches)} kernels")
-    path = common.REPO / "results" / common.device_name(dev) / "probe_skew_profile.jsonl"
-    common.write_rows(path, rows, KEY)
     cols = [c for c in ("ms", "dram_read_bytes", "dram_pct", "tensor_gmma_pct", "tensor_hmma_pct", "sm_pct",
                         "l2_hit_pct", "warps_active_pct") if c in metrics]
     print(f"\n{'E':>4s} {'T':>5s} {'skew':>5s} {'gemm':8s} " + " ".join(f"{c[:12]:>12s}" for c in cols))
@@ -133,7 +120,7 @@ def main() -> list[dict]:
             print(f"{r['E']:>4d} {r['T']:>5d} {r['skew']:>5s} {r['gemm']:8s} "
                   + " ".join(f"{r.get(c, float('nan')) / (1e6 if 'bytes' in c else 1):>12.3f}" for c in cols))
     print("(dram_read_bytes in MB)")
-    print(f"{len(rows)} rows -> {path.relative_to(common.REPO)}")
+    common.save_probe_rows("probe_skew_profile", dev, rows, KEY)
     return rows
 
 

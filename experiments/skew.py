@@ -112,6 +112,19 @@ def skew_spec(spec, E: int, top_k):
                         shared_expert_gate=False)
 
 
+def random_inputs(spec, T: int, device, dtype, seed: int):
+    """(x, w13, w2, topk_weights) for the skew shape ``spec``: whole weight tensors drawn in float32 and cast, T
+    tokens, routing weights normalised per token, all from one seeded generator. The skew probes' inputs (the
+    experiment itself draws expert by expert, below)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    E, H, F, k = spec.num_experts, spec.hidden_size, spec.intermediate_size, spec.top_k
+    w13 = (torch.randn(E, 2 * F, H, generator=g, device=device) * H ** -0.5).to(dtype)
+    w2 = (torch.randn(E, H, F, generator=g, device=device) * F ** -0.5).to(dtype)
+    x = torch.randn(T, H, generator=g, device=device).to(dtype)
+    weights = torch.rand(T, k, generator=g, device=device)
+    return x, w13, w2, weights / weights.sum(1, keepdim=True)
+
+
 def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
     e = cfg.experiment
     rows = []
