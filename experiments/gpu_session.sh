@@ -19,6 +19,7 @@
 #     routing each expert's rows in the latency grid's routing and the rows padded to 16/64/128-row tiles (probe_routing)
 #     skewprof Nsight Compute per GEMM at the skew grid's worst cells: time, tensor/DRAM busy, DRAM bytes (probe_skew_profile)
 #     skeworder the worst skew cells with the hot experts first, last, spread or as the grid has them (probe_skew_order)
+#     skewgroup the worst skew cells with an expert's M-blocks grouped otherwise, or 64-row tails (probe_skew_group)
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
@@ -104,6 +105,7 @@ stage_combine() { python3 -m experiments.probe_combine 2>&1 | tee "$OUT/probe_co
 stage_routing() { python3 -m experiments.probe_routing 2>&1 | tee "$OUT/probe_routing.log" | grep -v "^\["; }
 stage_skewprof() { python3 -m experiments.probe_skew_profile 2>&1 | tee "$OUT/probe_skew_profile.log"; }
 stage_skeworder() { python3 -m experiments.probe_skew_order 2>&1 | tee "$OUT/probe_skew_order.log" | grep -v "^\["; }
+stage_skewgroup() { python3 -m experiments.probe_skew_group 2>&1 | tee "$OUT/probe_skew_group.log" | grep -v "^\["; }
 stage_flush() { megablocks_ready; python3 -m experiments.probe_flush 2>&1 | tee "$OUT/probe_flush.log"; }
 
 for stage in $stages; do "stage_$stage"; done

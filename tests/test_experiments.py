@@ -306,6 +306,30 @@ def test_probe_skew_order_relabels_by_rank():
     assert all(r["status"] == "ok" for r in rows) and {r["order"] for r in rows} == set(pso.ORDERS)
 
 
+def test_probe_skew_group_variants():
+    # the group override is live inside its block and gone after it; tails_64 makes 128-row tiles per-tile with
+    # 64-row tails and leaves 64-row tiles alone; the smoke run checks every variant's output (CPU interpreter)
+    import torch
+    from experiments import probe_skew_group as psg
+    from tritonmoe import TileConfig, gemm
+    rule, tiles, a = gemm._group_blocks, TileConfig(block_m=128, group_m=8, persistent=True), torch.empty(1, 1)
+    for variant, want in (("group_2", 2), ("group_64", 64), ("group_m", 8)):
+        with psg.group_blocks(variant):
+            assert gemm._group_blocks(tiles, a, 128, 4096) == want
+        assert gemm._group_blocks is rule
+    with psg.group_blocks("tuned"):
+        assert gemm._group_blocks is rule
+    t = psg.variant_tiles(tiles, "tails_64")
+    assert (t.persistent, t.min_block_m, t.block_m) == (False, 64, 128)
+    small = TileConfig(block_m=64)
+    assert psg.variant_tiles(small, "tails_64") is small and psg.variant_tiles(tiles, "group_2") is tiles
+    code = "import json; from experiments import probe_skew_group; print(json.dumps(probe_skew_group.main(smoke=True)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=smoke_env(), capture_output=True, text=True,
+                          check=True)
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(r["status"] == "ok" for r in rows) and {r["variant"] for r in rows} == set(psg.VARIANTS)
+
+
 def test_probe_ws_smoke():
     from experiments import probe_ws
     # the warp-specialisation probe at tiny shapes on the interpreter: every kernel variant runs in its

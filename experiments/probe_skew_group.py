@@ -1,0 +1,129 @@
+"""Probe: does how M-blocks are grouped decide how much a skewed routing costs? (issue #7, PERF_LOG gap 5d)
+
+`probe_skew_order` (v23) found that where the hot experts sit in id order moves a skewed forward by at most 5 %,
+so the slow-down is not the hot experts' programs running apart from the cold experts'. Padded rows explain part
+of it (an expert's partial last block; uniform routing in the skew grid pads none), not all: at E = 16, T = 2048,
+Zipf s = 2 the gate+up is 29 % slower with 8 % more rows padded, its tensor pipes and DRAM both less busy
+(`probe_skew_profile`). What a skewed routing changes besides is the groups: blocks of one expert that sweep N
+together. The GEMMs group up to as many of an expert's blocks as half of L2 holds input rows for
+(``gemm._group_blocks``), so a hot expert of 16 blocks sweeps N as one group of 16 where uniform routing's
+experts make groups of 2-4. This times the experts' forward and its gate+up alone, at the skew grid's worst
+cells, under uniform, Zipf(2) and one-hot-expert routings, with
+
+* ``tuned``: the tiles and groups as the skew grid runs them;
+* ``group_m``, ``group_2``, ``group_64``: groups of the tiles' group_m, 2 or 64 blocks of one expert instead
+  (``gemm._group_blocks`` replaced for the call: the probe's only change to the package's code path);
+* ``consecutive``: groups of group_m consecutive blocks, across experts (``schedule="fixed"``);
+* ``tails_64``: an expert's partial last block 64 rows tall where the tuned tiles run 128-row blocks
+  (persistent gate+up tiles run per tile for it: persistent programs take full-height tiles only),
+
+in one process; every output is checked against the float64 reference first.
+
+    python -m experiments.probe_skew_group          # GPU -> results/<GPU>/probe_skew_group.jsonl
+    python -m experiments.probe_skew_group --smoke  # CPU interpreter, tiny shapes: it runs, nothing written
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+
+import torch
+
+import tritonmoe
+from tritonmoe import build_schedule, gate_up_silu, gemm, reference
+from tritonmoe.configs import get_chunk_tokens, get_tiles
+from . import common
+from .latency import CHECK_TOL, check
+from .skew import random_inputs, skew_spec, skewed_topk_ids
+
+MODEL = "mixtral_8x7b"                 # the skew experiment's model: H = 4096, E F = 8 x 14336
+CELLS = ((16, 2048), (64, 2048), (128, 8192), (256, 8192))
+SKEWS = ("0", "2.0", "hot")
+VARIANTS = ("tuned", "group_m", "group_2", "group_64", "consecutive", "tails_64")
+TOP_K = {"default": 8, "8": 2, "16": 4}  # skew.yaml's top_k
+SEED = 0
+WARMUP_MS, REP_MS = 25, 200
+KEY = ("experiment", "E", "T", "skew", "variant", "commit")
+
+
+@contextlib.contextmanager
+def group_blocks(variant: str):
+    """The GEMMs' blocks per group as ``variant`` sets them, inside the block; the package's rule outside."""
+    rule = gemm._group_blocks
+    fixed = {"group_m": None, "group_2": 2, "group_64": 64}
+    if variant in fixed:
+        n = fixed[variant]
+        gemm._group_blocks = lambda tiles, a, block_m, K: tiles.group_m if n is None else n
+    try:
+        yield
+    finally:
+        gemm._group_blocks = rule
+
+
+def variant_tiles(tiles, variant: str):
+    """The tiles a variant runs (only ``tails_64`` changes them)."""
+    if variant != "tails_64" or tiles.block_m <= 64:
+        return tiles
+    return dataclasses.replace(tiles, persistent=False, min_block_m=64)
+
+
+def main(smoke: bool = False) -> list[dict]:
+    dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
+    cells = ((16, 8),) if smoke else CELLS
+    base_model = common.model_spec(MODEL, common.SMOKE_SHRINK if smoke else None)
+    prov = common.provenance(dev, SEED)
+    ceilings = {} if smoke else common.measure_ceilings(dev, 100, 500)
+    rows = []
+    progress = common.Progress(len(cells) * len(SKEWS) * len(VARIANTS), "forwards")
+    for E, T in cells:
+        spec = skew_spec(base_model, E, TOP_K)
+        H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
+        x, w13, w2, weights = random_inputs(spec, T, dev, dtype, SEED)
+        shape = (E, F, H, dtype, dev)
+        chunk = get_chunk_tokens(T, *shape)
+        tuned = get_tiles(min(T, chunk or T), k, *shape)
+        for skew in SKEWS:
+            ids = skewed_topk_ids(T, k, E, skew if skew == "hot" else float(skew), seed=SEED).to(dev)
+            ref = reference.fused_experts(x, w13, w2, weights, ids)
+            for variant in VARIANTS:
+                up_t, down_t = (variant_tiles(t, variant) for t in tuned)
+                schedule = "fixed" if variant == "consecutive" else "expert_groups"
+                fn = lambda: tritonmoe.fused_experts(x, w13, w2, weights, ids, tiles=(up_t, down_t),  # noqa: E731
+                                                     schedule=schedule, chunk_tokens=chunk)
+                gate_up_tiles = dataclasses.replace(up_t, expert_groups=schedule == "expert_groups")
+                sched = build_schedule(ids, E, *gate_up_tiles.block_map)
+                row = {**prov, **ceilings, "experiment": "probe_skew_group", "model": spec.name, "E": E, "T": T,
+                       "k": k, "H": H, "F": F, "skew": skew, "variant": variant, "schedule": schedule,
+                       "gate_up_tiles": dataclasses.asdict(up_t), "down_tiles": dataclasses.asdict(down_t),
+                       "chunk_tokens": chunk}
+                with torch.no_grad(), group_blocks(variant):
+                    err = check(fn(), ref)
+                    if not err <= CHECK_TOL[dtype]:
+                        rows.append({**row, "status": "wrong", "rel_err": err})
+                        progress.step(f"E={E} T={T} s={skew} {variant}: WRONG ({err:.1e})")
+                        continue
+                    q = common.quantiles(common.time_ms(fn, dev, WARMUP_MS, REP_MS))
+                    up = common.quantiles(common.time_ms(lambda: gate_up_silu(x, w13, sched, gate_up_tiles), dev,
+                                                         WARMUP_MS, REP_MS))
+                rows.append({**row, "status": "ok", "rel_err": err, **q,
+                             **{f"gate_up_{key}": v for key, v in up.items()}})
+                progress.step(f"E={E} T={T} s={skew} {variant}: {q['ms_p50']:.3f} ms (gate+up {up['ms_p50']:.3f})")
+        del w13, w2
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    ok = {(r["E"], r["T"], r["skew"], r["variant"]): r for r in rows if r["status"] == "ok"}
+    nan = {"ms_p50": float("nan"), "gate_up_ms_p50": float("nan")}
+    print(f"\n{'E':>4s} {'T':>5s} {'skew':>5s} " + " ".join(f"{v:>11s}" for v in VARIANTS)
+          + "   (forward ms / gate+up ms per variant)")
+    for E, T in cells:
+        for skew in SKEWS:
+            cells_txt = (ok.get((E, T, skew, v), nan) for v in VARIANTS)
+            print(f"{E:>4d} {T:>5d} {skew:>5s} "
+                  + " ".join(f"{c['ms_p50']:>5.3f}/{c['gate_up_ms_p50']:<5.3f}" for c in cells_txt))
+    common.save_probe_rows("probe_skew_group", dev, rows, KEY, smoke)
+    return rows
+
+
+if __name__ == "__main__":
+    main(smoke="--smoke" in sys.argv[1:])
