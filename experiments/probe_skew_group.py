@@ -8,7 +8,10 @@ Zipf s = 2 the gate+up is 29 % slower with 8 % more rows padded, its tensor pipe
 together. The GEMMs group up to as many of an expert's blocks as half of L2 holds input rows for
 (``gemm._group_blocks``), so a hot expert of 16 blocks sweeps N as one group of 16 where uniform routing's
 experts make groups of 2-4. This times the experts' forward and its gate+up alone, at the skew grid's worst
-cells, under uniform, Zipf(2) and one-hot-expert routings, with
+cells, under uniform, Zipf(2) and one-hot-expert routings, and a routing of k hot experts and nothing else
+(``dense``: every token on experts 0..k-1, each of them a GEMM of T rows, no row padded, fewer weights read; the
+issue's "one large GEMM that is easy to run fast"; cuBLAS's batched product of the same k GEMMs is timed beside
+it), with
 
 * ``tuned``: the tiles and groups as the skew grid runs them;
 * ``group_m``, ``group_2``, ``group_64``: groups of the tiles' group_m, 2 or 64 blocks of one expert instead
@@ -39,7 +42,7 @@ from .skew import random_inputs, skew_spec, skewed_topk_ids
 
 MODEL = "mixtral_8x7b"                 # the skew experiment's model: H = 4096, E F = 8 x 14336
 CELLS = ((16, 2048), (64, 2048), (128, 8192), (256, 8192))
-SKEWS = ("0", "2.0", "hot")
+SKEWS = ("0", "2.0", "hot", "dense")  # "dense": every token on experts 0..k-1 (k full-T GEMMs, none padded)
 VARIANTS = ("tuned", "group_m", "group_2", "group_64", "consecutive", "tails_64")
 TOP_K = {"default": 8, "8": 2, "16": 4}  # skew.yaml's top_k
 SEED = 0
@@ -68,6 +71,11 @@ def variant_tiles(tiles, variant: str):
     return dataclasses.replace(tiles, persistent=False, min_block_m=64)
 
 
+def dense_ids(T: int, k: int, device) -> torch.Tensor:
+    """Every token on experts 0..k-1 (k distinct choices per token, as every router gives)."""
+    return torch.arange(k, dtype=torch.int32, device=device).repeat(T, 1)
+
+
 def main(smoke: bool = False) -> list[dict]:
     dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
     cells = ((16, 8),) if smoke else CELLS
@@ -84,8 +92,14 @@ def main(smoke: bool = False) -> list[dict]:
         chunk = get_chunk_tokens(T, *shape)
         tuned = get_tiles(min(T, chunk or T), k, *shape)
         for skew in SKEWS:
-            ids = skewed_topk_ids(T, k, E, skew if skew == "hot" else float(skew), seed=SEED).to(dev)
+            ids = (dense_ids(T, k, dev) if skew == "dense" else
+                   skewed_topk_ids(T, k, E, skew if skew == "hot" else float(skew), seed=SEED).to(dev))
             ref = reference.fused_experts(x, w13, w2, weights, ids)
+            cublas = {}
+            if skew == "dense":  # the same k gate+up GEMMs as one batched cuBLAS product (no SiLU, nothing gathered)
+                xs, wk = x.expand(k, T, H), w13[:k].transpose(1, 2)
+                cublas = {f"cublas_gate_up_{key}": v for key, v in
+                          common.quantiles(common.time_ms(lambda: torch.bmm(xs, wk), dev, WARMUP_MS, REP_MS)).items()}
             for variant in VARIANTS:
                 up_t, down_t = (variant_tiles(t, variant) for t in tuned)
                 schedule = "fixed" if variant == "consecutive" else "expert_groups"
@@ -96,7 +110,7 @@ def main(smoke: bool = False) -> list[dict]:
                 row = {**prov, **ceilings, "experiment": "probe_skew_group", "model": spec.name, "E": E, "T": T,
                        "k": k, "H": H, "F": F, "skew": skew, "variant": variant, "schedule": schedule,
                        "gate_up_tiles": dataclasses.asdict(up_t), "down_tiles": dataclasses.asdict(down_t),
-                       "chunk_tokens": chunk}
+                       "chunk_tokens": chunk, **cublas}
                 with torch.no_grad(), group_blocks(variant):
                     err = check(fn(), ref)
                     if not err <= CHECK_TOL[dtype]:
@@ -121,6 +135,10 @@ def main(smoke: bool = False) -> list[dict]:
             cells_txt = (ok.get((E, T, skew, v), nan) for v in VARIANTS)
             print(f"{E:>4d} {T:>5d} {skew:>5s} "
                   + " ".join(f"{c['ms_p50']:>5.3f}/{c['gate_up_ms_p50']:<5.3f}" for c in cells_txt))
+    for E, T in cells:
+        dense = ok.get((E, T, "dense", "tuned"), {})
+        if "cublas_gate_up_ms_p50" in dense:
+            print(f"E={E} T={T} dense: cuBLAS's batched gate+up {dense['cublas_gate_up_ms_p50']:.3f} ms")
     common.save_probe_rows("probe_skew_group", dev, rows, KEY, smoke)
     return rows
 
