@@ -26,7 +26,7 @@
 # Megablocks wheels built by an earlier call come back as $OUT/mbwheels.tar; unpacked into
 # .carry/mbwheels/ they are installed instead of building again (~3 minutes).
 # Environment: MODELS (comma list), TOKENS (Hydra list, e.g. [1,64]), TEST_TIMEOUT (s), TEST_SELECT (pytest -k),
-# TUNE_MINUTES,
+# TUNE_MINUTES, SKEWPROF_CELLS (E:T cells for skewprof, space-separated; default all),
 # BUILD_MEGABLOCKS=1 (build it in the background even without the bench stage),
 # HYDRA_ARGS (more overrides, space-separated), SESSION_SECONDS (deadline for the tests stage),
 # TRITONMOE_COMMIT (the commit, for provenance: the tree sent here has no trustworthy .git; write the
@@ -103,7 +103,7 @@ stage_ws() { python3 -m experiments.probe_ws 2>&1 | tee "$OUT/probe_ws.log"; }
 stage_front() { python3 -m experiments.probe_front 2>&1 | tee "$OUT/probe_front.log"; }
 stage_combine() { python3 -m experiments.probe_combine 2>&1 | tee "$OUT/probe_combine.log"; }
 stage_routing() { python3 -m experiments.probe_routing 2>&1 | tee "$OUT/probe_routing.log" | grep -v "^\["; }
-stage_skewprof() { python3 -m experiments.probe_skew_profile 2>&1 | tee "$OUT/probe_skew_profile.log"; }
+stage_skewprof() { python3 -m experiments.probe_skew_profile ${SKEWPROF_CELLS:-} 2>&1 | tee "$OUT/probe_skew_profile.log"; }
 stage_skeworder() { python3 -m experiments.probe_skew_order 2>&1 | tee "$OUT/probe_skew_order.log" | grep -v "^\["; }
 stage_skewgroup() { python3 -m experiments.probe_skew_group 2>&1 | tee "$OUT/probe_skew_group.log" | grep -v "^\["; }
 stage_flush() { megablocks_ready; python3 -m experiments.probe_flush 2>&1 | tee "$OUT/probe_flush.log"; }

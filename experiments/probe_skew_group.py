@@ -38,7 +38,7 @@ from tritonmoe import build_schedule, gate_up_silu, gemm, reference
 from tritonmoe.configs import get_chunk_tokens, get_tiles
 from . import common
 from .latency import CHECK_TOL, check
-from .skew import random_inputs, skew_spec, skewed_topk_ids
+from .skew import dense_topk_ids, random_inputs, skew_spec, skewed_topk_ids
 
 MODEL = "mixtral_8x7b"                 # the skew experiment's model: H = 4096, E F = 8 x 14336
 CELLS = ((16, 2048), (64, 2048), (128, 8192), (256, 8192))
@@ -71,11 +71,6 @@ def variant_tiles(tiles, variant: str):
     return dataclasses.replace(tiles, persistent=False, min_block_m=64)
 
 
-def dense_ids(T: int, k: int, device) -> torch.Tensor:
-    """Every token on experts 0..k-1 (k distinct choices per token, as every router gives)."""
-    return torch.arange(k, dtype=torch.int32, device=device).repeat(T, 1)
-
-
 def main(smoke: bool = False) -> list[dict]:
     dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
     cells = ((16, 8),) if smoke else CELLS
@@ -92,7 +87,7 @@ def main(smoke: bool = False) -> list[dict]:
         chunk = get_chunk_tokens(T, *shape)
         tuned = get_tiles(min(T, chunk or T), k, *shape)
         for skew in SKEWS:
-            ids = (dense_ids(T, k, dev) if skew == "dense" else
+            ids = (dense_topk_ids(T, k, dev) if skew == "dense" else
                    skewed_topk_ids(T, k, E, skew if skew == "hot" else float(skew), seed=SEED).to(dev))
             ref = reference.fused_experts(x, w13, w2, weights, ids)
             cublas = {}

@@ -4,8 +4,9 @@ The skew grid's worst cells (E >= 16 at T = 2048 and 8192) run 8-27 % slower und
 uniform routing, whose experts all get whole 128-row blocks. Padding to 64-row tiles (the smallest wgmma
 tile) explains 4-19 % of the extra tensor-core work at those cells (``experiments/skew.py``'s exact counts),
 not all of it at E = 16 (4 %, 1.20x measured). This asks Nsight Compute, kernel by kernel, at a few of those
-cells under the uniform routing, Zipf s = 2 and one hot expert: how long each GEMM ran, how busy the tensor
-pipes and DRAM were, how many bytes came from DRAM and how many L2 sectors hit. A skewed GEMM that reads
+cells under the uniform routing, Zipf s = 2, one hot expert and k hot experts alone (``skew.dense_topk_ids``):
+how long each GEMM ran, how busy the tensor pipes, DRAM and L2 were, how many bytes came from DRAM and passed
+through L2, and how many L2 sectors hit. A skewed GEMM that reads
 more DRAM bytes re-reads weights; one whose tensor pipes and DRAM are both idler waits on latency (cold
 experts' programs that stream weights for a few rows); one whose tensor pipes are busier computes padding.
 
@@ -15,6 +16,7 @@ inside; caches are flushed before each kernel (ncu's default), clocks left alone
 Metrics the installed ncu does not know on this GPU are left out (listed in the run's output).
 
     python -m experiments.probe_skew_profile          # GPU -> results/<GPU>/probe_skew_profile.jsonl
+    python -m experiments.probe_skew_profile 64:2048  # only these E:T cells
 """
 from __future__ import annotations
 
@@ -25,12 +27,12 @@ import torch
 
 import tritonmoe
 from . import common
-from .skew import random_inputs, skew_spec, skewed_topk_ids
+from .skew import dense_topk_ids, random_inputs, skew_spec, skewed_topk_ids
 from .traffic import find_ncu, ncu_csv
 
 MODEL = "mixtral_8x7b"            # the skew experiment's model: H = 4096, E F = 8 x 14336
 CELLS = ((16, 2048), (64, 2048), (256, 8192), (128, 8192))
-SKEWS = ("0", "2.0", "hot")
+SKEWS = ("0", "2.0", "hot", "dense")
 TOP_K = {"default": 8, "8": 2, "16": 4}  # skew.yaml's top_k
 SEED = 0
 METRICS = {  # column -> ncu metric
@@ -42,6 +44,8 @@ METRICS = {  # column -> ncu metric
     "tensor_gmma_pct": "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed",
     "tensor_hmma_pct": "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed",
     "l2_hit_pct": "lts__t_sector_hit_rate.pct",
+    "l2_pct": "lts__t_sectors.avg.pct_of_peak_sustained_elapsed",   # L2 sector throughput, of its peak
+    "l2_bytes": "lts__t_bytes.sum",                                  # bytes through L2 (reads and writes)
     "warps_active_pct": "sm__warps_active.avg.pct_of_peak_sustained_active",
     "grid_size": "launch__grid_size",
 }
@@ -53,7 +57,8 @@ def _child(E: int, T: int, skew: str) -> None:
     spec = skew_spec(common.model_spec(MODEL), E, TOP_K)
     dev = torch.device("cuda")
     x, w13, w2, weights = random_inputs(spec, T, dev, torch.bfloat16, SEED)
-    ids = skewed_topk_ids(T, spec.top_k, E, skew if skew == "hot" else float(skew), seed=SEED).to(dev)
+    ids = (dense_topk_ids(T, spec.top_k, dev) if skew == "dense" else
+           skewed_topk_ids(T, spec.top_k, E, skew if skew == "hot" else float(skew), seed=SEED).to(dev))
     with torch.no_grad():
         tritonmoe.fused_experts(x, w13, w2, weights, ids)
         torch.cuda.synchronize()
@@ -72,7 +77,15 @@ def _known_metrics(ncu: str) -> dict:
     return {col: m for col, m in METRICS.items() if m.split(".")[0] in names}
 
 
-def main() -> list[dict]:
+def parse_cells(args: list[str]) -> tuple[tuple[int, int], ...]:
+    """``E:T`` arguments -> cells (all of CELLS where none are given)."""
+    cells = tuple(tuple(int(v) for v in a.split(":")) for a in args)
+    if any(len(c) != 2 for c in cells):
+        raise SystemExit(f"probe_skew_profile: cells are E:T, e.g. 64:2048; got {' '.join(args)}")
+    return cells or CELLS
+
+
+def main(cells=CELLS) -> list[dict]:
     dev = torch.device("cuda")
     ncu = find_ncu()
     if ncu is None:
@@ -81,8 +94,8 @@ def main() -> list[dict]:
     print(f"metrics: {', '.join(metrics)}; not known here: {', '.join(set(METRICS) - set(metrics)) or 'none'}")
     base = {**common.provenance(dev, SEED), "experiment": "probe_skew_profile", "model": MODEL}
     rows = []
-    progress = common.Progress(len(CELLS) * len(SKEWS), "routings")
-    for E, T in CELLS:
+    progress = common.Progress(len(cells) * len(SKEWS), "routings")
+    for E, T in cells:
         for skew in SKEWS:
             cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--metrics",
                    ",".join(metrics.values()), "--csv", "--print-units", "base", sys.executable, "-m",
@@ -113,13 +126,13 @@ def main() -> list[dict]:
                 rows.append({**base, "E": E, "T": T, "skew": skew, "launch": i, "status": "ok", **entry})
             progress.step(f"E={E} T={T} skew={skew}: {len(launches)} kernels")
     cols = [c for c in ("ms", "dram_read_bytes", "dram_pct", "tensor_gmma_pct", "tensor_hmma_pct", "sm_pct",
-                        "l2_hit_pct", "warps_active_pct") if c in metrics]
+                        "l2_hit_pct", "l2_pct", "l2_bytes", "warps_active_pct") if c in metrics]
     print(f"\n{'E':>4s} {'T':>5s} {'skew':>5s} {'gemm':8s} " + " ".join(f"{c[:12]:>12s}" for c in cols))
     for r in rows:
         if r.get("gemm") in ("gate_up", "down"):
             print(f"{r['E']:>4d} {r['T']:>5d} {r['skew']:>5s} {r['gemm']:8s} "
                   + " ".join(f"{r.get(c, float('nan')) / (1e6 if 'bytes' in c else 1):>12.3f}" for c in cols))
-    print("(dram_read_bytes in MB)")
+    print("(dram_read_bytes and l2_bytes in MB)")
     common.save_probe_rows("probe_skew_profile", dev, rows, KEY)
     return rows
 
@@ -129,4 +142,4 @@ if __name__ == "__main__":
         i = sys.argv.index("--child")
         _child(int(sys.argv[i + 1]), int(sys.argv[i + 2]), sys.argv[i + 3])
     else:
-        main()
+        main(parse_cells(sys.argv[1:]))

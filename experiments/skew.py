@@ -72,6 +72,12 @@ def _apportion(total: int, shares: list[float], cap: int) -> list[int]:
     return ints
 
 
+def dense_topk_ids(T: int, k: int, device=None) -> torch.Tensor:
+    """(T, k) int32: every token on experts 0..k-1, the extreme of skew that the probes take as a control (k
+    experts of T rows each, no partial M-block, the fewest weights read)."""
+    return torch.arange(k, dtype=torch.int32, device=device).repeat(T, 1)
+
+
 def skewed_topk_ids(T: int, k: int, E: int, skew, seed: int = 0) -> torch.Tensor:
     """(T, k) int32 expert ids with exactly ``expert_counts(T, k, E, skew)`` slots per expert
     (the ranking of expert ids is a seeded permutation) and k distinct experts per token."""

@@ -306,6 +306,19 @@ def test_probe_skew_order_relabels_by_rank():
     assert all(r["status"] == "ok" for r in rows) and {r["order"] for r in rows} == set(pso.ORDERS)
 
 
+def test_dense_topk_ids_and_profile_cells():
+    # the dense control: every token on experts 0..k-1, k distinct per token; the profile probe's E:T cells
+    import pytest
+    from experiments import probe_skew_profile as psp
+    from experiments.skew import dense_topk_ids
+    ids = dense_topk_ids(5, 3)
+    assert ids.shape == (5, 3) and ids.dtype.is_signed and all(row.tolist() == [0, 1, 2] for row in ids)
+    assert psp.parse_cells(["64:2048", "256:8192"]) == ((64, 2048), (256, 8192))
+    assert psp.parse_cells([]) == psp.CELLS
+    with pytest.raises(SystemExit, match="E:T"):
+        psp.parse_cells(["64"])
+
+
 def test_probe_skew_group_variants():
     # the group override is live inside its block and gone after it; tails_64 makes 128-row tiles per-tile with
     # 64-row tails and leaves 64-row tiles alone; the smoke run checks every variant's output (CPU interpreter)
