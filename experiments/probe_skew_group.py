@@ -1,10 +1,10 @@
 """Probe: does how M-blocks are grouped decide how much a skewed routing costs? (issue #7, PERF_LOG gap 5d)
 
-`probe_skew_order` (v23) found that where the hot experts sit in id order moves a skewed forward by at most 5 %,
-so the slow-down is not the hot experts' programs running apart from the cold experts'. Padded rows explain part
-of it (an expert's partial last block; uniform routing in the skew grid pads none), not all: at E = 16, T = 2048,
-Zipf s = 2 the gate+up is 29 % slower with 8 % more rows padded, its tensor pipes and DRAM both less busy
-(`probe_skew_profile`). What a skewed routing changes besides is the groups: blocks of one expert that sweep N
+`probe_skew_order` (v23) found that spreading the hot experts in id order gains at most 1 % over the skew grid's
+random labels (bunching them costs up to 8 %), so the slow-down is not the hot experts' programs running apart
+from the cold experts'. Padded rows explain part of it (an expert's partial last block; uniform routing in the
+skew grid pads none), not all: at E = 16, T = 2048, Zipf s = 2 the gate+up was 29 % slower with 8 % more rows
+padded, its tensor pipes and DRAM both less busy (`probe_skew_profile`, v22's tiles). What a skewed routing changes besides is the groups: blocks of one expert that sweep N
 together. The GEMMs group up to as many of an expert's blocks as half of L2 holds input rows for
 (``gemm._group_blocks``), so a hot expert of 16 blocks sweeps N as one group of 16 where uniform routing's
 experts make groups of 2-4. This times the experts' forward and its gate+up alone, at the skew grid's worst

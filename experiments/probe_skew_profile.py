@@ -79,7 +79,10 @@ def _known_metrics(ncu: str) -> dict:
 
 def parse_cells(args: list[str]) -> tuple[tuple[int, int], ...]:
     """``E:T`` arguments -> cells (all of CELLS where none are given)."""
-    cells = tuple(tuple(int(v) for v in a.split(":")) for a in args)
+    try:
+        cells = tuple(tuple(int(v) for v in a.split(":")) for a in args)
+    except ValueError:
+        cells = ((),)
     if any(len(c) != 2 for c in cells):
         raise SystemExit(f"probe_skew_profile: cells are E:T, e.g. 64:2048; got {' '.join(args)}")
     return cells or CELLS

@@ -315,8 +315,9 @@ def test_dense_topk_ids_and_profile_cells():
     assert ids.shape == (5, 3) and ids.dtype.is_signed and all(row.tolist() == [0, 1, 2] for row in ids)
     assert psp.parse_cells(["64:2048", "256:8192"]) == ((64, 2048), (256, 8192))
     assert psp.parse_cells([]) == psp.CELLS
-    with pytest.raises(SystemExit, match="E:T"):
-        psp.parse_cells(["64"])
+    for bad in (["64"], ["64:x"], ["64:2048:1"]):
+        with pytest.raises(SystemExit, match="E:T"):
+            psp.parse_cells(bad)
 
 
 def test_probe_skew_group_variants():
