@@ -38,13 +38,11 @@ from tritonmoe import build_schedule, gate_up_silu, gemm, reference
 from tritonmoe.configs import get_chunk_tokens, get_tiles
 from . import common
 from .latency import CHECK_TOL, check
-from .skew import dense_topk_ids, random_inputs, skew_spec, skewed_topk_ids
+from .skew import probe_spec, probe_topk_ids, random_inputs
 
-MODEL = "mixtral_8x7b"                 # the skew experiment's model: H = 4096, E F = 8 x 14336
 CELLS = ((16, 2048), (64, 2048), (128, 8192), (256, 8192))
 SKEWS = ("0", "2.0", "hot", "dense")  # "dense": every token on experts 0..k-1 (k full-T GEMMs, none padded)
 VARIANTS = ("tuned", "group_m", "group_2", "group_64", "consecutive", "tails_64")
-TOP_K = {"default": 8, "8": 2, "16": 4}  # skew.yaml's top_k
 SEED = 0
 WARMUP_MS, REP_MS = 25, 200
 KEY = ("experiment", "E", "T", "skew", "variant", "commit")
@@ -74,21 +72,19 @@ def variant_tiles(tiles, variant: str):
 def main(smoke: bool = False) -> list[dict]:
     dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
     cells = ((16, 8),) if smoke else CELLS
-    base_model = common.model_spec(MODEL, common.SMOKE_SHRINK if smoke else None)
     prov = common.provenance(dev, SEED)
     ceilings = {} if smoke else common.measure_ceilings(dev, 100, 500)
     rows = []
     progress = common.Progress(len(cells) * len(SKEWS) * len(VARIANTS), "forwards")
     for E, T in cells:
-        spec = skew_spec(base_model, E, TOP_K)
+        spec = probe_spec(E, smoke)
         H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
         x, w13, w2, weights = random_inputs(spec, T, dev, dtype, SEED)
         shape = (E, F, H, dtype, dev)
         chunk = get_chunk_tokens(T, *shape)
         tuned = get_tiles(min(T, chunk or T), k, *shape)
         for skew in SKEWS:
-            ids = (dense_topk_ids(T, k, dev) if skew == "dense" else
-                   skewed_topk_ids(T, k, E, skew if skew == "hot" else float(skew), seed=SEED).to(dev))
+            ids = probe_topk_ids(skew, T, k, E, dev, SEED)
             ref = reference.fused_experts(x, w13, w2, weights, ids)
             cublas = {}
             if skew == "dense":  # the same k gate+up GEMMs as one batched cuBLAS product (no SiLU, nothing gathered)

@@ -28,13 +28,11 @@ import tritonmoe
 from tritonmoe import reference
 from . import common
 from .latency import CHECK_TOL, check
-from .skew import expert_counts, random_inputs, skew_spec, skewed_topk_ids
+from .skew import expert_counts, probe_spec, probe_topk_ids, random_inputs
 
-MODEL = "mixtral_8x7b"                 # the skew experiment's model: H = 4096, E F = 8 x 14336
 CELLS = ((16, 2048), (64, 2048), (128, 8192), (256, 8192))
 SKEWS = ("2.0", "hot")
 ORDERS = ("as_grid", "hot_first", "hot_last", "spread")
-TOP_K = {"default": 8, "8": 2, "16": 4}  # skew.yaml's top_k
 SEED = 0
 WARMUP_MS, REP_MS = 25, 200
 KEY = ("experiment", "E", "T", "skew", "order", "commit")
@@ -57,20 +55,18 @@ def relabel(ids: torch.Tensor, counts_by_rank: list[int], E: int, order: str) ->
 def main(smoke: bool = False) -> list[dict]:
     dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
     cells = ((16, 8),) if smoke else CELLS
-    base_model = common.model_spec(MODEL, common.SMOKE_SHRINK if smoke else None)
     prov = common.provenance(dev, SEED)
     ceilings = {} if smoke else common.measure_ceilings(dev, 100, 500)
     rows = []
     progress = common.Progress(len(cells) * (1 + len(SKEWS) * len(ORDERS)), "forwards")
     for E, T in cells:
-        spec = skew_spec(base_model, E, TOP_K)
+        spec = probe_spec(E, smoke)
         H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
         x, w13, w2, weights = random_inputs(spec, T, dev, dtype, SEED)
         for skew in ("0",) + SKEWS:
-            s = skew if skew == "hot" else float(skew)
-            grid_ids = skewed_topk_ids(T, k, E, s, seed=SEED)
+            grid_ids, counts = probe_topk_ids(skew, T, k, E, "cpu", SEED), expert_counts(T, k, E, skew)
             for order in (("as_grid",) if skew == "0" else ORDERS):
-                ids = relabel(grid_ids, expert_counts(T, k, E, s), E, order).to(dev)
+                ids = relabel(grid_ids, counts, E, order).to(dev)
                 fn = lambda ids=ids: tritonmoe.fused_experts(x, w13, w2, weights, ids)  # noqa: E731
                 row = {**prov, **ceilings, "experiment": "probe_skew_order", "model": spec.name, "E": E, "T": T,
                        "k": k, "H": H, "F": F, "skew": skew, "order": order,

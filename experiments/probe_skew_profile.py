@@ -27,13 +27,11 @@ import torch
 
 import tritonmoe
 from . import common
-from .skew import dense_topk_ids, random_inputs, skew_spec, skewed_topk_ids
+from .skew import PROBE_MODEL, probe_spec, probe_topk_ids, random_inputs
 from .traffic import find_ncu, ncu_csv
 
-MODEL = "mixtral_8x7b"            # the skew experiment's model: H = 4096, E F = 8 x 14336
 CELLS = ((16, 2048), (64, 2048), (256, 8192), (128, 8192))
 SKEWS = ("0", "2.0", "hot", "dense")
-TOP_K = {"default": 8, "8": 2, "16": 4}  # skew.yaml's top_k
 SEED = 0
 METRICS = {  # column -> ncu metric
     "ms": "gpu__time_duration.sum",
@@ -54,11 +52,10 @@ KEY = ("experiment", "E", "T", "skew", "launch", "commit")
 
 def _child(E: int, T: int, skew: str) -> None:
     """Run under ncu: the experts' forward once to compile, then once profiled."""
-    spec = skew_spec(common.model_spec(MODEL), E, TOP_K)
+    spec = probe_spec(E)
     dev = torch.device("cuda")
     x, w13, w2, weights = random_inputs(spec, T, dev, torch.bfloat16, SEED)
-    ids = (dense_topk_ids(T, spec.top_k, dev) if skew == "dense" else
-           skewed_topk_ids(T, spec.top_k, E, skew if skew == "hot" else float(skew), seed=SEED).to(dev))
+    ids = probe_topk_ids(skew, T, spec.top_k, E, dev, SEED)
     with torch.no_grad():
         tritonmoe.fused_experts(x, w13, w2, weights, ids)
         torch.cuda.synchronize()
@@ -95,7 +92,7 @@ def main(cells=CELLS) -> list[dict]:
         raise SystemExit("probe_skew_profile: ncu not found (Nsight Compute profiles CUDA kernels only)")
     metrics = _known_metrics(ncu)
     print(f"metrics: {', '.join(metrics)}; not known here: {', '.join(set(METRICS) - set(metrics)) or 'none'}")
-    base = {**common.provenance(dev, SEED), "experiment": "probe_skew_profile", "model": MODEL}
+    base = {**common.provenance(dev, SEED), "experiment": "probe_skew_profile", "model": PROBE_MODEL}
     rows = []
     progress = common.Progress(len(cells) * len(SKEWS), "routings")
     for E, T in cells:

@@ -78,6 +78,25 @@ def dense_topk_ids(T: int, k: int, device=None) -> torch.Tensor:
     return torch.arange(k, dtype=torch.int32, device=device).repeat(T, 1)
 
 
+# The skew probes' problems (probe_skew_order, _group, _profile): the skew experiment's model and top-k
+# (skew.yaml's top_k; the stage runs it with model=mixtral_8x7b: H = 4096, E F = 8 x 14336).
+PROBE_MODEL = "mixtral_8x7b"
+PROBE_TOP_K = {"default": 8, "8": 2, "16": 4}
+
+
+def probe_spec(E: int, smoke: bool = False):
+    """The skew probes' shape at E experts (``skew_spec`` of PROBE_MODEL, its smoke shrink for a smoke run)."""
+    return skew_spec(common.model_spec(PROBE_MODEL, common.SMOKE_SHRINK if smoke else None), E, PROBE_TOP_K)
+
+
+def probe_topk_ids(routing: str, T: int, k: int, E: int, device, seed: int = 0) -> torch.Tensor:
+    """A skew probe's routing by its label: "dense" (``dense_topk_ids``), else a skew of ``skewed_topk_ids``
+    ("hot" or a Zipf exponent such as "2.0"), on ``device``."""
+    if routing == "dense":
+        return dense_topk_ids(T, k, device)
+    return skewed_topk_ids(T, k, E, routing, seed=seed).to(device)
+
+
 def skewed_topk_ids(T: int, k: int, E: int, skew, seed: int = 0) -> torch.Tensor:
     """(T, k) int32 expert ids with exactly ``expert_counts(T, k, E, skew)`` slots per expert
     (the ranking of expert ids is a seeded permutation) and k distinct experts per token."""

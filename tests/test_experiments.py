@@ -309,11 +309,20 @@ def test_probe_skew_order_relabels_by_rank():
 def test_dense_topk_ids_and_profile_cells():
     # the dense control: every token on experts 0..k-1, k distinct per token; the profile probe's E:T cells
     import pytest
+    import torch
     from experiments import probe_skew_profile as psp
     from experiments.skew import dense_topk_ids
     ids = dense_topk_ids(5, 3)
     assert ids.shape == (5, 3) and ids.dtype.is_signed and all(row.tolist() == [0, 1, 2] for row in ids)
     assert psp.parse_cells(["64:2048", "256:8192"]) == ((64, 2048), (256, 8192))
+    # the probes' routings by label are the skew grid's, and their top-k is skew.yaml's
+    from omegaconf import OmegaConf
+    from experiments.skew import PROBE_TOP_K, probe_topk_ids, skewed_topk_ids
+    assert torch.equal(probe_topk_ids("dense", 5, 3, 8, "cpu"), ids)
+    for label in ("2.0", "hot"):
+        assert torch.equal(probe_topk_ids(label, 64, 4, 16, "cpu", 3),
+                           skewed_topk_ids(64, 4, 16, 2.0 if label == "2.0" else "hot", seed=3))
+    assert PROBE_TOP_K == OmegaConf.to_container(OmegaConf.load(REPO / "experiments/conf/experiment/skew.yaml").top_k)
     assert psp.parse_cells([]) == psp.CELLS
     for bad in (["64"], ["64:x"], ["64:2048:1"]):
         with pytest.raises(SystemExit, match="E:T"):
