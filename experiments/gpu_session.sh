@@ -20,6 +20,8 @@
 #     skewprof Nsight Compute per GEMM at the skew grid's worst cells: time, tensor/DRAM busy, DRAM bytes (probe_skew_profile)
 #     skeworder the worst skew cells with the hot experts first, last, spread or as the grid has them (probe_skew_order)
 #     skewgroup the worst skew cells with an expert's M-blocks grouped otherwise, or 64-row tails (probe_skew_group)
+#     skewinterleave the worst skew cells with busy and one-block experts' tiles interleaved, 64-row tails, both
+#               (probe_skew_interleave)
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
@@ -106,6 +108,9 @@ stage_routing() { python3 -m experiments.probe_routing 2>&1 | tee "$OUT/probe_ro
 stage_skewprof() { python3 -m experiments.probe_skew_profile ${SKEWPROF_CELLS:-} 2>&1 | tee "$OUT/probe_skew_profile.log"; }
 stage_skeworder() { python3 -m experiments.probe_skew_order 2>&1 | tee "$OUT/probe_skew_order.log" | grep -v "^\["; }
 stage_skewgroup() { python3 -m experiments.probe_skew_group 2>&1 | tee "$OUT/probe_skew_group.log" | grep -v "^\["; }
+stage_skewinterleave() {
+  python3 -m experiments.probe_skew_interleave 2>&1 | tee "$OUT/probe_skew_interleave.log" | grep -v "^\["
+}
 stage_flush() { megablocks_ready; python3 -m experiments.probe_flush 2>&1 | tee "$OUT/probe_flush.log"; }
 
 for stage in $stages; do "stage_$stage"; done

@@ -9,7 +9,7 @@ Per (model, T) and per candidate block_m (the schedule's M-blocks):
    last, partial M-block with a smaller tile height), absorbed tails (``absorb_m``: an expert's last
    whole M-block also runs the few rows after it).
 The pair kept is the fastest gate+up and down over the block_m candidates; a down projection with
-another block map than the gate+up's (block_m, absorb_m) pays the build of its own (timed beside it).
+another block map than the gate+up's (block_m, absorb_m, busy_first) pays the build of its own (timed beside it).
 3. robust (``experiment.robust_skews``, for the skew experiment's shapes): the fastest few of each
    GEMM and block_m, and tail-tile, N-sweep and absorbed-tail variants of the fastest, are timed again on the skew
    experiment's exact routings (``skew.skewed_topk_ids``: uniform, Zipf(s), one hot expert) as well
@@ -194,10 +194,11 @@ class _Bench:
         self._expected = {}
         self._schedule_ms = {}
 
-    def sched(self, block_m, absorb_m=0):
-        if (block_m, absorb_m) not in self._sched:
-            self._sched[block_m, absorb_m] = build_schedule(self.ids, self.spec.num_experts, block_m, absorb_m)
-        return self._sched[block_m, absorb_m]
+    def sched(self, block_m, absorb_m=0, busy_first=False):
+        key = (block_m, absorb_m, busy_first)
+        if key not in self._sched:
+            self._sched[key] = build_schedule(self.ids, self.spec.num_experts, *key)
+        return self._sched[key]
 
     def uses_slots(self, t: TileConfig) -> bool:
         """Whether the forward runs ``t`` on a slot schedule (every slot its own one-row block, no schedule
@@ -226,14 +227,15 @@ class _Bench:
         k = self.spec.top_k * t.split_k
         return lambda: combine(grouped_gemm(self.inter, p.w2, s, t, topk_weights=self.weights), k, dtype=p.x.dtype)
 
-    def schedule_ms(self, block_m, absorb_m=0) -> float:
+    def schedule_ms(self, block_m, absorb_m=0, busy_first=False) -> float:
         """Median time of one more schedule build (the block map of a down projection with its own
         ``TileConfig.block_map``), timed once per block map."""
-        if (block_m, absorb_m) not in self._schedule_ms:
-            fn = lambda: build_schedule(self.ids, self.spec.num_experts, block_m, absorb_m)  # noqa: E731
-            self._schedule_ms[block_m, absorb_m] = statistics.median(common.time_ms(fn, self.p.x.device,
-                                                                                    self.warmup_ms, self.rep_ms))
-        return self._schedule_ms[block_m, absorb_m]
+        key = (block_m, absorb_m, busy_first)
+        if key not in self._schedule_ms:
+            fn = lambda: build_schedule(self.ids, self.spec.num_experts, *key)  # noqa: E731
+            self._schedule_ms[key] = statistics.median(common.time_ms(fn, self.p.x.device, self.warmup_ms,
+                                                                      self.rep_ms))
+        return self._schedule_ms[key]
 
     def expected(self, kernel, block_m, slots: bool = False):
         """The default tiles' output on the same kind of schedule (``slots``: a slot schedule, whose gate_up rows
@@ -403,7 +405,7 @@ def _forward_check(e, spec, T, dtype, device, bench, pair, base) -> tuple:
 
 def _choose_pair(best: dict, bench) -> tuple | None:
     """(total ms, gate_up (tiles, row), down (tiles, row)): the fastest pair, where a down projection with
-    another block map than the gate+up's (block_m, absorb_m) pays the build of its own (timed here)."""
+    another block map than the gate+up's (block_m, absorb_m, busy_first) pays the build of its own (timed here)."""
     pairs = []
     for (ku, _), up in best.items():
         for (kd, _), down in best.items():
@@ -470,7 +472,7 @@ def slowest_routing_pair(ms: dict, routings: list, schedule_ms) -> tuple | None:
     """Of the (gate_up, down) pairs timed ok on every routing (``ms[(kernel, tiles)][routing]`` rows),
     the one whose slowest routing is fastest: (its total ms there, that routing, (gate_up tiles, rows by
     routing), (down tiles, rows by routing)). A down projection with another block map than the gate+up's
-    (block_m, absorb_m) pays ``schedule_ms(routing, down.block_map)``, the build of its own."""
+    (block_m, absorb_m, busy_first) pays ``schedule_ms(routing, down.block_map)``, the build of its own."""
     complete = {kt: by for kt, by in ms.items() if all(r in by for r in routings)}
     pairs = []
     for (ku, up), up_by in complete.items():
@@ -495,7 +497,8 @@ def _cfg_str(t: TileConfig) -> str:
             + (f"sk{t.split_k}" if t.split_k > 1 else "") + ("tma" if t.tma else "")
             + ("perm" if t.permute_input else "") + ("pers" if t.persistent else "")
             + (f"sw{t.sweep_n}" if t.sweep_n else "") + (f"tail{t.min_block_m}" if t.min_block_m else "")
-            + (f"abs{t.absorb_m}" if t.absorb_m else "") + ("" if t.gate_up_one_dot else "2dot"))
+            + (f"abs{t.absorb_m}" if t.absorb_m else "") + ("" if t.gate_up_one_dot else "2dot")
+            + ("il" if t.interleave else ""))
 
 
 def _write_table(spec, dtype, device, chosen: dict, prov: dict) -> None:

@@ -353,6 +353,26 @@ def test_probe_skew_group_variants():
     assert all(r["status"] == "ok" for r in rows) and {r["variant"] for r in rows} == set(psg.VARIANTS)
 
 
+def test_probe_skew_interleave_variants():
+    # interleave turns the two-ended walk on (and sweeps off: the walk does not take them); tails_64 makes 128-row
+    # tiles per-tile with 64-row tails; the smoke run checks every variant's forward (CPU interpreter)
+    from experiments import probe_skew_interleave as psi
+    from tritonmoe import TileConfig
+    tiles = TileConfig(block_m=128, sweep_n=4)
+    assert psi.variant_tiles(tiles, "tuned") is tiles
+    t = psi.variant_tiles(tiles, "interleave")
+    assert (t.interleave, t.sweep_n, t.min_block_m) == (True, 0, 0) and t.block_map == (128, 0, True)
+    t = psi.variant_tiles(TileConfig(block_m=128, persistent=True), "interleave_tails_64")
+    assert (t.interleave, t.persistent, t.min_block_m) == (True, False, 64)
+    code = ("import json; from experiments import probe_skew_interleave as p; "
+            "print(json.dumps(p.main(smoke=True)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=smoke_env(), capture_output=True, text=True,
+                          check=True)
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(r["status"] == "ok" for r in rows) and {r["variant"] for r in rows} == set(psi.VARIANTS)
+    assert {r["skew"] for r in rows} == set(psi.SKEWS)
+
+
 def test_probe_ws_smoke():
     from experiments import probe_ws
     # the warp-specialisation probe at tiny shapes on the interpreter: every kernel variant runs in its
@@ -401,8 +421,8 @@ def test_choose_pair_charges_the_down_projections_own_block_map(slots):
     asked = []
 
     class Bench:
-        def schedule_ms(self, block_m, absorb_m=0):
-            asked.append((block_m, absorb_m))
+        def schedule_ms(self, block_m, absorb_m=0, busy_first=False):
+            asked.append((block_m, absorb_m, busy_first))
             return 0.5
 
         def uses_slots(self, t):
@@ -411,7 +431,7 @@ def test_choose_pair_charges_the_down_projections_own_block_map(slots):
     up, down = TileConfig(block_m=128), TileConfig(block_m=128, absorb_m=32)
     best = {("gate_up", 128): (up, {"ms_p50": 1.0}), ("down", 128): (down, {"ms_p50": 2.0})}
     total, _, _ = _choose_pair(best, Bench())
-    assert (total, asked) == ((3.0, []) if slots else (3.5, [(128, 32)]))
+    assert (total, asked) == ((3.0, []) if slots else (3.5, [(128, 32, False)]))
 
 
 @pytest.mark.parametrize("T", [1, 2, 3])

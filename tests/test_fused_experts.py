@@ -217,6 +217,49 @@ def test_persistent_refuses_absorbing_blocks(device):
         tritonmoe.gate_up_silu(x, w13, sched, tiles)
 
 
+# Interleaved tiles: the schedule lays out experts with several M-blocks before those with one, and the programs
+# take tiles from both ends of that list in turn (persistent programs swap pairs every other round so each takes
+# both ends). Every extreme: one expert only (all busy), one row per expert (none busy), both kinds.
+INTERLEAVE = {
+    "grid": dict(),
+    "grid-tails-absorb": dict(min_block_m=16, absorb_m=16),
+    "tma": dict(tma=True),
+    "persistent": dict(persistent=True),
+}
+
+
+@pytest.mark.parametrize("variant", INTERLEAVE)
+@pytest.mark.parametrize("case", ["all-on-one-expert", "one-token-per-expert", "every-tail-height"])
+def test_interleaved_tiles(case, variant, device, poison):
+    T, k, E, ids = EXTREMES[case]
+    tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, group_m=3, num_stages=2, interleave=True,
+                                 **INTERLEAVE[variant])
+    for dtype in dtypes_for(device):
+        check(*make_inputs(ids.shape[0], k, E, device, dtype, ids=ids), tiles=(tiles, tiles))
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_interleaved_tiles_many_rounds(persistent, device, poison):
+    # more tiles than two rounds of the GPU's programs (132 on an H100): the persistent walk's swapped pairs
+    tiles = tritonmoe.TileConfig(block_m=16, block_n=16, block_k=32, group_m=2, num_stages=2, interleave=True,
+                                 persistent=persistent)
+    for dtype in dtypes_for(device):
+        check(*make_inputs(300, 2, 8, device, dtype, H=48, F=160, seed=3), tiles=(tiles, tiles))
+
+
+def test_interleave_refusals(device):
+    x, w13, w2, weights, ids = make_inputs(40, 2, 4, device, torch.float32)
+    tiles = tritonmoe.TileConfig(block_m=16, block_n=32, block_k=32, interleave=True)
+    with pytest.raises(ValueError, match="interleave walks a busy-first block list"):
+        tritonmoe.gate_up_silu(x, w13, tritonmoe.build_schedule(ids, 4, 16), tiles)
+    with pytest.raises(ValueError, match="a slot schedule has none"):
+        tritonmoe.gate_up_silu(x, w13, tritonmoe.slot_schedule(ids, 4), tiles)
+    with pytest.raises(ValueError, match="TileConfig.interleave walks the M-blocks from both ends; sweep_n=2"):
+        tritonmoe.TileConfig(interleave=True, sweep_n=2)
+    # the forward builds the busy-first schedule itself, also where it would run a slot schedule (T <= 2)
+    check(*make_inputs(2, 2, 4, device, torch.float32), tiles=(tiles, tiles))
+
+
 # Persistent programs (a few on the CPU, one per SM on a GPU) each walk many tiles, with the gate+up
 # input gathered per tile or copied into expert order first (TMA-loadable).
 PERSISTENT = {

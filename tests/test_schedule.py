@@ -9,12 +9,19 @@ from conftest import random_topk_ids
 from helpers import EK, TOKENS
 
 
-def expected_block_map(counts, offsets, block_m, absorb_m=0):
+def expected_block_map(counts, offsets, block_m, absorb_m=0, busy_first=False):
     experts, rows, ranks, siblings = [], [], [], []
-    for e, c in enumerate(counts.tolist()):
+    blocks = []
+    for c in counts.tolist():
         n = -(-c // block_m)
         if c > block_m and 0 < c % block_m <= absorb_m:
             n -= 1  # the last whole block takes the rest
+        blocks.append(n)
+    order = list(range(len(blocks)))
+    if busy_first:  # experts with more than one block, then those with one, each part in id order
+        order = [e for e in order if blocks[e] > 1] + [e for e in order if blocks[e] <= 1]
+    for e in order:
+        n = blocks[e]
         for b in range(n):
             experts.append(e)
             rows.append(int(offsets[e]) + b * block_m)
@@ -23,9 +30,9 @@ def expected_block_map(counts, offsets, block_m, absorb_m=0):
     return experts, rows, ranks, siblings
 
 
-def check_schedule(ids, E, block_m, absorb_m=0):
+def check_schedule(ids, E, block_m, absorb_m=0, busy_first=False):
     T, k = ids.shape
-    s = tritonmoe.build_schedule(ids, E, block_m, absorb_m)
+    s = tritonmoe.build_schedule(ids, E, block_m, absorb_m, busy_first)
     counts, offsets, sorted_slots, positions = reference.build_schedule(ids.cpu(), E)
     assert s.max_blocks == max_blocks(T * k, E, block_m)
     for name in ("expert_counts", "expert_offsets", "sorted_slots", "slot_positions", "block_expert",
@@ -36,7 +43,7 @@ def check_schedule(ids, E, block_m, absorb_m=0):
     assert int(s.expert_offsets[E + 1]) == T * k and int(s.num_invalid) == 0
     assert torch.equal(s.sorted_slots.cpu().long(), sorted_slots)
     assert torch.equal(s.slot_positions.cpu().long(), positions)
-    experts, rows, ranks, siblings = expected_block_map(counts, offsets, block_m, absorb_m)
+    experts, rows, ranks, siblings = expected_block_map(counts, offsets, block_m, absorb_m, busy_first)
     n, unused = len(experts), s.max_blocks - len(experts)
     assert int(s.num_blocks) == n <= s.max_blocks
     assert s.block_expert.cpu().tolist() == experts + [-1] * unused
@@ -86,6 +93,22 @@ def test_schedule_many_chunks_many_experts(absorb_m, device, poison):
     ids[::4, 0] = 7  # a hot expert: 550 of 4400 slots
     ids[::4, 1] = torch.where(ids[::4, 1] == 7, 8, ids[::4, 1])  # a token's choices stay distinct
     check_schedule(ids, 256, 16 if absorb_m == 0 else 64, absorb_m)
+
+
+@pytest.mark.parametrize("absorb_m", [0, 32])
+@pytest.mark.parametrize("many", [False, True], ids=["one-launch", "chunks"])
+def test_schedule_busy_first(many, absorb_m, device, poison):
+    # experts with several blocks laid out before those with one (empty experts: none), each in id order;
+    # with absorb_m an expert a few rows past one block has one; with `many`, over 512 slots (three launches)
+    counts = [3, 200, 0, 64, 65, 130, 1, 96, 64 + absorb_m] + ([600, 7, 129, 40] if many else [])
+    g = torch.Generator().manual_seed(5 + absorb_m)
+    ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    ids = ids[torch.randperm(len(ids), generator=g)].view(-1, 1).to(torch.int32).to(device)
+    s = check_schedule(ids, len(counts), 64, absorb_m, busy_first=True)
+    assert s.busy_first
+    siblings = s.block_siblings[: int(s.num_blocks)].tolist()
+    assert 1 in siblings and siblings == sorted(siblings, key=lambda n: n == 1)  # a real reordering was checked
+    assert s.block_expert.tolist()[:2] == [1, 1]  # expert 1's 200 rows: four blocks, first
 
 
 @pytest.mark.parametrize("absorb_m", [16, 32])

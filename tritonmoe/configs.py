@@ -27,7 +27,8 @@ log = logging.getLogger("tritonmoe")
 
 
 # TileConfig's bool fields
-FLAGS = ("tma", "expert_groups", "persistent", "permute_input", "gate_up_one_dot", "atomic_combine", "swap_ab")
+FLAGS = ("tma", "expert_groups", "persistent", "permute_input", "gate_up_one_dot", "atomic_combine", "swap_ab",
+         "interleave")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,12 @@ class TileConfig:
     # (per-tile paths; not slot schedules, persistent programs or absorbed tails). Off in every tuned table:
     # slower in the forward on the H100 where it changed anything (Mixtral T = 1024: 11 %; PERF_LOG v22).
     swap_ab: bool = False
+    # Busy and idle experts side by side: the schedule lays out the M-blocks of experts with more than one
+    # before those of experts with one (build_schedule's busy_first), and the programs take tiles from the two
+    # ends of that list in turn. Under skewed routing the GPU then runs a busy expert's compute-bound tiles
+    # beside a one-block expert's weight-bound ones, instead of a stretch of each (PERF_LOG v24). Not with
+    # sweep_n.
+    interleave: bool = False
 
     def __post_init__(self):
         for name in FLAGS:
@@ -104,12 +111,15 @@ class TileConfig:
                 raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {value}")
         if self.absorb_m >= self.block_m:
             raise ValueError(f"TileConfig.absorb_m must be below block_m={self.block_m}, got {self.absorb_m}")
+        if self.interleave and self.sweep_n:
+            raise ValueError(f"TileConfig.interleave walks the M-blocks from both ends; sweep_n={self.sweep_n} sweeps "
+                             f"them in slices of N: set one of them")
 
     @property
-    def block_map(self) -> tuple[int, int]:
-        """(block_m, absorb_m): what a schedule's M-block map is built for (``build_schedule``'s last two
-        arguments); GEMMs whose tiles differ in it need block maps of their own."""
-        return self.block_m, self.absorb_m
+    def block_map(self) -> tuple[int, int, bool]:
+        """(block_m, absorb_m, busy_first): what a schedule's M-block map is built for (``build_schedule``'s
+        last three arguments); GEMMs whose tiles differ in it need block maps of their own."""
+        return self.block_m, self.absorb_m, self.interleave
 
 
 def device_key(device: torch.device) -> str:

@@ -64,6 +64,7 @@ def _expert_gemm_kernel(
     SLOT_BLOCKS: tl.constexpr,       # a slot schedule: M-block b is slot b (one row), expert block_expert[b] = topk_ids
     GATE_UP_BOX: tl.constexpr,       # GATE_UP_SILU with w_desc a (2E, F, K) view: gate and up tiles in one box, one dot
     SWAP_AB: tl.constexpr,           # tiles under 64 rows (one program each) compute the transposed product
+    INTERLEAVE: tl.constexpr,        # tiles taken from the two ends of the (busy-first) block list in turn
     USE_GDC: tl.constexpr,           # programmatic dependent launch (set by _launch.launch)
 ):
     await_previous(USE_GDC)
@@ -89,6 +90,12 @@ def _expert_gemm_kernel(
         # with one dot 0-5 % faster where little is padded (v19).
         used = tl.load(num_blocks_ptr)
         for tile in tl.range(tl.program_id(0), used * num_pid_n, tl.num_programs(0), flatten=True):
+            if INTERLEAVE:
+                # pairs of tiles swap in every other round of the programs: each program then takes front
+                # and back tiles in turn (with an even program count it would take one end only)
+                pair = tile // 2 * 2
+                swap = ((pair // tl.num_programs(0)) % 2 == 1) & (pair + 1 < used * num_pid_n)
+                tile = _two_ended(tl.where(swap, tile ^ 1, tile), used * num_pid_n)
             pid_m, pid_n = _tile_position(tile, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
                                           EXPERT_GROUPS, SWEEP_N)
             expert = tl.load(block_expert_ptr + pid_m)
@@ -99,11 +106,14 @@ def _expert_gemm_kernel(
                          EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False)
     else:
         pid = tl.program_id(0)
-        if SWEEP_N > 0:
-            # sweeps take the used M-blocks only (their count is on the device); the grid's surplus exits
+        if SWEEP_N > 0 or INTERLEAVE:
+            # sweeps and the two-ended walk take the used M-blocks only (their count is on the device); the
+            # grid's surplus exits
             used = tl.load(num_blocks_ptr)
             if pid >= used * num_pid_n:
                 return
+            if INTERLEAVE:
+                pid = _two_ended(pid, used * num_pid_n)
             pid_m, pid_n = _tile_position(pid, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
                                           EXPERT_GROUPS, SWEEP_N)
         else:
@@ -145,6 +155,12 @@ def _expert_gemm_kernel(
                              stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
                              GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, ABSORB_M, BLOCK_N, BLOCK_K, EVEN_K,
                              DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False)
+
+
+@triton.jit
+def _two_ended(i, n):
+    """0, n-1, 1, n-2, 2, ...: the i-th of n tiles taken from the front and the back of the list in turn."""
+    return tl.where(i % 2 == 0, i // 2, n - 1 - i // 2)
 
 
 @triton.jit
@@ -411,9 +427,13 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     num_n_tiles = cdiv(n, tiles.block_n)
     tiles_bound = sched.max_blocks * num_n_tiles
     min_block_m = min(tiles.min_block_m or sched.block_m, sched.block_m)  # 0: full-height tiles only
-    if sched.slot_blocks and (tiles.persistent or tiles.sweep_n):
-        raise ValueError(f"tiles: persistent and sweep_n walk a built schedule's used blocks; a slot schedule has "
-                         f"none (persistent={tiles.persistent}, sweep_n={tiles.sweep_n})")
+    if sched.slot_blocks and (tiles.persistent or tiles.sweep_n or tiles.interleave):
+        raise ValueError(f"tiles: persistent, sweep_n and interleave walk a built schedule's used blocks; a slot "
+                         f"schedule has none (persistent={tiles.persistent}, sweep_n={tiles.sweep_n}, "
+                         f"interleave={tiles.interleave})")
+    if tiles.interleave and not sched.busy_first:
+        raise ValueError("tiles: interleave walks a busy-first block list: build the schedule with "
+                         "build_schedule(..., *tiles.block_map)")
     if tiles.persistent and sched.absorb_m:
         raise ValueError(f"tiles: persistent=True runs full-height tiles only; this schedule's blocks absorb tails "
                          f"(built with absorb_m={sched.absorb_m})")
@@ -446,6 +466,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         min_block_m, sched.absorb_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
         tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks, gate_up_box, tiles.swap_ab,
+        tiles.interleave,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages, dependent=not tiles.persistent)
     return out
 

@@ -76,6 +76,7 @@ class Schedule:
     slot_blocks: bool = False            # a slot schedule (``slot_schedule``)
     absorb_m: int = 0                    # an expert's last whole M-block also takes its remaining rows
                                          # where they are at most this many (``build_schedule``)
+    busy_first: bool = False             # M-blocks of experts with more than one come first (``build_schedule``)
 
 
 def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
@@ -105,24 +106,31 @@ def _chunk_histogram(ids_ptr, chunk_start, S, E, BLOCK_S: tl.constexpr, NBINS: t
 
 @triton.jit
 def _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
-               E, max_blocks, BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, NBINS: tl.constexpr,
-               BLOCK_R: tl.constexpr):
+               E, max_blocks, BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, BUSY_FIRST: tl.constexpr,
+               NBINS: tl.constexpr, BLOCK_R: tl.constexpr):
     """M-block b -> (expert, first sorted row, rank among the expert's blocks, the expert's block
     count), from the slots per bin and their first rows. Only real experts get blocks; blocks past
     the used ones get expert -1 (rank 0 of 1). ABSORB_M > 0: an expert with a whole block and at most
     ABSORB_M rows after its last one gets no block for them: its last block takes them (its rows run
-    to the expert's end). Written expert-major, BLOCK_R ranks of every expert at a time: as many steps as
-    the busiest expert has blocks / BLOCK_R (one, mostly), not one per block."""
+    to the expert's end). An expert's blocks are consecutive, experts in id order; BUSY_FIRST: experts with
+    more than one block first, then those with one (each part in id order). Written expert-major, BLOCK_R
+    ranks of every expert at a time: as many steps as the busiest expert has blocks / BLOCK_R (one, mostly),
+    not one per block."""
     offs_bin = tl.arange(0, NBINS)
     nblk = (totals + BLOCK_M - 1) // BLOCK_M
     if ABSORB_M > 0:
         rest = totals % BLOCK_M
         nblk -= ((totals >= BLOCK_M) & (rest > 0) & (rest <= ABSORB_M)).to(tl.int32)
     nblk = tl.where(offs_bin < E, nblk, 0)                                   # [NBINS]
-    blk_end = tl.cumsum(nblk, axis=0)
-    blk_start = blk_end - nblk
     used = tl.sum(nblk, axis=0)
-    tl.store(num_blocks_ptr + offs_bin * 0, blk_end, mask=offs_bin == NBINS - 1)
+    if BUSY_FIRST:
+        busy = tl.where(nblk > 1, nblk, 0)
+        busy_end = tl.cumsum(busy, axis=0)
+        blk_start = tl.where(nblk > 1, busy_end - busy, tl.sum(busy, axis=0) + tl.cumsum(nblk - busy, axis=0)
+                             - (nblk - busy))
+    else:
+        blk_start = tl.cumsum(nblk, axis=0) - nblk
+    tl.store(num_blocks_ptr + offs_bin * 0, tl.full((NBINS,), 0, tl.int32) + used, mask=offs_bin == 0)
     TILE: tl.constexpr = (BLOCK_R, NBINS)
     experts = tl.broadcast_to(offs_bin[None, :], TILE)
     for r0 in range(0, tl.max(nblk, axis=0), BLOCK_R):
@@ -189,8 +197,8 @@ def _histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK_S: tl.constexpr, NBINS: tl.
 def _scan_kernel(
     hist_ptr, base_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, block_rank_ptr,
     block_siblings_ptr, num_blocks_ptr, num_invalid_ptr, num_chunks, E, max_blocks,
-    BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, NBINS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr, USE_GDC: tl.constexpr,
+    BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, BUSY_FIRST: tl.constexpr, NBINS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     await_previous(USE_GDC)
     # One pass over the chunks' histograms, BLOCK_C chunks at a time (one load each, not one per
@@ -208,7 +216,7 @@ def _scan_kernel(
     starts = tl.cumsum(totals, axis=0) - totals                              # exclusive: first row per bin
     _store_totals(totals, starts, counts_ptr, offsets_ptr, num_invalid_ptr, E, NBINS)
     _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
-               E, max_blocks, BLOCK_M, ABSORB_M, NBINS, BLOCK_R)
+               E, max_blocks, BLOCK_M, ABSORB_M, BUSY_FIRST, NBINS, BLOCK_R)
 
 
 @triton.jit
@@ -229,15 +237,15 @@ def _scatter_kernel(ids_ptr, base_ptr, offsets_ptr, sorted_slots_ptr, slot_pos_p
 def _schedule_one_chunk_kernel(
     ids_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr,
     num_blocks_ptr, num_invalid_ptr, sorted_slots_ptr, slot_pos_ptr, S, E, max_blocks,
-    BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, NBINS: tl.constexpr,
-    BLOCK_R: tl.constexpr, USE_GDC: tl.constexpr,
+    BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr,
+    BUSY_FIRST: tl.constexpr, NBINS: tl.constexpr, BLOCK_R: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     await_previous(USE_GDC)
     totals = _chunk_histogram(ids_ptr, 0, S, E, BLOCK_S, NBINS)
     starts = tl.cumsum(totals, axis=0) - totals
     _store_totals(totals, starts, counts_ptr, offsets_ptr, num_invalid_ptr, E, NBINS)
     _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
-               E, max_blocks, BLOCK_M, ABSORB_M, NBINS, BLOCK_R)
+               E, max_blocks, BLOCK_M, ABSORB_M, BUSY_FIRST, NBINS, BLOCK_R)
     _scatter_chunk(ids_ptr, starts, sorted_slots_ptr, slot_pos_ptr, 0, S, E, BLOCK_S, SUB_S, NBINS)
 
 
@@ -266,7 +274,8 @@ def _plan(S: int, num_experts: int, block_m: int):
     return one_launch, nbins, block_s, num_chunks, nmax, block_r, block_c, _sub_slots(block_s, nbins), end, bounds
 
 
-def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int, absorb_m: int = 0) -> Schedule:
+def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int, absorb_m: int = 0,
+                   busy_first: bool = False) -> Schedule:
     """Build the schedule for int32 or int64 (T, k) ``topk_ids`` on their device, without host sync.
 
     Out-of-range ids are counted in ``num_invalid`` and given no GEMM block, so no kernel
@@ -276,6 +285,9 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int, absor
     M-block and 1 to ``absorb_m`` rows after its last one gets no block for those rows; its last whole
     block takes them, so they read the expert's weight tiles with it instead of in a block of their own
     (the GEMMs' ``TileConfig.absorb_m``).
+
+    ``busy_first``: the M-blocks of experts with more than one come before those of experts with one
+    (else all in expert order), for GEMMs that walk them from both ends (``TileConfig.interleave``).
     """
     if absorb_m and not (absorb_m & (absorb_m - 1) == 0 and 16 <= absorb_m < block_m):
         raise ValueError(f"absorb_m must be 0 or a power of two in [16, block_m={block_m}), got {absorb_m}")
@@ -289,7 +301,7 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int, absor
         num_tokens=T, top_k=k, num_experts=num_experts, block_m=block_m, max_blocks=nmax,
         expert_counts=parts[0], expert_offsets=parts[1], sorted_slots=parts[2], slot_positions=parts[3],
         block_expert=parts[4], block_row_start=parts[5], block_rank=parts[6], block_siblings=parts[7],
-        num_blocks=parts[8], num_invalid=parts[9], absorb_m=absorb_m,
+        num_blocks=parts[8], num_invalid=parts[9], absorb_m=absorb_m, busy_first=bool(busy_first),
     )
     if S == 0:
         sched.expert_counts.zero_(); sched.expert_offsets.zero_(); sched.num_blocks.zero_()
@@ -299,14 +311,15 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int, absor
         launch(_schedule_one_chunk_kernel, (1,), (
             ids, sched.expert_counts, sched.expert_offsets, sched.block_expert, sched.block_row_start,
             sched.block_rank, sched.block_siblings, sched.num_blocks, sched.num_invalid, sched.sorted_slots,
-            sched.slot_positions, S, num_experts, nmax, block_s, sub_s, block_m, absorb_m, nbins, block_r))
+            sched.slot_positions, S, num_experts, nmax, block_s, sub_s, block_m, absorb_m, bool(busy_first), nbins,
+            block_r))
         return sched
     hist, base = parts[10].view(num_chunks, nbins), parts[11].view(num_chunks, nbins)
     launch(_histogram_kernel, (num_chunks,), (ids, hist, S, num_experts, block_s, nbins))
     launch(_scan_kernel, (1,), (hist, base, sched.expert_counts, sched.expert_offsets, sched.block_expert,
                                 sched.block_row_start, sched.block_rank, sched.block_siblings, sched.num_blocks,
-                                sched.num_invalid, num_chunks, num_experts, nmax, block_m, absorb_m, nbins, block_r,
-                                block_c), num_warps=8)
+                                sched.num_invalid, num_chunks, num_experts, nmax, block_m, absorb_m, bool(busy_first),
+                                nbins, block_r, block_c), num_warps=8)
     launch(_scatter_kernel, (num_chunks,), (ids, base, sched.expert_offsets, sched.sorted_slots, sched.slot_positions,
                                             S, num_experts, block_s, sub_s, nbins))
     return sched

@@ -1,0 +1,125 @@
+"""Probe: do busy and idle experts' tiles run faster side by side? (issue #7, PERF_LOG gap 5e)
+
+v23 counted the skew penalty: a skewed gate+up's time tracks its 128-row M-blocks' count, and a partial block
+costs about a whole one, 64-row tails included (``probe_skew_group``). A model of why: an expert with one block
+is weight-bound (its block streams 2 F H weights for 128 rows at most), an expert with many blocks is
+compute-bound, and the GEMMs run the M-blocks expert after expert, so the GPU spends a stretch on each kind
+instead of overlapping the two. With every expert's time max(weights / bandwidth, padded rows / peak) and the
+experts run one after another, E = 64, T = 2048, Zipf s = 2 costs 1.08 ms of 128-row tiles (uniform: 0.65);
+run side by side, max(sum of weights, sum of padded rows) = 0.86 ms, 0.74 with 64-row tails. Tails alone
+help the compute-bound stretches only, which the one-block experts do not sit in: that is why they gained
+1 % (v23). This times, at the skew grid's worst cells and each routing,
+
+* ``tuned``: the tiles as the skew grid runs them;
+* ``interleave``: the same with ``TileConfig.interleave`` on both GEMMs (the schedule lays out the experts with
+  several blocks first, the one-block experts after them, and the programs take tiles from the two ends in
+  turn; tiles that sweep N run without sweeps, which the two-ended walk does not take);
+* ``tails_64``: an expert's partial last block 64 rows tall where the tiles run 128-row blocks (persistent
+  tiles run per tile for it: persistent programs take full-height tiles only);
+* ``interleave_tails_64``: both,
+
+the experts' forward, its gate+up and its down projection alone, in one process; every forward is checked
+against the float64 reference first. Prediction (v24): at E = 64, T = 2048, s = 2 the gate+up 1.06 ms with
+the tuned tiles, <= 0.95 with both; neither alone below 1.0.
+
+    python -m experiments.probe_skew_interleave          # GPU -> results/<GPU>/probe_skew_interleave.jsonl
+    python -m experiments.probe_skew_interleave --smoke  # CPU interpreter, tiny shapes: it runs, nothing written
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+
+import tritonmoe
+from tritonmoe import build_schedule, gate_up_silu, grouped_gemm, reference
+from tritonmoe.configs import get_chunk_tokens, get_tiles
+from . import common
+from .latency import CHECK_TOL, check
+from .skew import probe_spec, probe_topk_ids, random_inputs
+
+CELLS = ((8, 2048), (16, 2048), (32, 2048), (64, 2048), (128, 8192), (256, 8192))
+SKEWS = ("0", "1.0", "2.0", "hot")
+VARIANTS = ("tuned", "interleave", "tails_64", "interleave_tails_64")
+SEED = 0
+WARMUP_MS, REP_MS = 25, 200
+KEY = ("experiment", "E", "T", "skew", "variant", "commit")
+
+
+def variant_tiles(tiles, variant: str):
+    """The tiles a variant runs."""
+    if "tails_64" in variant and tiles.block_m > 64:
+        tiles = dataclasses.replace(tiles, persistent=False, min_block_m=64)
+    if "interleave" in variant:
+        tiles = dataclasses.replace(tiles, interleave=True, sweep_n=0)
+    return tiles
+
+
+def main(smoke: bool = False) -> list[dict]:
+    dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
+    cells = ((16, 8),) if smoke else CELLS
+    prov = common.provenance(dev, SEED)
+    ceilings = {} if smoke else common.measure_ceilings(dev, 100, 500)
+    rows = []
+    progress = common.Progress(len(cells) * len(SKEWS) * len(VARIANTS), "forwards")
+    for E, T in cells:
+        spec = probe_spec(E, smoke)
+        H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
+        x, w13, w2, weights = random_inputs(spec, T, dev, dtype, SEED)
+        shape = (E, F, H, dtype, dev)
+        chunk = get_chunk_tokens(T, *shape)
+        tuned = get_tiles(min(T, chunk or T), k, *shape)
+        for skew in SKEWS:
+            ids = probe_topk_ids(skew, T, k, E, dev, SEED)
+            ref = reference.fused_experts(x, w13, w2, weights, ids)
+            for variant in VARIANTS:
+                up_t, down_t = (variant_tiles(t, variant) for t in tuned)
+                fn = lambda: tritonmoe.fused_experts(x, w13, w2, weights, ids, tiles=(up_t, down_t),  # noqa: E731
+                                                     chunk_tokens=chunk)
+                row = {**prov, **ceilings, "experiment": "probe_skew_interleave", "model": spec.name, "E": E, "T": T,
+                       "k": k, "H": H, "F": F, "skew": skew, "variant": variant,
+                       "gate_up_tiles": dataclasses.asdict(up_t), "down_tiles": dataclasses.asdict(down_t),
+                       "chunk_tokens": chunk}
+                with torch.no_grad():
+                    err = check(fn(), ref)
+                    if not err <= CHECK_TOL[dtype]:
+                        rows.append({**row, "status": "wrong", "rel_err": err})
+                        progress.step(f"E={E} T={T} s={skew} {variant}: WRONG ({err:.1e})")
+                        continue
+                    q = common.quantiles(common.time_ms(fn, dev, WARMUP_MS, REP_MS))
+                    # each GEMM alone, on the schedule the forward builds for it (whole T: chunks are Mixtral's)
+                    up_sched = build_schedule(ids, E, *up_t.block_map)
+                    down_sched = build_schedule(ids, E, *down_t.block_map)
+                    inter = gate_up_silu(x, w13, up_sched, up_t)
+                    up = common.quantiles(common.time_ms(lambda: gate_up_silu(x, w13, up_sched, up_t), dev,
+                                                         WARMUP_MS, REP_MS))
+                    down = common.quantiles(common.time_ms(
+                        lambda: grouped_gemm(inter, w2, down_sched, down_t, topk_weights=weights), dev,
+                        WARMUP_MS, REP_MS))
+                rows.append({**row, "status": "ok", "rel_err": err, **q,
+                             **{f"gate_up_{key}": v for key, v in up.items()},
+                             **{f"down_{key}": v for key, v in down.items()}})
+                progress.step(f"E={E} T={T} s={skew} {variant}: {q['ms_p50']:.3f} ms (gate+up {up['ms_p50']:.3f}, "
+                              f"down {down['ms_p50']:.3f})")
+        del w13, w2
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    ok = {(r["E"], r["T"], r["skew"], r["variant"]): r for r in rows if r["status"] == "ok"}
+    nan = {"ms_p50": float("nan"), "gate_up_ms_p50": float("nan"), "down_ms_p50": float("nan")}
+    print(f"\n{'E':>4s} {'T':>5s} {'skew':>5s} " + " ".join(f"{v:>19s}" for v in VARIANTS)
+          + "   (forward / gate+up / down ms; ratio: forward over uniform's, same variant)")
+    for E, T in cells:
+        for skew in SKEWS:
+            line = []
+            for v in VARIANTS:
+                c, u = ok.get((E, T, skew, v), nan), ok.get((E, T, "0", v), nan)
+                line.append(f"{c['ms_p50']:.3f}/{c['gate_up_ms_p50']:.3f}/{c['down_ms_p50']:.3f}"
+                            f"/{c['ms_p50'] / u['ms_p50']:.2f}")
+            print(f"{E:>4d} {T:>5d} {skew:>5s} " + " ".join(f"{t:>19s}" for t in line))
+    common.save_probe_rows("probe_skew_interleave", dev, rows, KEY, smoke)
+    return rows
+
+
+if __name__ == "__main__":
+    main(smoke="--smoke" in sys.argv[1:])
