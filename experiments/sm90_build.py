@@ -46,7 +46,7 @@ def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: 
     consts = dict(GATHER_A=gather, GATE_UP_SILU=gate_up, SCATTER_WEIGHTED=not gate_up, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_K=bk, GROUP_M=8, EXPERT_GROUPS=True, MIN_BLOCK_M=min_bm or bm, ABSORB_M=0, EVEN_K=True,
                   DOT_PRECISION="tf32", WEIGHT_TMA=tma, A_TMA=a_tma, PERSISTENT=persistent, SWEEP_N=0, SLOT_BLOCKS=False,
-                  GATE_UP_BOX=gate_up and tma, SWAP_AB=swap_ab, USE_GDC=True, stride_ak=1, stride_wk=1, stride_on=1)
+                  GATE_UP_BOX=gate_up and tma, SWAP_AB=swap_ab, INTERLEAVE=False, USE_GDC=True, stride_ak=1, stride_wk=1, stride_on=1)
     if not tma:
         consts["w_desc"] = None
     if not a_tma:
@@ -54,6 +54,7 @@ def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: 
     types = dict(w_desc=f"tensordesc<bf16[2, {bn}, {bk}]>" if gate_up and tma else f"tensordesc<bf16[{bn}, {bk}]>", a_desc=f"tensordesc<bf16[{bm}, {bk}]>",
                  sorted_slots_ptr="*i32", topk_weights_ptr="*fp32", block_expert_ptr="*i32", block_row_ptr="*i32",
                  block_rank_ptr="*i32", block_siblings_ptr="*i32", expert_offsets_ptr="*i32", num_blocks_ptr="*i32",
+                 num_busy_ptr="*i32",
                  stride_we="i64")
     sig = {n: "constexpr" if n in consts else types.get(n, "*bf16" if n.endswith("_ptr") else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in DIVISIBLE}

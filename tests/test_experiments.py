@@ -364,6 +364,8 @@ def test_probe_skew_interleave_variants():
     assert (t.interleave, t.sweep_n, t.min_block_m) == (True, 0, 0) and t.block_map == (128, 0, True)
     t = psi.variant_tiles(TileConfig(block_m=128, persistent=True), "interleave_tails_64")
     assert (t.interleave, t.persistent, t.min_block_m) == (True, False, 64)
+    t = psi.variant_tiles(TileConfig(block_m=128, persistent=True), "interleave_per_tile")
+    assert (t.interleave, t.persistent, t.min_block_m) == (True, False, 0)
     code = ("import json; from experiments import probe_skew_interleave as p; "
             "print(json.dumps(p.main(smoke=True)))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=smoke_env(), capture_output=True, text=True,

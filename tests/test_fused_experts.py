@@ -218,8 +218,8 @@ def test_persistent_refuses_absorbing_blocks(device):
 
 
 # Interleaved tiles: the schedule lays out experts with several M-blocks before those with one, and the programs
-# take tiles from both ends of that list in turn (persistent programs swap pairs every other round so each takes
-# both ends). Every extreme: one expert only (all busy), one row per expert (none busy), both kinds.
+# take the one-block experts' tiles from the end of that list spread among the others' from its front. Every
+# extreme: one expert only (all busy), one row per expert (none busy), both kinds.
 INTERLEAVE = {
     "grid": dict(),
     "grid-tails-absorb": dict(min_block_m=16, absorb_m=16),
@@ -240,11 +240,12 @@ def test_interleaved_tiles(case, variant, device, poison):
 
 @pytest.mark.parametrize("persistent", [False, True])
 def test_interleaved_tiles_many_rounds(persistent, device, poison):
-    # more tiles than two rounds of the GPU's programs (132 on an H100): the persistent walk's swapped pairs
+    # more tiles than two rounds of the GPU's programs (132 on an H100), one-block experts among busy ones
     tiles = tritonmoe.TileConfig(block_m=16, block_n=16, block_k=32, group_m=2, num_stages=2, interleave=True,
                                  persistent=persistent)
+    ids = _ids_from_counts([400, 10, 300, 5, 16, 250, 1, 14])  # experts 0, 2, 5 busy, the rest one block each
     for dtype in dtypes_for(device):
-        check(*make_inputs(300, 2, 8, device, dtype, H=48, F=160, seed=3), tiles=(tiles, tiles))
+        check(*make_inputs(ids.shape[0], 1, 8, device, dtype, ids=ids, H=48, F=160, seed=3), tiles=(tiles, tiles))
 
 
 def test_interleave_refusals(device):

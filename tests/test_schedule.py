@@ -36,7 +36,7 @@ def check_schedule(ids, E, block_m, absorb_m=0, busy_first=False):
     counts, offsets, sorted_slots, positions = reference.build_schedule(ids.cpu(), E)
     assert s.max_blocks == max_blocks(T * k, E, block_m)
     for name in ("expert_counts", "expert_offsets", "sorted_slots", "slot_positions", "block_expert",
-                 "block_row_start", "block_rank", "block_siblings", "num_blocks", "num_invalid"):
+                 "block_row_start", "block_rank", "block_siblings", "num_blocks", "num_busy_blocks", "num_invalid"):
         assert getattr(s, name).dtype == torch.int32, name
     assert torch.equal(s.expert_counts.cpu().long(), counts)
     assert torch.equal(s.expert_offsets.cpu().long()[: E + 1], offsets)
@@ -46,6 +46,7 @@ def check_schedule(ids, E, block_m, absorb_m=0, busy_first=False):
     experts, rows, ranks, siblings = expected_block_map(counts, offsets, block_m, absorb_m, busy_first)
     n, unused = len(experts), s.max_blocks - len(experts)
     assert int(s.num_blocks) == n <= s.max_blocks
+    assert int(s.num_busy_blocks) == sum(1 for b in siblings if b > 1)
     assert s.block_expert.cpu().tolist() == experts + [-1] * unused
     assert s.block_row_start.cpu()[:n].tolist() == rows
     # unused blocks are groups of their own (rank 0 of 1), so the GEMMs' programs for them exit

@@ -86,10 +86,10 @@ class TileConfig:
     # slower in the forward on the H100 where it changed anything (Mixtral T = 1024: 11 %; PERF_LOG v22).
     swap_ab: bool = False
     # Busy and idle experts side by side: the schedule lays out the M-blocks of experts with more than one
-    # before those of experts with one (build_schedule's busy_first), and the programs take tiles from the two
-    # ends of that list in turn. Under skewed routing the GPU then runs a busy expert's compute-bound tiles
-    # beside a one-block expert's weight-bound ones, instead of a stretch of each (PERF_LOG v24). Not with
-    # sweep_n.
+    # before those of experts with one (build_schedule's busy_first), and the programs take the one-block
+    # experts' tiles from the list's end spread evenly among the others' from its front. Under skewed routing
+    # the GPU then runs busy experts' compute-bound tiles beside one-block experts' weight-bound ones, instead
+    # of a stretch of each (PERF_LOG v24). Not with sweep_n.
     interleave: bool = False
 
     def __post_init__(self):

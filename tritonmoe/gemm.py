@@ -39,7 +39,7 @@ ADD_TOKEN_ROWS = tl.constexpr(2)   # added into its token's row of a zeroed (T, 
 def _expert_gemm_kernel(
     # pointers
     a_ptr, w_ptr, out_ptr, sorted_slots_ptr, topk_weights_ptr, block_expert_ptr, block_row_ptr,
-    block_rank_ptr, block_siblings_ptr, expert_offsets_ptr, num_blocks_ptr,
+    block_rank_ptr, block_siblings_ptr, expert_offsets_ptr, num_blocks_ptr, num_busy_ptr,
     w_desc,                          # WEIGHT_TMA: a tensor descriptor over w as (E * rows, K), else None
     a_desc,                          # A_TMA: a tensor descriptor over a (sorted rows, K), else None
     # sizes
@@ -64,7 +64,7 @@ def _expert_gemm_kernel(
     SLOT_BLOCKS: tl.constexpr,       # a slot schedule: M-block b is slot b (one row), expert block_expert[b] = topk_ids
     GATE_UP_BOX: tl.constexpr,       # GATE_UP_SILU with w_desc a (2E, F, K) view: gate and up tiles in one box, one dot
     SWAP_AB: tl.constexpr,           # tiles under 64 rows (one program each) compute the transposed product
-    INTERLEAVE: tl.constexpr,        # tiles taken from the two ends of the (busy-first) block list in turn
+    INTERLEAVE: tl.constexpr,        # tiles taken from the two ends of the (busy-first) block list in proportion
     USE_GDC: tl.constexpr,           # programmatic dependent launch (set by _launch.launch)
 ):
     await_previous(USE_GDC)
@@ -89,13 +89,11 @@ def _expert_gemm_kernel(
         # next's loads. On the H100: slower than one program per tile with two gate+up dots (PERF_LOG v11);
         # with one dot 0-5 % faster where little is padded (v19).
         used = tl.load(num_blocks_ptr)
+        if INTERLEAVE:
+            one_block_tiles = (used - tl.load(num_busy_ptr)) * num_pid_n
         for tile in tl.range(tl.program_id(0), used * num_pid_n, tl.num_programs(0), flatten=True):
             if INTERLEAVE:
-                # pairs of tiles swap in every other round of the programs: each program then takes front
-                # and back tiles in turn (with an even program count it would take one end only)
-                pair = tile // 2 * 2
-                swap = ((pair // tl.num_programs(0)) % 2 == 1) & (pair + 1 < used * num_pid_n)
-                tile = _two_ended(tl.where(swap, tile ^ 1, tile), used * num_pid_n)
+                tile = _interleaved(tile, used * num_pid_n, one_block_tiles)
             pid_m, pid_n = _tile_position(tile, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
                                           EXPERT_GROUPS, SWEEP_N)
             expert = tl.load(block_expert_ptr + pid_m)
@@ -113,7 +111,7 @@ def _expert_gemm_kernel(
             if pid >= used * num_pid_n:
                 return
             if INTERLEAVE:
-                pid = _two_ended(pid, used * num_pid_n)
+                pid = _interleaved(pid, used * num_pid_n, (used - tl.load(num_busy_ptr)) * num_pid_n)
             pid_m, pid_n = _tile_position(pid, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
                                           EXPERT_GROUPS, SWEEP_N)
         else:
@@ -158,9 +156,14 @@ def _expert_gemm_kernel(
 
 
 @triton.jit
-def _two_ended(i, n):
-    """0, n-1, 1, n-2, 2, ...: the i-th of n tiles taken from the front and the back of the list in turn."""
-    return tl.where(i % 2 == 0, i // 2, n - 1 - i // 2)
+def _interleaved(i, n, back):
+    """The i-th of n tiles when the last ``back`` of them (one-block experts', from the list's end) are spread
+    evenly among the others (busy experts', from its front): of the first i, floor(i * back / n) come from
+    the back. A bijection on [0, n)."""
+    wide = tl.cast(i, tl.int64)  # i * back may pass 2**31
+    taken = (wide * back // n).to(tl.int32)              # back tiles among the first i
+    from_back = ((wide + 1) * back // n).to(tl.int32) > taken
+    return tl.where(from_back, n - 1 - taken, i - taken)
 
 
 @triton.jit
@@ -457,7 +460,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     launch(_expert_gemm_kernel_checked if sched.slot_blocks else _expert_gemm_kernel, grid, (
         a, w, out, _or(sched.sorted_slots, unused), topk_weights if weighted else out, sched.block_expert,
         _or(sched.block_row_start, unused), _or(sched.block_rank, unused), _or(sched.block_siblings, unused),
-        _or(sched.expert_offsets, unused), _or(sched.num_blocks, unused),
+        _or(sched.expert_offsets, unused), _or(sched.num_blocks, unused), _or(sched.num_busy_blocks, unused),
         w_desc, a_desc,
         n, K, sched.top_k, n_offset, up_offset, sched.max_blocks, k_per_split, sched.num_experts,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),

@@ -72,6 +72,8 @@ class Schedule:
                                          # 0 past num_blocks
     block_siblings: torch.Tensor | None  # (max_blocks,) int32: M-blocks of each block's expert; 1 past num_blocks
     num_blocks: torch.Tensor | None      # (1,) int32: M-blocks in use
+    num_busy_blocks: torch.Tensor | None  # (1,) int32: M-blocks of experts with more than one (with busy_first,
+                                         # blocks [0, num_busy_blocks) are theirs)
     num_invalid: torch.Tensor | None     # (1,) int32: slots whose expert id was out of [0, E)
     slot_blocks: bool = False            # a slot schedule (``slot_schedule``)
     absorb_m: int = 0                    # an expert's last whole M-block also takes its remaining rows
@@ -106,7 +108,7 @@ def _chunk_histogram(ids_ptr, chunk_start, S, E, BLOCK_S: tl.constexpr, NBINS: t
 
 @triton.jit
 def _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
-               E, max_blocks, BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, BUSY_FIRST: tl.constexpr,
+               num_busy_ptr, E, max_blocks, BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, BUSY_FIRST: tl.constexpr,
                NBINS: tl.constexpr, BLOCK_R: tl.constexpr):
     """M-block b -> (expert, first sorted row, rank among the expert's blocks, the expert's block
     count), from the slots per bin and their first rows. Only real experts get blocks; blocks past
@@ -123,14 +125,15 @@ def _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, 
         nblk -= ((totals >= BLOCK_M) & (rest > 0) & (rest <= ABSORB_M)).to(tl.int32)
     nblk = tl.where(offs_bin < E, nblk, 0)                                   # [NBINS]
     used = tl.sum(nblk, axis=0)
+    busy = tl.where(nblk > 1, nblk, 0)  # blocks of experts with more than one
     if BUSY_FIRST:
-        busy = tl.where(nblk > 1, nblk, 0)
-        busy_end = tl.cumsum(busy, axis=0)
-        blk_start = tl.where(nblk > 1, busy_end - busy, tl.sum(busy, axis=0) + tl.cumsum(nblk - busy, axis=0)
-                             - (nblk - busy))
+        blk_start = tl.where(nblk > 1, tl.cumsum(busy, axis=0) - busy,
+                             tl.sum(busy, axis=0) + tl.cumsum(nblk - busy, axis=0) - (nblk - busy))
     else:
         blk_start = tl.cumsum(nblk, axis=0) - nblk
-    tl.store(num_blocks_ptr + offs_bin * 0, tl.full((NBINS,), 0, tl.int32) + used, mask=offs_bin == 0)
+    first = offs_bin == 0
+    tl.store(num_blocks_ptr + offs_bin * 0, tl.full((NBINS,), 0, tl.int32) + used, mask=first)
+    tl.store(num_busy_ptr + offs_bin * 0, tl.full((NBINS,), 0, tl.int32) + tl.sum(busy, axis=0), mask=first)
     TILE: tl.constexpr = (BLOCK_R, NBINS)
     experts = tl.broadcast_to(offs_bin[None, :], TILE)
     for r0 in range(0, tl.max(nblk, axis=0), BLOCK_R):
@@ -196,7 +199,7 @@ def _histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK_S: tl.constexpr, NBINS: tl.
 @triton.jit
 def _scan_kernel(
     hist_ptr, base_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, block_rank_ptr,
-    block_siblings_ptr, num_blocks_ptr, num_invalid_ptr, num_chunks, E, max_blocks,
+    block_siblings_ptr, num_blocks_ptr, num_busy_ptr, num_invalid_ptr, num_chunks, E, max_blocks,
     BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr, BUSY_FIRST: tl.constexpr, NBINS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, USE_GDC: tl.constexpr,
 ):
@@ -216,7 +219,7 @@ def _scan_kernel(
     starts = tl.cumsum(totals, axis=0) - totals                              # exclusive: first row per bin
     _store_totals(totals, starts, counts_ptr, offsets_ptr, num_invalid_ptr, E, NBINS)
     _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
-               E, max_blocks, BLOCK_M, ABSORB_M, BUSY_FIRST, NBINS, BLOCK_R)
+               num_busy_ptr, E, max_blocks, BLOCK_M, ABSORB_M, BUSY_FIRST, NBINS, BLOCK_R)
 
 
 @triton.jit
@@ -236,7 +239,7 @@ def _scatter_kernel(ids_ptr, base_ptr, offsets_ptr, sorted_slots_ptr, slot_pos_p
 @triton.jit(debug=True)
 def _schedule_one_chunk_kernel(
     ids_ptr, counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr,
-    num_blocks_ptr, num_invalid_ptr, sorted_slots_ptr, slot_pos_ptr, S, E, max_blocks,
+    num_blocks_ptr, num_busy_ptr, num_invalid_ptr, sorted_slots_ptr, slot_pos_ptr, S, E, max_blocks,
     BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, BLOCK_M: tl.constexpr, ABSORB_M: tl.constexpr,
     BUSY_FIRST: tl.constexpr, NBINS: tl.constexpr, BLOCK_R: tl.constexpr, USE_GDC: tl.constexpr,
 ):
@@ -245,7 +248,7 @@ def _schedule_one_chunk_kernel(
     starts = tl.cumsum(totals, axis=0) - totals
     _store_totals(totals, starts, counts_ptr, offsets_ptr, num_invalid_ptr, E, NBINS)
     _block_map(totals, starts, block_expert_ptr, block_row_ptr, block_rank_ptr, block_siblings_ptr, num_blocks_ptr,
-               E, max_blocks, BLOCK_M, ABSORB_M, BUSY_FIRST, NBINS, BLOCK_R)
+               num_busy_ptr, E, max_blocks, BLOCK_M, ABSORB_M, BUSY_FIRST, NBINS, BLOCK_R)
     _scatter_chunk(ids_ptr, starts, sorted_slots_ptr, slot_pos_ptr, 0, S, E, BLOCK_S, SUB_S, NBINS)
 
 
@@ -262,7 +265,7 @@ def _plan(S: int, num_experts: int, block_m: int):
     num_chunks = 1 if one_launch else cdiv(S, block_s)
     nmax = max_blocks(S, num_experts, block_m)
     # One allocation for every buffer; parts padded to 4 int32 so each view stays 16-byte aligned.
-    sizes = [num_experts, num_experts + 2, S, S, nmax, nmax, nmax, nmax, 1, 1]
+    sizes = [num_experts, num_experts + 2, S, S, nmax, nmax, nmax, nmax, 1, 1, 1]
     sizes += [] if one_launch else [num_chunks * nbins] * 2
     bounds, end = [], 0
     for n in sizes:
@@ -301,25 +304,27 @@ def build_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int, absor
         num_tokens=T, top_k=k, num_experts=num_experts, block_m=block_m, max_blocks=nmax,
         expert_counts=parts[0], expert_offsets=parts[1], sorted_slots=parts[2], slot_positions=parts[3],
         block_expert=parts[4], block_row_start=parts[5], block_rank=parts[6], block_siblings=parts[7],
-        num_blocks=parts[8], num_invalid=parts[9], absorb_m=absorb_m, busy_first=bool(busy_first),
+        num_blocks=parts[8], num_busy_blocks=parts[9], num_invalid=parts[10], absorb_m=absorb_m,
+        busy_first=bool(busy_first),
     )
     if S == 0:
         sched.expert_counts.zero_(); sched.expert_offsets.zero_(); sched.num_blocks.zero_()
+        sched.num_busy_blocks.zero_()
         sched.num_invalid.zero_()
         return sched
     if one_launch:
         launch(_schedule_one_chunk_kernel, (1,), (
             ids, sched.expert_counts, sched.expert_offsets, sched.block_expert, sched.block_row_start,
-            sched.block_rank, sched.block_siblings, sched.num_blocks, sched.num_invalid, sched.sorted_slots,
-            sched.slot_positions, S, num_experts, nmax, block_s, sub_s, block_m, absorb_m, bool(busy_first), nbins,
-            block_r))
+            sched.block_rank, sched.block_siblings, sched.num_blocks, sched.num_busy_blocks, sched.num_invalid,
+            sched.sorted_slots, sched.slot_positions, S, num_experts, nmax, block_s, sub_s, block_m, absorb_m,
+            bool(busy_first), nbins, block_r))
         return sched
-    hist, base = parts[10].view(num_chunks, nbins), parts[11].view(num_chunks, nbins)
+    hist, base = parts[11].view(num_chunks, nbins), parts[12].view(num_chunks, nbins)
     launch(_histogram_kernel, (num_chunks,), (ids, hist, S, num_experts, block_s, nbins))
     launch(_scan_kernel, (1,), (hist, base, sched.expert_counts, sched.expert_offsets, sched.block_expert,
                                 sched.block_row_start, sched.block_rank, sched.block_siblings, sched.num_blocks,
-                                sched.num_invalid, num_chunks, num_experts, nmax, block_m, absorb_m, bool(busy_first),
-                                nbins, block_r, block_c), num_warps=8)
+                                sched.num_busy_blocks, sched.num_invalid, num_chunks, num_experts, nmax, block_m,
+                                absorb_m, bool(busy_first), nbins, block_r, block_c), num_warps=8)
     launch(_scatter_kernel, (num_chunks,), (ids, base, sched.expert_offsets, sched.sorted_slots, sched.slot_positions,
                                             S, num_experts, block_s, sub_s, nbins))
     return sched
@@ -336,4 +341,4 @@ def slot_schedule(topk_ids: torch.Tensor, num_experts: int) -> Schedule:
     return Schedule(num_tokens=T, top_k=k, num_experts=num_experts, block_m=SLOT_BLOCK_M, max_blocks=T * k,
                     expert_counts=None, expert_offsets=None, sorted_slots=None, slot_positions=None,
                     block_expert=ids.view(-1), block_row_start=None, block_rank=None, block_siblings=None,
-                    num_blocks=None, num_invalid=None, slot_blocks=True)
+                    num_blocks=None, num_busy_blocks=None, num_invalid=None, slot_blocks=True)
