@@ -21,8 +21,9 @@ help the compute-bound stretches only, which the one-block experts do not sit in
   tiles run per tile for it: persistent programs take full-height tiles only);
 * ``interleave_tails_64``: both,
 
-the experts' forward, its gate+up and its down projection alone, in one process; every forward is checked
-against the float64 reference first. The first run (a2704ad) took the two ends in turn, one tile each: the
+the experts' forward, its gate+up and its down projection alone, in one process, the variants in turns over
+``ROUNDS`` rounds (the lent H100's speed drifts by a few % within a minute: the second run, one variant after
+another, timed identical tiles 4-12 % apart); every forward is checked against the float64 reference first. The first run (a2704ad) took the two ends in turn, one tile each: the
 gate+up at E = 64, T = 2048, s = 2 went 1.049 -> 1.020 ms and most cells 2-9 % slower. Counted in SM time,
 one-block experts' tiles took half the SMs for as long as they lasted and held the busy experts' tiles to the
 other half; spread in proportion they take their share. Prediction (v24): gate+up at E = 64, T = 2048, s = 2
@@ -34,6 +35,7 @@ other half; spread in proportion they take their share. Prediction (v24): gate+u
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import sys
 
 import torch
@@ -49,7 +51,8 @@ CELLS = ((16, 2048), (32, 2048), (64, 2048), (128, 8192), (256, 8192))
 SKEWS = ("0", "1.0", "2.0", "hot")
 VARIANTS = ("tuned", "interleave", "interleave_per_tile", "tails_64", "interleave_tails_64")
 SEED = 0
-WARMUP_MS, REP_MS = 25, 200
+WARMUP_MS, REP_MS = 25, 100
+ROUNDS = 3
 KEY = ("experiment", "E", "T", "skew", "variant", "commit")
 
 
@@ -81,12 +84,13 @@ def main(smoke: bool = False) -> list[dict]:
         for skew in SKEWS:
             ids = probe_topk_ids(skew, T, k, E, dev, SEED)
             ref = reference.fused_experts(x, w13, w2, weights, ids)
+            timed = {}  # variant -> (row, {"": forward, "gate_up_": ..., "down_": ...})
             for variant in VARIANTS:
                 up_t, down_t = (variant_tiles(t, variant) for t in tuned)
-                fn = lambda: tritonmoe.fused_experts(x, w13, w2, weights, ids, tiles=(up_t, down_t),  # noqa: E731
-                                                     chunk_tokens=chunk)
+                fn = lambda up_t=up_t, down_t=down_t: tritonmoe.fused_experts(  # noqa: E731
+                    x, w13, w2, weights, ids, tiles=(up_t, down_t), chunk_tokens=chunk)
                 row = {**prov, **ceilings, "experiment": "probe_skew_interleave", "model": spec.name, "E": E, "T": T,
-                       "k": k, "H": H, "F": F, "skew": skew, "variant": variant,
+                       "k": k, "H": H, "F": F, "skew": skew, "variant": variant, "rounds": ROUNDS,
                        "gate_up_tiles": dataclasses.asdict(up_t), "down_tiles": dataclasses.asdict(down_t),
                        "chunk_tokens": chunk}
                 with torch.no_grad():
@@ -95,21 +99,32 @@ def main(smoke: bool = False) -> list[dict]:
                         rows.append({**row, "status": "wrong", "rel_err": err})
                         progress.step(f"E={E} T={T} s={skew} {variant}: WRONG ({err:.1e})")
                         continue
-                    q = common.quantiles(common.time_ms(fn, dev, WARMUP_MS, REP_MS))
                     # each GEMM alone, on the schedule the forward builds for it (whole T: chunks are Mixtral's)
                     up_sched = build_schedule(ids, E, *up_t.block_map)
                     down_sched = build_schedule(ids, E, *down_t.block_map)
                     inter = gate_up_silu(x, w13, up_sched, up_t)
-                    up = common.quantiles(common.time_ms(lambda: gate_up_silu(x, w13, up_sched, up_t), dev,
-                                                         WARMUP_MS, REP_MS))
-                    down = common.quantiles(common.time_ms(
-                        lambda: grouped_gemm(inter, w2, down_sched, down_t, topk_weights=weights), dev,
-                        WARMUP_MS, REP_MS))
-                rows.append({**row, "status": "ok", "rel_err": err, **q,
-                             **{f"gate_up_{key}": v for key, v in up.items()},
-                             **{f"down_{key}": v for key, v in down.items()}})
-                progress.step(f"E={E} T={T} s={skew} {variant}: {q['ms_p50']:.3f} ms (gate+up {up['ms_p50']:.3f}, "
-                              f"down {down['ms_p50']:.3f})")
+                    fns = {"": fn,
+                           "gate_up_": lambda s=up_sched, t=up_t: gate_up_silu(x, w13, s, t),
+                           "down_": lambda i=inter, s=down_sched, t=down_t: grouped_gemm(i, w2, s, t,
+                                                                                         topk_weights=weights)}
+                timed[variant] = ({**row, "status": "ok", "rel_err": err}, fns, {key: [] for key in fns})
+            # The variants in turns, ROUNDS rounds (each round in another order): the lent GPU's speed drifts by
+            # a few % over a minute (PERF_LOG v24), which one measurement after another would read as the variants'
+            for r in range(ROUNDS):
+                order = list(timed)[r % len(timed):] + list(timed)[:r % len(timed)]
+                for variant in order:
+                    _, fns, times = timed[variant]
+                    with torch.no_grad():
+                        for key, f in fns.items():
+                            times[key].append(common.time_ms(f, dev, WARMUP_MS, REP_MS))
+            for variant, (row, _, times) in timed.items():
+                out = dict(row)
+                for key, rounds in times.items():
+                    out.update({f"{key}{q}": v for q, v in common.quantiles([t for ts in rounds for t in ts]).items()})
+                    out[f"{key}round_ms_p50"] = [statistics.median(ts) for ts in rounds]
+                rows.append(out)
+                progress.step(f"E={E} T={T} s={skew} {variant}: {out['ms_p50']:.3f} ms (gate+up "
+                              f"{out['gate_up_ms_p50']:.3f}, down {out['down_ms_p50']:.3f})")
         del w13, w2
         if dev.type == "cuda":
             torch.cuda.empty_cache()
