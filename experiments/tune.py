@@ -417,15 +417,15 @@ def _choose_pair(best: dict, bench) -> tuple | None:
 
 
 def robust_variants(kernel: str, t: TileConfig, space) -> list[TileConfig]:
-    """Tail-tile, N-sweep and absorbed-tail variants of ``t`` for the robust stage: the levers that act
-    under skew (fewer padded rows in partial blocks; hot and cold experts' tiles running side by side;
-    fewer blocks that stream an expert's weights again for a few rows). None for persistent tiles, which
-    run full-height tiles over all of N in one sweep."""
-    if t.persistent:
-        return []
-    out = [replace(t, min_block_m=h) for h in space.get("robust_min_block_m", []) if h < t.block_m]
-    out += [replace(t, sweep_n=n) for n in space.get("robust_sweep_n", [])]
-    out += _absorb_variants(t, space.get("robust_absorb_m", []))
+    """Tail-tile, N-sweep, absorbed-tail and interleaved variants of ``t`` for the robust stage: the levers
+    that act under skew (fewer padded rows in partial blocks; hot and cold experts' tiles running side by
+    side; fewer blocks that stream an expert's weights again for a few rows). Persistent tiles, which run
+    full-height tiles over all of N in one sweep, get the interleaved one only."""
+    out = [replace(t, interleave=True, sweep_n=0)] if space.get("robust_interleave") and not t.interleave else []
+    if not t.persistent:
+        out += [replace(t, min_block_m=h) for h in space.get("robust_min_block_m", []) if h < t.block_m]
+        out += [replace(t, sweep_n=n) for n in space.get("robust_sweep_n", []) if not t.interleave]
+        out += _absorb_variants(t, space.get("robust_absorb_m", []))
     return [v for v in out if v != t and _fits(kernel, v)]
 
 

@@ -412,6 +412,13 @@ def test_refine_offers_persistent_one_dot_gate_up():
     assert not any(t.persistent for t in refine("gate_up", best, OmegaConf.merge(space, {"persistent": False}), False))
     assert robust_variants("gate_up", got[0], space) == []
     assert robust_variants("gate_up", best, space)  # tails, sweeps and absorbed tails of the per-tile kernel
+    # with robust_interleave: persistent tiles get the interleaved walk alone; per-tile ones it too (sweeps
+    # off: the walk does not take them), and an interleaved tile is not swept
+    space.robust_interleave = True
+    assert robust_variants("gate_up", got[0], space) == [replace(got[0], interleave=True)]
+    swept = replace(best, sweep_n=4)
+    assert replace(swept, interleave=True, sweep_n=0) in robust_variants("down", swept, space)
+    assert not any(v.sweep_n for v in robust_variants("down", replace(best, interleave=True), space))
 
 
 @pytest.mark.parametrize("slots", [False, True])
