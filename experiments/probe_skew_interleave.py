@@ -1,4 +1,4 @@
-"""Probe: do busy and idle experts' tiles run faster side by side? (issue #7, PERF_LOG gap 5e)
+"""Probe: do busy and one-block experts' tiles run faster side by side? (issue #7, PERF_LOG v24)
 
 v23 counted the skew penalty: a skewed gate+up's time tracks its 128-row M-blocks' count, and a partial block
 costs about a whole one, 64-row tails included (``probe_skew_group``). A model of why: an expert with one block
@@ -19,15 +19,19 @@ help the compute-bound stretches only, which the one-block experts do not sit in
   hardware then hands the next tile to whichever SM frees first: the mix adapts to how long each kind takes);
 * ``tails_64``: an expert's partial last block 64 rows tall where the tiles run 128-row blocks (persistent
   tiles run per tile for it: persistent programs take full-height tiles only);
-* ``interleave_tails_64``: both,
+* ``interleave_tails_64``: both;
+* ``interleave_swap_16``: interleaved, per tile, an expert's partial last block down to 16 rows tall, tiles under
+  64 rows as the transposed product (``swap_ab``: on Hopper a wgmma whose N is the rows), so a one-block
+  expert's few rows reach the tensor cores with little padding (PERF_LOG v24, gap 5h),
 
 the experts' forward, its gate+up and its down projection alone, in one process, the variants in turns over
 ``ROUNDS`` rounds (the lent H100's speed drifts by a few % within a minute: the second run, one variant after
-another, timed identical tiles 4-12 % apart); every forward is checked against the float64 reference first. The first run (a2704ad) took the two ends in turn, one tile each: the
-gate+up at E = 64, T = 2048, s = 2 went 1.049 -> 1.020 ms and most cells 2-9 % slower. Counted in SM time,
-one-block experts' tiles took half the SMs for as long as they lasted and held the busy experts' tiles to the
-other half; spread in proportion they take their share. Prediction (v24): gate+up at E = 64, T = 2048, s = 2
-<= 0.94 ms with ``interleave_per_tile`` (tuned 1.05).
+another, timed identical tiles 4-12 % apart); every forward is checked against the float64 reference first.
+The first run (a2704ad) took the two ends in turn, one tile each: the gate+up at E = 64, T = 2048, s = 2 went
+1.049 -> 1.020 ms and most cells 2-9 % slower. Counted in SM time, one-block experts' tiles took half the SMs
+for as long as they lasted and held the busy experts' tiles to the other half; spread in proportion they take
+their share. Prediction (v24): gate+up at E = 64, T = 2048, s = 2 <= 0.94 ms with ``interleave_per_tile``
+(tuned 1.05). Outcomes in PERF_LOG v24.
 
     python -m experiments.probe_skew_interleave          # GPU -> results/<GPU>/probe_skew_interleave.jsonl
     python -m experiments.probe_skew_interleave --smoke  # CPU interpreter, tiny shapes: it runs, nothing written
@@ -49,7 +53,7 @@ from .skew import probe_spec, probe_topk_ids, random_inputs
 
 CELLS = ((16, 2048), (32, 2048), (64, 2048), (128, 8192), (256, 8192))
 SKEWS = ("0", "1.0", "2.0", "hot")
-VARIANTS = ("tuned", "interleave", "interleave_per_tile", "tails_64", "interleave_tails_64")
+VARIANTS = ("tuned", "interleave", "interleave_per_tile", "tails_64", "interleave_tails_64", "interleave_swap_16")
 SEED = 0
 WARMUP_MS, REP_MS = 25, 100
 ROUNDS = 3
@@ -60,6 +64,8 @@ def variant_tiles(tiles, variant: str):
     """The tiles a variant runs."""
     if "tails_64" in variant and tiles.block_m > 64:
         tiles = dataclasses.replace(tiles, persistent=False, min_block_m=64)
+    if variant == "interleave_swap_16":
+        tiles = dataclasses.replace(tiles, persistent=False, min_block_m=16, swap_ab=True)
     if "interleave" in variant:
         tiles = dataclasses.replace(tiles, interleave=True, sweep_n=0)
     if variant == "interleave_per_tile":

@@ -43,11 +43,13 @@ def stage_plan(p, T: int):
     distinct = int(torch.unique(ids).numel())
     up_t, down_t = get_tiles(T, k, E, F, H, x.dtype, x.device)
     sched = build_schedule(ids, E, *up_t.block_map)
+    # the down projection on the block map the forward gives it (its own where its tiles' differs)
+    down_sched = sched if down_t.block_map == up_t.block_map else build_schedule(ids, E, *down_t.block_map)
     inter = gate_up_silu(x, p.w13, sched, up_t)
     x_sorted = permute(x, sched)
     gate = grouped_gemm(x_sorted, p.w13, sched, up_t, n_offset=0, n=F)
     up = grouped_gemm(x_sorted, p.w13, sched, up_t, n_offset=F, n=F)
-    rows = grouped_gemm(inter, p.w2, sched, down_t, topk_weights=weights)
+    rows = grouped_gemm(inter, p.w2, down_sched, down_t, topk_weights=weights)
     w_gate_up, w_half = distinct * 2 * F * H * el, distinct * F * H * el
     logit_el = logits.element_size()
     both = "fused+unfused"
@@ -63,7 +65,7 @@ def stage_plan(p, T: int):
         ("unfused", "up GEMM", lambda: grouped_gemm(x_sorted, p.w13, sched, up_t, n_offset=F, n=F),
          w_half + S * H * el + S * F * el, 2 * S * F * H),
         ("unfused", "SiLU*up", lambda: silu_mul(gate, up), 3 * S * F * el, 0),
-        (both, "down GEMM (weighted)", lambda: grouped_gemm(inter, p.w2, sched, down_t, topk_weights=weights),
+        (both, "down GEMM (weighted)", lambda: grouped_gemm(inter, p.w2, down_sched, down_t, topk_weights=weights),
          w_half + S * F * el + S * H * rows.element_size(), 2 * S * H * F),
         (both, "combine", lambda: combine(rows, k * down_t.split_k, dtype=x.dtype),
          S * H * rows.element_size() + T * H * el, 0),

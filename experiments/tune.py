@@ -98,6 +98,10 @@ def refine(kernel: str, best: TileConfig, space, split_useful: bool) -> list[Til
     out += _absorb_variants(best, space.get("absorb_m", []))
     if kernel == "gate_up" and space.get("persistent") and best.block_m >= 64 and not best.persistent:
         out += _persistent_variants(best)
+    if space.get("interleave") and best.block_m >= 64 and not best.interleave:
+        # one-block experts' tiles among busy experts' (v24): where experts average a block or two, the models'
+        # own routing leaves some experts one block and others several
+        out.append(replace(best, interleave=True, sweep_n=0))
     return [t for t in out if _fits(kernel, t)]
 
 
@@ -205,7 +209,7 @@ class _Bench:
         built): up to ``SLOT_SCHEDULE_MAX_TOKENS`` tokens, unless the tiles walk a built schedule's blocks
         (``functional._forward``'s rule, there for both GEMMs if either walks: never a candidate at these T,
         since walking tiles need 64+ rows per block; the forward check would catch it)."""
-        return self.T <= SLOT_SCHEDULE_MAX_TOKENS and not (t.persistent or t.sweep_n)
+        return self.T <= SLOT_SCHEDULE_MAX_TOKENS and not (t.persistent or t.sweep_n or t.interleave)
 
     def schedule_for(self, t: TileConfig):
         """The schedule the forward runs ``t`` on: a slot schedule (``uses_slots``) or one built for its block map."""

@@ -366,6 +366,8 @@ def test_probe_skew_interleave_variants():
     assert (t.interleave, t.persistent, t.min_block_m) == (True, False, 64)
     t = psi.variant_tiles(TileConfig(block_m=128, persistent=True), "interleave_per_tile")
     assert (t.interleave, t.persistent, t.min_block_m) == (True, False, 0)
+    t = psi.variant_tiles(TileConfig(block_m=128, persistent=True), "interleave_swap_16")
+    assert (t.interleave, t.persistent, t.min_block_m, t.swap_ab) == (True, False, 16, True)
     code = ("import json; from experiments import probe_skew_interleave as p; "
             "print(json.dumps(p.main(smoke=True)))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=smoke_env(), capture_output=True, text=True,
@@ -412,6 +414,11 @@ def test_refine_offers_persistent_one_dot_gate_up():
     assert not any(t.persistent for t in refine("gate_up", best, OmegaConf.merge(space, {"persistent": False}), False))
     assert robust_variants("gate_up", got[0], space) == []
     assert robust_variants("gate_up", best, space)  # tails, sweeps and absorbed tails of the per-tile kernel
+    # refine (space.interleave): the best of 64+ rows interleaved, sweeps off; not small blocks
+    space.interleave = True
+    assert replace(best, interleave=True) in refine("gate_up", best, space, False)
+    assert replace(best, interleave=True, sweep_n=0) in refine("down", replace(best, sweep_n=4), space, False)
+    assert not any(t.interleave for t in refine("gate_up", replace(best, block_m=32), space, False))
     # with robust_interleave: persistent tiles get the interleaved walk alone; per-tile ones it too (sweeps
     # off: the walk does not take them), and an interleaved tile is not swept
     space.robust_interleave = True
@@ -460,8 +467,10 @@ def test_tuner_times_the_schedule_the_forward_runs(T, device):
     assert bench.schedule_for(tiles).slot_blocks == (T <= 2)
     walking = replace(tiles, block_m=64, block_n=32, persistent=True, tma=True)
     assert not bench.schedule_for(walking).slot_blocks
+    interleaved = replace(tiles, interleave=True)  # walks a busy-first block list: a built schedule
+    assert bench.schedule_for(interleaved).busy_first and not bench.schedule_for(interleaved).slot_blocks
     for kernel in ("gate_up", "down"):
-        for t in (tiles, walking):
+        for t in (tiles, walking, interleaved):
             r = bench.measure(kernel, t)
             assert r["status"] == "ok" and r["rel_err"] < 1e-5, (kernel, t, r)
 
