@@ -38,7 +38,8 @@ DIVISIBLE = ("N", "K", "stride_am", "stride_om", "stride_wn", "k_per_split", "n_
 
 
 def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: bool, persistent: bool = False,
-          permute_input: bool = False, min_bm: int | None = None, swap_ab: bool = False) -> dict:
+          permute_input: bool = False, min_bm: int | None = None, swap_ab: bool = False,
+          interleave: bool = False) -> dict:
     gate_up = kernel == "gate_up"
     gather = gate_up and not permute_input
     a_tma = tma and not gather  # gathered inputs stay pointer loads
@@ -46,7 +47,7 @@ def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: 
     consts = dict(GATHER_A=gather, GATE_UP_SILU=gate_up, SCATTER_WEIGHTED=not gate_up, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_K=bk, GROUP_M=8, EXPERT_GROUPS=True, MIN_BLOCK_M=min_bm or bm, ABSORB_M=0, EVEN_K=True,
                   DOT_PRECISION="tf32", WEIGHT_TMA=tma, A_TMA=a_tma, PERSISTENT=persistent, SWEEP_N=0, SLOT_BLOCKS=False,
-                  GATE_UP_BOX=gate_up and tma, SWAP_AB=swap_ab, INTERLEAVE=False, USE_GDC=True, stride_ak=1, stride_wk=1, stride_on=1)
+                  GATE_UP_BOX=gate_up and tma, SWAP_AB=swap_ab, INTERLEAVE=interleave, USE_GDC=True, stride_ak=1, stride_wk=1, stride_on=1)
     if not tma:
         consts["w_desc"] = None
     if not a_tma:
@@ -71,7 +72,8 @@ def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: 
                                 text=True).stderr
     regs, spills = re.search(r"Used (\d+) registers", report), re.search(r"(\d+) bytes spill stores", report)
     return {"kernel": kernel, "block_m": bm, "block_n": bn, "block_k": bk, "num_warps": warps, "num_stages": stages,
-            "tma": tma, "min_block_m": min_bm or bm, "swap_ab": swap_ab, "shared_bytes": compiled.metadata.shared,
+            "tma": tma, "min_block_m": min_bm or bm, "swap_ab": swap_ab, "interleave": interleave,
+            "persistent": persistent, "shared_bytes": compiled.metadata.shared,
             "registers": int(regs.group(1)) if regs else None, "spill_store_bytes": int(spills.group(1)) if spills else None,
             **{f"ptx_{k}": len(re.findall(v, ptx)) for k, v in INSTRUCTIONS.items()}}
 
@@ -82,17 +84,22 @@ def main() -> None:
     builds = [(case, dict()) for case in CASES]
     builds += [(case[:6], dict(min_bm=case[6], swap_ab=swap)) for case in SWAP_CASES for swap in (False, True)
                if swap or case[6] < case[1]]  # 16-row blocks unswapped are CASES' last
+    # the interleaved walk (TileConfig.interleave) in the skew shapes' kept tiles: the 128-row gate+up per tile and
+    # persistent, and the down projection
+    builds += [(CASES[0], dict(interleave=True)), (CASES[0], dict(interleave=True, persistent=True)),
+               (CASES[2], dict(interleave=True))]
     for case, extra in builds:
         for tma in (False, True):
             rows.append({**prov, "experiment": "sm90_build", **build(*case, tma, **extra)})
             r = rows[-1]
             print(f"{r['kernel']:8s} {r['block_m']:>3d}x{r['block_n']:<3d}x{r['block_k']:<3d} w{r['num_warps']} "
-                  f"s{r['num_stages']} tail{r['min_block_m']:<3d} swap={str(r['swap_ab']):5s} tma={str(tma):5s} regs {r['registers']:>3} spills {r['spill_store_bytes']} "
+                  f"s{r['num_stages']} tail{r['min_block_m']:<3d} swap={str(r['swap_ab']):5s} tma={str(tma):5s} "
+                  f"pers={str(r['persistent']):5s} il={str(r['interleave']):5s} regs {r['registers']:>3} spills {r['spill_store_bytes']} "
                   f"smem {r['shared_bytes'] // 1024:>3d} KB  wgmma {r['ptx_wgmma']} bulk {r['ptx_bulk_tensor_copy']} "
                   f"cp.async {r['ptx_cp_async']} local {r['ptx_local_memory']}", flush=True)
     path = common.REPO / "results" / "sm90-build" / "sm90_build.jsonl"
     common.write_rows(path, rows, ("experiment", "kernel", "block_m", "block_n", "block_k", "num_warps",
-                                   "num_stages", "tma", "min_block_m", "swap_ab"))
+                                   "num_stages", "tma", "min_block_m", "swap_ab", "persistent", "interleave"))
     print(f"{len(rows)} rows -> {path.relative_to(common.REPO)}")
 
 

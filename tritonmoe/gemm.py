@@ -105,7 +105,7 @@ def _expert_gemm_kernel(
     else:
         pid = tl.program_id(0)
         if SWEEP_N > 0 or INTERLEAVE:
-            # sweeps and the two-ended walk take the used M-blocks only (their count is on the device); the
+            # sweeps and the interleaved walk take the used M-blocks only (their count is on the device); the
             # grid's surplus exits
             used = tl.load(num_blocks_ptr)
             if pid >= used * num_pid_n:

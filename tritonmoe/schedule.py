@@ -9,7 +9,7 @@ of ``CHUNK_SLOTS`` slots where they work per slot:
 2. ``_scan_kernel`` (one program): expert counts and offsets, per chunk and expert the slots
    of that expert in the chunks before it, and the M-block map: block b -> (expert, first sorted
    row, its rank among the expert's blocks and their number; the GEMMs group an expert's blocks
-   by these).
+   by these), experts in id order or, with ``busy_first``, those with several blocks first.
 3. ``_scatter_kernel``: per chunk, give each slot its row in the expert-sorted order
    (its expert's first row, plus that expert's slots in earlier chunks, plus its rank among
    the chunk's earlier slots of that expert), and write the inverse map.
