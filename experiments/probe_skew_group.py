@@ -35,10 +35,9 @@ import torch
 
 import tritonmoe
 from tritonmoe import build_schedule, gate_up_silu, gemm, reference
-from tritonmoe.configs import get_chunk_tokens, get_tiles
 from . import common
 from .latency import CHECK_TOL, check
-from .skew import probe_spec, probe_topk_ids, random_inputs
+from .skew import PROBE_SMOKE_CELLS, probe_problem, probe_start, probe_topk_ids
 
 CELLS = ((16, 2048), (64, 2048), (128, 8192), (256, 8192))
 SKEWS = ("0", "2.0", "hot", "dense")  # "dense": every token on experts 0..k-1 (k full-T GEMMs, none padded)
@@ -70,19 +69,13 @@ def variant_tiles(tiles, variant: str):
 
 
 def main(smoke: bool = False) -> list[dict]:
-    dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
-    cells = ((16, 8),) if smoke else CELLS
-    prov = common.provenance(dev, SEED)
-    ceilings = {} if smoke else common.measure_ceilings(dev, 100, 500)
+    dev, dtype, base = probe_start(smoke, SEED)
+    cells = PROBE_SMOKE_CELLS if smoke else CELLS
     rows = []
     progress = common.Progress(len(cells) * len(SKEWS) * len(VARIANTS), "forwards")
     for E, T in cells:
-        spec = probe_spec(E, smoke)
+        spec, (x, w13, w2, weights), chunk, tuned = probe_problem(E, T, dev, dtype, SEED, smoke)
         H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
-        x, w13, w2, weights = random_inputs(spec, T, dev, dtype, SEED)
-        shape = (E, F, H, dtype, dev)
-        chunk = get_chunk_tokens(T, *shape)
-        tuned = get_tiles(min(T, chunk or T), k, *shape)
         for skew in SKEWS:
             ids = probe_topk_ids(skew, T, k, E, dev, SEED)
             ref = reference.fused_experts(x, w13, w2, weights, ids)
@@ -98,7 +91,7 @@ def main(smoke: bool = False) -> list[dict]:
                                                      schedule=schedule, chunk_tokens=chunk)
                 gate_up_tiles = dataclasses.replace(up_t, expert_groups=schedule == "expert_groups")
                 sched = build_schedule(ids, E, *gate_up_tiles.block_map)
-                row = {**prov, **ceilings, "experiment": "probe_skew_group", "model": spec.name, "E": E, "T": T,
+                row = {**base, "experiment": "probe_skew_group", "model": spec.name, "E": E, "T": T,
                        "k": k, "H": H, "F": F, "skew": skew, "variant": variant, "schedule": schedule,
                        "gate_up_tiles": dataclasses.asdict(up_t), "down_tiles": dataclasses.asdict(down_t),
                        "chunk_tokens": chunk, **cublas}

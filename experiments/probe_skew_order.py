@@ -28,7 +28,7 @@ import tritonmoe
 from tritonmoe import reference
 from . import common
 from .latency import CHECK_TOL, check
-from .skew import expert_counts, probe_spec, probe_topk_ids, random_inputs
+from .skew import PROBE_SMOKE_CELLS, expert_counts, probe_problem, probe_start, probe_topk_ids
 
 CELLS = ((16, 2048), (64, 2048), (128, 8192), (256, 8192))
 SKEWS = ("2.0", "hot")
@@ -53,22 +53,19 @@ def relabel(ids: torch.Tensor, counts_by_rank: list[int], E: int, order: str) ->
 
 
 def main(smoke: bool = False) -> list[dict]:
-    dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
-    cells = ((16, 8),) if smoke else CELLS
-    prov = common.provenance(dev, SEED)
-    ceilings = {} if smoke else common.measure_ceilings(dev, 100, 500)
+    dev, dtype, base = probe_start(smoke, SEED)
+    cells = PROBE_SMOKE_CELLS if smoke else CELLS
     rows = []
     progress = common.Progress(len(cells) * (1 + len(SKEWS) * len(ORDERS)), "forwards")
     for E, T in cells:
-        spec = probe_spec(E, smoke)
+        spec, (x, w13, w2, weights), _, _ = probe_problem(E, T, dev, dtype, SEED, smoke)  # the forward picks its tiles
         H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
-        x, w13, w2, weights = random_inputs(spec, T, dev, dtype, SEED)
         for skew in ("0",) + SKEWS:
             grid_ids, counts = probe_topk_ids(skew, T, k, E, "cpu", SEED), expert_counts(T, k, E, skew)
             for order in (("as_grid",) if skew == "0" else ORDERS):
                 ids = relabel(grid_ids, counts, E, order).to(dev)
                 fn = lambda ids=ids: tritonmoe.fused_experts(x, w13, w2, weights, ids)  # noqa: E731
-                row = {**prov, **ceilings, "experiment": "probe_skew_order", "model": spec.name, "E": E, "T": T,
+                row = {**base, "experiment": "probe_skew_order", "model": spec.name, "E": E, "T": T,
                        "k": k, "H": H, "F": F, "skew": skew, "order": order,
                        "first_hot_ids": ids.flatten().long().bincount(minlength=E).argsort(descending=True)[:8].tolist()}
                 with torch.no_grad():

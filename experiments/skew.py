@@ -12,6 +12,7 @@ import math
 import torch
 
 from tritonmoe import reference
+from tritonmoe.configs import get_chunk_tokens, get_tiles
 from . import common
 from .impls import EXPERTS, Problem, Unavailable
 from .latency import CHECK_TOL, check
@@ -87,6 +88,26 @@ PROBE_TOP_K = {"default": 8, "8": 2, "16": 4}
 def probe_spec(E: int, smoke: bool = False):
     """The skew probes' shape at E experts (``skew_spec`` of PROBE_MODEL, its smoke shrink for a smoke run)."""
     return skew_spec(common.model_spec(PROBE_MODEL, common.SMOKE_SHRINK if smoke else None), E, PROBE_TOP_K)
+
+
+PROBE_SMOKE_CELLS = ((16, 8),)  # a probe's smoke run: one tiny (E, T) cell on the CPU interpreter
+
+
+def probe_start(smoke: bool, seed: int) -> tuple[torch.device, torch.dtype, dict]:
+    """A skew probe's device and dtype (the GPU in bf16; for a smoke run the CPU interpreter in float32) and
+    the fields each of its rows starts with: provenance and, on the GPU, the ceilings measured now."""
+    dev, dtype = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
+    return dev, dtype, {**common.provenance(dev, seed), **({} if smoke else common.measure_ceilings(dev, 100, 500))}
+
+
+def probe_problem(E: int, T: int, device, dtype, seed: int, smoke: bool = False):
+    """A skew probe's cell: (spec, (x, w13, w2, topk_weights), chunk_tokens, (gate_up, down) tiles), the tiles and
+    chunks the forward takes from the tuned table for that shape and T."""
+    spec = probe_spec(E, smoke)
+    shape = (E, spec.intermediate_size, spec.hidden_size, dtype, device)
+    chunk = get_chunk_tokens(T, *shape)
+    tiles = get_tiles(min(T, chunk or T), spec.top_k, *shape)
+    return spec, random_inputs(spec, T, device, dtype, seed), chunk, tiles
 
 
 def probe_topk_ids(routing: str, T: int, k: int, E: int, device, seed: int = 0) -> torch.Tensor:
