@@ -5,9 +5,12 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import tritonmoe
 from tritonmoe import functional, reference
+from tritonmoe.gemm import _interleaved
 from conftest import assert_close, dtypes_for, random_topk_ids
 from helpers import EK, TOKENS
 
@@ -246,6 +249,27 @@ def test_interleaved_tiles_many_rounds(persistent, device, poison):
     ids = _ids_from_counts([400, 10, 300, 5, 16, 250, 1, 14])  # experts 0, 2, 5 busy, the rest one block each
     for dtype in dtypes_for(device):
         check(*make_inputs(ids.shape[0], 1, 8, device, dtype, ids=ids, H=48, F=160, seed=3), tiles=(tiles, tiles))
+
+
+@triton.jit
+def _interleaved_walk_kernel(out_ptr, n, back, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, _interleaved(i, n, back), mask=i < n)
+
+
+@pytest.mark.parametrize("n,back", [(1, 0), (1, 1), (7, 0), (7, 7), (10, 3), (97, 40), (658 + 1708, 658)])
+def test_interleaved_order_spreads_the_back_tiles(n, back, device):
+    # the walk's order itself: a permutation of the n tiles in which, after any i of them, floor(i * back / n) came
+    # from the list's last `back` (in reverse) and the rest from its front (in order); the last case is E = 64,
+    # T = 2048, s = 2's gate+up (658 one-block experts' tiles, 1708 busy ones)
+    out = torch.full((n,), -1, dtype=torch.int32, device=device)
+    _interleaved_walk_kernel[(-(-n // 256),)](out, n, back, BLOCK=256)
+    order = out.cpu().tolist()
+    assert sorted(order) == list(range(n))
+    from_back = [t >= n - back for t in order]
+    assert [sum(from_back[:i]) for i in range(n + 1)] == [i * back // n for i in range(n + 1)]
+    assert [t for t in order if t < n - back] == list(range(n - back))
+    assert [t for t in order if t >= n - back] == list(range(n - 1, n - back - 1, -1))
 
 
 def test_interleave_refusals(device):
