@@ -223,11 +223,13 @@ def test_persistent_refuses_absorbing_blocks(device):
 # Interleaved tiles: the schedule lays out experts with several M-blocks before those with one, and the programs
 # take the one-block experts' tiles from the end of that list spread among the others' from its front. Every
 # extreme: one expert only (all busy), one row per expert (none busy), both kinds.
-INTERLEAVE = {
-    "grid": dict(),
-    "grid-tails-absorb": dict(min_block_m=16, absorb_m=16),
-    "tma": dict(tma=True),
-    "persistent": dict(persistent=True),
+INTERLEAVE = {  # (tile fields, schedule): the preprint's consecutive groups too (the skew grid's tritonmoe_fixed)
+    "grid": (dict(), "expert_groups"),
+    "grid-tails-absorb": (dict(min_block_m=16, absorb_m=16), "expert_groups"),
+    "tma": (dict(tma=True), "expert_groups"),
+    "persistent": (dict(persistent=True), "expert_groups"),
+    "fixed-groups": (dict(), "fixed"),
+    "fixed-groups-persistent": (dict(persistent=True), "fixed"),
 }
 
 
@@ -235,10 +237,11 @@ INTERLEAVE = {
 @pytest.mark.parametrize("case", ["all-on-one-expert", "one-token-per-expert", "every-tail-height"])
 def test_interleaved_tiles(case, variant, device, poison):
     T, k, E, ids = EXTREMES[case]
+    fields, schedule = INTERLEAVE[variant]
     tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, group_m=3, num_stages=2, interleave=True,
-                                 **INTERLEAVE[variant])
+                                 **fields)
     for dtype in dtypes_for(device):
-        check(*make_inputs(ids.shape[0], k, E, device, dtype, ids=ids), tiles=(tiles, tiles))
+        check(*make_inputs(ids.shape[0], k, E, device, dtype, ids=ids), tiles=(tiles, tiles), schedule=schedule)
 
 
 @pytest.mark.parametrize("persistent", [False, True])
