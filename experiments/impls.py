@@ -72,13 +72,19 @@ def tritonmoe_tail_tiles_experts(p: Problem):
     return tritonmoe_experts(p, schedule="tail_tiles")
 
 
+def tuned_tiles(spec, T: int, dtype, device):
+    """(chunk_tokens, (gate_up, down) tiles): what the forward takes from the tuned table for ``spec``'s shape at
+    T tokens (the chunk's bucket where the table chunks the shape)."""
+    args = (spec.num_experts, spec.intermediate_size, spec.hidden_size, dtype, device)
+    chunk = get_chunk_tokens(T, *args)
+    return chunk, get_tiles(min(T, chunk or T), spec.top_k, *args)
+
+
 def _tuned_with(p: Problem, change):
     """tritonmoe_fused's experts with its tuned tiles passed through ``change(tiles, gemm) -> tiles``; chunked where
     the table chunks the shape."""
-    s, x = p.spec, p.x
-    args = (s.num_experts, s.intermediate_size, s.hidden_size, x.dtype, x.device)
-    chunk = get_chunk_tokens(x.shape[0], *args)
-    gate_up, down = get_tiles(min(x.shape[0], chunk or x.shape[0]), s.top_k, *args)
+    x = p.x
+    chunk, (gate_up, down) = tuned_tiles(p.spec, x.shape[0], x.dtype, x.device)
     tiles = (change(gate_up, "gate_up"), change(down, "down"))
     return lambda weights, ids: tritonmoe.fused_experts(x, p.w13, p.w2, weights, ids, tiles=tiles, chunk_tokens=chunk)
 

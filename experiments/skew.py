@@ -12,9 +12,8 @@ import math
 import torch
 
 from tritonmoe import reference
-from tritonmoe.configs import get_chunk_tokens, get_tiles
 from . import common
-from .impls import EXPERTS, Problem, Unavailable
+from .impls import EXPERTS, Problem, Unavailable, tuned_tiles
 from .latency import CHECK_TOL, check
 
 KEY = ("experiment", "model", "dtype", "E", "T", "skew", "impl")
@@ -104,9 +103,7 @@ def probe_problem(E: int, T: int, device, dtype, seed: int, smoke: bool = False)
     """A skew probe's cell: (spec, (x, w13, w2, topk_weights), chunk_tokens, (gate_up, down) tiles), the tiles and
     chunks the forward takes from the tuned table for that shape and T."""
     spec = probe_spec(E, smoke)
-    shape = (E, spec.intermediate_size, spec.hidden_size, dtype, device)
-    chunk = get_chunk_tokens(T, *shape)
-    tiles = get_tiles(min(T, chunk or T), spec.top_k, *shape)
+    chunk, tiles = tuned_tiles(spec, T, dtype, device)
     return spec, random_inputs(spec, T, device, dtype, seed), chunk, tiles
 
 

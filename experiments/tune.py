@@ -209,7 +209,7 @@ class _Bench:
         built): up to ``SLOT_SCHEDULE_MAX_TOKENS`` tokens, unless the tiles walk a built schedule's blocks
         (``functional._forward``'s rule, there for both GEMMs if either walks: never a candidate at these T,
         since walking tiles need 64+ rows per block; the forward check would catch it)."""
-        return self.T <= SLOT_SCHEDULE_MAX_TOKENS and not (t.persistent or t.sweep_n or t.interleave)
+        return self.T <= SLOT_SCHEDULE_MAX_TOKENS and not t.walks_blocks
 
     def schedule_for(self, t: TileConfig):
         """The schedule the forward runs ``t`` on: a slot schedule (``uses_slots``) or one built for its block map."""

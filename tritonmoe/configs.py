@@ -116,6 +116,12 @@ class TileConfig:
                              f"them in slices of N: set one of them")
 
     @property
+    def walks_blocks(self) -> bool:
+        """Whether the GEMMs walk a built schedule's used M-blocks (persistent programs, N sweeps, the interleaved
+        walk): such tiles never run on a slot schedule, which has none."""
+        return self.persistent or self.sweep_n > 0 or self.interleave
+
+    @property
     def block_map(self) -> tuple[int, int, bool]:
         """(block_m, absorb_m, busy_first): what a schedule's M-block map is built for (``build_schedule``'s
         last three arguments); GEMMs whose tiles differ in it need block maps of their own."""

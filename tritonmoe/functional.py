@@ -161,7 +161,7 @@ def _forward(hidden_states, w13, w2, weights, ids, fused, tiles, schedule, out=N
     gate_up_tiles, down_tiles = tiles if tiles is not None else get_tiles(T, k, E, F, H, hidden_states.dtype,
                                                                           hidden_states.device)
     gate_up_tiles, down_tiles = _schedule_tiles(gate_up_tiles, schedule), _schedule_tiles(down_tiles, schedule)
-    walks_blocks = any(t.persistent or t.sweep_n or t.interleave for t in (gate_up_tiles, down_tiles))  # built ones
+    walks_blocks = gate_up_tiles.walks_blocks or down_tiles.walks_blocks  # need a built schedule
     if schedule == "slots" or (schedule == "expert_groups" and T <= SLOT_SCHEDULE_MAX_TOKENS and not walks_blocks):
         sched = down_sched = slot_schedule(ids, E)
     else:

@@ -430,7 +430,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     num_n_tiles = cdiv(n, tiles.block_n)
     tiles_bound = sched.max_blocks * num_n_tiles
     min_block_m = min(tiles.min_block_m or sched.block_m, sched.block_m)  # 0: full-height tiles only
-    if sched.slot_blocks and (tiles.persistent or tiles.sweep_n or tiles.interleave):
+    if sched.slot_blocks and tiles.walks_blocks:
         raise ValueError(f"tiles: persistent, sweep_n and interleave walk a built schedule's used blocks; a slot "
                          f"schedule has none (persistent={tiles.persistent}, sweep_n={tiles.sweep_n}, "
                          f"interleave={tiles.interleave})")
