@@ -28,6 +28,7 @@
 # Megablocks wheels built by an earlier call come back as $OUT/mbwheels.tar; unpacked into
 # .carry/mbwheels/ they are installed instead of building again (~3 minutes).
 # Environment: MODELS (comma list), TOKENS (Hydra list, e.g. [1,64]), TEST_TIMEOUT (s), TEST_SELECT (pytest -k),
+# TEST_RESUME (a junit xml from a tests stage stopped at its limit: run only the tests it has no record of),
 # TUNE_MINUTES, SKEWPROF_CELLS (E:T cells for skewprof, space-separated; default all),
 # BUILD_MEGABLOCKS=1 (build it in the background even without the bench stage),
 # HYDRA_ARGS (more overrides, space-separated), SESSION_SECONDS (deadline for the tests stage),
@@ -74,7 +75,21 @@ stage_tests() {
   limit=$(( ${SESSION_SECONDS:-570} - SECONDS - 20 )); (( limit > ${TEST_TIMEOUT:-400} )) && limit=${TEST_TIMEOUT:-400}
   echo "tests: up to $limit s"
   select=(); [[ -n ${TEST_SELECT:-} ]] && select=(-k "$TEST_SELECT")
-  timeout -s INT "$limit" python3 -m pytest -n 16 -q -rfE --tb=short tests --device cuda "${select[@]}" \
+  targets=(tests)
+  if [[ -n ${TEST_RESUME:-} ]]; then  # only the tests that junit file (a run stopped at its limit) has no record of
+    python3 -m pytest --collect-only -q tests --device cuda "${select[@]}" -p no:cacheprovider 2>/dev/null \
+      | grep "::" >/tmp/collected.txt
+    python3 - "$TEST_RESUME" >/tmp/recorded.txt <<'PY'
+import sys, xml.etree.ElementTree as ET
+for c in ET.parse(sys.argv[1]).getroot().iter("testcase"):
+    if c.get("name"):
+        print(c.get("classname").replace(".", "/") + ".py::" + c.get("name"))
+PY
+    grep -vxF -f /tmp/recorded.txt /tmp/collected.txt >/tmp/rest.txt
+    echo "tests: $(wc -l </tmp/rest.txt) of $(wc -l </tmp/collected.txt) collected have no record in $TEST_RESUME"
+    mapfile -t targets </tmp/rest.txt; select=()
+  fi
+  timeout -s INT "$limit" python3 -m pytest -n 16 -q -rfE --tb=short "${targets[@]}" --device cuda "${select[@]}" \
     --junitxml "$OUT/junit_cuda.xml" -p no:cacheprovider -W ignore::pytest.PytestWarning >"$OUT/pytest_cuda.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_cuda.txt" | tail -40
 }
