@@ -75,23 +75,27 @@ def _t_set(ts, all_ts) -> str:
     return "$T \\in \\{" + ",".join(map(str, ts)) + "\\}$"
 
 
-def provenance(df: pd.DataFrame) -> str:
+def provenance(df: pd.DataFrame, by: str = "model") -> str:
     """Caption text naming where rows come from: device, software, and each commit with the
-    (model, T) it measured (a rerun replaces only the rows it measured, so commits mix)."""
+    (model, T) it measured (a rerun replaces only the rows it measured, so commits mix).
+    ``by="E"``: rows of one model's shape at several expert counts (the skew experiment)."""
     def one(col):
         return ", ".join(tex(v) for v in sorted(df[col].astype(str).unique()))
 
-    all_ts, all_models = set(df["T"]), set(df["model"])
+    def names(keys):
+        if set(keys) == set(df[by]):
+            return "all models" if by == "model" else f"every ${by}$"
+        if by == "model":
+            return ", ".join(MODELS.get(m, tex(m)) for m in sorted(keys, key=model_order))
+        return f"${by}=" + ", ".join(str(k) for k in sorted(keys)) + "$"
+
+    all_ts = set(df["T"])
     commits = []
     for commit, g in df.sort_values("date").groupby("commit", sort=False):
-        by_ts = {}  # models that share the same T values under this commit
-        for model, gm in g.groupby("model"):
-            by_ts.setdefault(tuple(sorted(set(gm["T"]))), []).append(model)
-        parts = []
-        for ts, models in by_ts.items():
-            names = "all models" if set(models) == all_models else ", ".join(
-                MODELS.get(m, tex(m)) for m in sorted(models, key=model_order))
-            parts.append(f"{_t_set(ts, all_ts)} of {names}")
+        by_ts = {}  # keys (models, or E) that share the same T values under this commit
+        for key, gk in g.groupby(by):
+            by_ts.setdefault(tuple(sorted(set(gk["T"]))), []).append(key)
+        parts = [f"{_t_set(ts, all_ts)} of {names(keys)}" for ts, keys in by_ts.items()]
         commits.append(f"\\texttt{{{commit[:7]}}} ({'; '.join(parts)})")
     dates = pd.to_datetime(df["date"], utc=True)
     if dates.min().date() == dates.max().date():
