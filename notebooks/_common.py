@@ -21,6 +21,35 @@ MODELS = {"mixtral_8x7b": "Mixtral-8x7B", "qwen2_57b_a14b": "Qwen2-57B-A14B", "d
 DASH = "---"  # LaTeX em dash: nothing was measured in this cell
 
 
+# The latest full test suite on the H100, as JUnit files of one commit's code: the first call's run stopped at
+# its time limit, and the second (gpu_session.sh's TEST_RESUME) ran the tests the first had not recorded.
+GPU_FULL_SUITE = [RESULTS / "NVIDIA_H100_80GB_HBM3" / "junit_cuda_full.xml",
+                  RESULTS / "NVIDIA_H100_80GB_HBM3" / "junit_cuda_full_rest.xml"]
+# Tests neither part finished, and why (the notebooks check that none of them has a record there)
+GPU_FULL_SUITE_UNFINISHED = {
+    "test_probe_skew_interleave_variants": "the interleave probe's smoke test, still running when the second call's "
+                                           "time ran out (the probe itself ran every variant on the H100 that session, "
+                                           "each forward checked against the reference: probe_skew_interleave.jsonl at "
+                                           "7d9b407)"}
+
+
+def junit_testcases(paths):
+    """The <testcase> elements of one suite's JUnit files, in order, tests only. Left out: empty records without a
+    name (pytest-xdist writes them), and pytest's own "internal" error where it is the interrupt of a run stopped
+    at its time limit; any other internal error stops the caller."""
+    import xml.etree.ElementTree as ET
+    for path in paths:
+        for case in ET.parse(path).getroot().iter("testcase"):
+            if not case.get("name"):
+                assert not len(case), f"{rel(path)}: a test record without a name has contents"
+                continue
+            if (case.get("classname"), case.get("name")) == ("pytest", "internal"):
+                text = "".join(e.text or "" for e in case)
+                assert "KeyboardInterrupt" in text, f"{rel(path)}: pytest's internal error is not the time limit's interrupt"
+                continue
+            yield case
+
+
 def model_order(name: str):
     """Sort key: the models of MODELS in its order, any other after them."""
     return (list(MODELS).index(name), "") if name in MODELS else (len(MODELS), name)
