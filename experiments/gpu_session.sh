@@ -87,6 +87,7 @@ for c in ET.parse(sys.argv[1]).getroot().iter("testcase"):
 PY
     grep -vxF -f /tmp/recorded.txt /tmp/collected.txt >/tmp/rest.txt
     echo "tests: $(wc -l </tmp/rest.txt) of $(wc -l </tmp/collected.txt) collected have no record in $TEST_RESUME"
+    [[ -s /tmp/rest.txt ]] || { echo "tests: nothing left to run"; return; }
     mapfile -t targets </tmp/rest.txt; select=()
   fi
   timeout -s INT "$limit" python3 -m pytest -n 16 -q -rfE --tb=short "${targets[@]}" --device cuda "${select[@]}" \
