@@ -21,8 +21,9 @@ MODELS = {"mixtral_8x7b": "Mixtral-8x7B", "qwen2_57b_a14b": "Qwen2-57B-A14B", "d
 DASH = "---"  # LaTeX em dash: nothing was measured in this cell
 
 
-# The latest full test suite on the H100, as JUnit files of one commit's code: the first call's run stopped at
-# its time limit, and the second (gpu_session.sh's TEST_RESUME) ran the tests the first had not recorded.
+# The latest full test suite on the H100, as JUnit files of the same code (nothing under tritonmoe/ or tests/
+# differs between their commits): the first call's run stopped at its time limit, and the second
+# (gpu_session.sh's TEST_RESUME) ran the tests the first had not recorded.
 GPU_FULL_SUITE = [RESULTS / "NVIDIA_H100_80GB_HBM3" / "junit_cuda_full.xml",
                   RESULTS / "NVIDIA_H100_80GB_HBM3" / "junit_cuda_full_rest.xml"]
 # Tests neither part finished, and why (the notebooks check that none of them has a record there)
