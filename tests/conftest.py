@@ -21,6 +21,18 @@ def pytest_addoption(parser):
     parser.addoption("--device", default=None, help="cpu (Triton interpreter) or cuda; default: cuda if visible")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``interpreter_only`` run an experiment in a child process on Triton's interpreter (the CPU),
+    wherever they run: on a GPU run they would repeat the CPU suite's check and take its longest minutes, while
+    the GPU stages run those experiments for real. So a GPU run skips them, saying why."""
+    if (config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")) != "cuda":
+        return
+    skip = pytest.mark.skip(reason="interpreter-only smoke test (a CPU child process): run by the CPU suite")
+    for item in items:
+        if item.get_closest_marker("interpreter_only"):
+            item.add_marker(skip)
+
+
 def pytest_configure(config):
     """With --junitxml, write <report>.provenance.json beside it (JUnit has no place for it):
     commit, date, device and versions, so a table of pass counts can say what was tested."""

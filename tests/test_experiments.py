@@ -38,6 +38,7 @@ def test_configs_compose(model, profile):
     assert cfg.model.name == model and cfg.experiment.name == "latency"
 
 
+@pytest.mark.interpreter_only
 def test_smoke_latency_runs(tmp_path):
     # the smoke profile runs the interpreter, also on a machine with a GPU
     env = smoke_env()
@@ -57,6 +58,7 @@ def test_smoke_latency_runs(tmp_path):
     assert len((tmp_path / "smoke" / "latency.jsonl").read_text().splitlines()) == len(rows)
 
 
+@pytest.mark.interpreter_only
 def test_smoke_latency_tile_variants(tmp_path):
     # the A/Bs of the atomic combine and of swapped small tiles: their forwards checked against the reference
     rows = run_smoke(tmp_path, "latency", "model=qwen2_57b_a14b", "profile.tokens=[5]",
@@ -74,6 +76,7 @@ def test_import_order_error():
     assert proc.returncode != 0 and "import tritonmoe before triton" in proc.stderr
 
 
+@pytest.mark.interpreter_only
 def test_smoke_skew_runs(tmp_path):
     rows = run_smoke(tmp_path, "skew", "profile.tokens=[3]", "experiment.experts=[8]", "experiment.skews=[0,hot]")
     fused = {r["skew"]: r for r in rows if r["impl"] == "tritonmoe_fused"}
@@ -81,6 +84,7 @@ def test_smoke_skew_runs(tmp_path):
     assert fused["hot"]["max_count"] == 3 and fused["0"]["max_count"] < 3   # T=3, k=2, E=8: hot takes every token
 
 
+@pytest.mark.interpreter_only
 def test_smoke_stages_runs(tmp_path):
     rows = run_smoke(tmp_path, "stages", "profile.tokens=[3]", "experiment.launch_impls=[tritonmoe_fused]")
     timed = [r for r in rows if r["stage"] != "launches per forward"]
@@ -89,6 +93,7 @@ def test_smoke_stages_runs(tmp_path):
     assert fused_gemm["flops"] == 2 * 3 * 2 * 2 * 64 * 32   # 2 S (2F) H with T=3, k=2, F=32, H=64 (smoke)
 
 
+@pytest.mark.interpreter_only
 def test_smoke_traffic_runs(tmp_path):
     rows = run_smoke(tmp_path, "traffic", "profile.tokens=[3]")
     analytic = {(r["pipeline"], r["item"]): r for r in rows if r["source"] == "analytic"}
@@ -113,6 +118,7 @@ def test_ncu_csv_parsing(monkeypatch):
                        {"kernel": "_expert_gemm_kernel", "dram_read_bytes": 2000.0, "dram_write_bytes": 30.0}]
 
 
+@pytest.mark.interpreter_only
 def test_smoke_hf_model_runs(tmp_path):
     pytest.importorskip("transformers", minversion="5", reason="needs transformers>=5 (pip install 'tritonmoe[hf]')")
     rows = run_smoke(tmp_path, "hf_model")
@@ -138,6 +144,7 @@ def test_smoke_hf_model_runs(tmp_path):
             assert field in by_impl["tritonmoe"], field
 
 
+@pytest.mark.interpreter_only
 def test_l2_flush_is_recorded_and_checked(tmp_path, monkeypatch):
     # the profile's l2_flush (default: read) reaches every row's provenance; an unknown kind is refused,
     # naming the option
@@ -154,6 +161,7 @@ def test_l2_flush_is_recorded_and_checked(tmp_path, monkeypatch):
     assert proc.returncode != 0 and "profile.l2_flush" in proc.stderr + proc.stdout
 
 
+@pytest.mark.interpreter_only
 def test_smoke_tune_skew_shapes(tmp_path):
     # the tuner on the skew experiment's shapes (one small space, CPU: rows only, no table written)
     space = ["experiment.space.block_n=[32]", "experiment.space.block_k=[32]", "experiment.space.num_warps=[4]",
@@ -172,6 +180,7 @@ def test_smoke_tune_skew_shapes(tmp_path):
     assert all(sum(r["kept"] for r in checks if r["model"] == m) == 1 for m in ("mixtral_8x7b_E8", "mixtral_8x7b_E16"))
 
 
+@pytest.mark.interpreter_only
 def test_smoke_tune_robust_stage(tmp_path):
     # the robust stage times its finalists on the model's routing and each skew routing, tails, sweeps and
     # absorbed tails too
@@ -224,6 +233,7 @@ def test_tune_skew_top_k_matches_the_skew_experiment():
     assert dict(tune.skew_top_k) == dict(skew.top_k)
 
 
+@pytest.mark.interpreter_only
 def test_probe_ridge_smoke():
     # the ridge probe at tiny shapes on the interpreter: every implementation at every point, both GEMMs,
     # each checked output correct, the dense sweep's floors counted from its shapes (nothing written)
@@ -254,6 +264,7 @@ def test_probe_sweep_group_cap_caps_and_restores():
         assert gemm._group_blocks is grown
 
 
+@pytest.mark.interpreter_only
 def test_probe_combine_smoke():
     # the fused-combine probe at tiny shapes on the interpreter: every op at every point, each result checked
     # (the atomic buffer holds k everywhere: every token's k rows added), nothing written
@@ -266,6 +277,7 @@ def test_probe_combine_smoke():
     assert all(r["status"] == "ok" for r in rows)
 
 
+@pytest.mark.interpreter_only
 def test_probe_routing_counts_and_padding():
     # every (model, T) routes T k slots (the probe asserts it); padded rows are whole tiles per touched expert
     from experiments import probe_routing
@@ -282,6 +294,7 @@ def test_probe_routing_counts_and_padding():
         assert r["slots"] <= r["padded_rows_16"] <= r["padded_rows_64"] <= r["padded_rows_128"]
 
 
+@pytest.mark.interpreter_only
 def test_probe_skew_order_relabels_by_rank():
     # the same routing with experts renamed by popularity rank: a permutation; hot_first / hot_last / spread put
     # the most popular expert at id 0 / E-1 / 0 and the second at 1 / E-2 / E/8+1; every count kept (s = 0.5: no
@@ -329,6 +342,7 @@ def test_dense_topk_ids_and_profile_cells():
             psp.parse_cells(bad)
 
 
+@pytest.mark.interpreter_only
 def test_probe_skew_group_variants():
     # the group override is live inside its block and gone after it; tails_64 makes 128-row tiles per-tile with
     # 64-row tails and leaves 64-row tiles alone; the smoke run checks every variant's output (CPU interpreter)
@@ -353,6 +367,7 @@ def test_probe_skew_group_variants():
     assert all(r["status"] == "ok" for r in rows) and {r["variant"] for r in rows} == set(psg.VARIANTS)
 
 
+@pytest.mark.interpreter_only
 def test_probe_skew_interleave_variants():
     # interleave turns the two-ended walk on (and sweeps off: the walk does not take them); tails_64 makes 128-row
     # tiles per-tile with 64-row tails; the smoke run checks every variant's forward (CPU interpreter)
@@ -377,6 +392,7 @@ def test_probe_skew_interleave_variants():
     assert {r["skew"] for r in rows} == set(psi.SKEWS)
 
 
+@pytest.mark.interpreter_only
 def test_probe_ws_smoke():
     from experiments import probe_ws
     # the warp-specialisation probe at tiny shapes on the interpreter: every kernel variant runs in its
