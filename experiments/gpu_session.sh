@@ -29,7 +29,8 @@
 # .carry/mbwheels/ they are installed instead of building again (~3 minutes).
 # Environment: MODELS (comma list), TOKENS (Hydra list, e.g. [1,64]), TEST_TIMEOUT (s), TEST_SELECT (pytest -k),
 # TEST_RESUME (a junit xml from a tests stage stopped at its limit: run only the tests it has no record of),
-# TUNE_MINUTES, SKEWPROF_CELLS (E:T cells for skewprof, space-separated; default all),
+# TUNE_MINUTES, SKEWPROF_CELLS and SKEWGROUP_CELLS (E:T cells for skewprof and skewgroup, space-separated;
+# default each probe's own), PROBE_SKEWS and PROBE_VARIANTS (those probes' routings and variants, comma lists),
 # BUILD_MEGABLOCKS=1 (build it in the background even without the bench stage),
 # HYDRA_ARGS (more overrides, space-separated), SESSION_SECONDS (deadline for the tests stage),
 # TRITONMOE_COMMIT (the commit, for provenance: the tree sent here has no trustworthy .git; write the
@@ -123,7 +124,7 @@ stage_combine() { python3 -m experiments.probe_combine 2>&1 | tee "$OUT/probe_co
 stage_routing() { python3 -m experiments.probe_routing 2>&1 | tee "$OUT/probe_routing.log" | grep -v "^\["; }
 stage_skewprof() { python3 -m experiments.probe_skew_profile ${SKEWPROF_CELLS:-} 2>&1 | tee "$OUT/probe_skew_profile.log"; }
 stage_skeworder() { python3 -m experiments.probe_skew_order 2>&1 | tee "$OUT/probe_skew_order.log" | grep -v "^\["; }
-stage_skewgroup() { python3 -m experiments.probe_skew_group 2>&1 | tee "$OUT/probe_skew_group.log" | grep -v "^\["; }
+stage_skewgroup() { python3 -m experiments.probe_skew_group ${SKEWGROUP_CELLS:-} 2>&1 | tee "$OUT/probe_skew_group.log" | grep -v "^\["; }
 stage_skewinterleave() {
   python3 -m experiments.probe_skew_interleave 2>&1 | tee "$OUT/probe_skew_interleave.log" | grep -v "^\["
 }

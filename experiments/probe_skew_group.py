@@ -20,15 +20,21 @@ it), with
 * ``tails_64``: an expert's partial last block 64 rows tall where the tuned tiles run 128-row blocks
   (persistent gate+up tiles run per tile for it: persistent programs take full-height tiles only),
 
-in one process; every output is checked against the float64 reference first.
+in one process; every output is checked against the float64 reference first. Beyond the default run's
+variants, ``group_<n>`` (n blocks of one expert per group), ``l2_<d>`` (as many as 1/d of L2 holds input rows
+for, at least group_m: the package's rule is l2_2) and ``chunk_<n>`` (the forward in chunks of n tokens, the same
+tiles; its gate+up column is the whole routing's, as for every variant) ask whether experts of thousands of rows
+(T = 8192) are grouped too widely.
 
     python -m experiments.probe_skew_group          # GPU -> results/<GPU>/probe_skew_group.jsonl
     python -m experiments.probe_skew_group --smoke  # CPU interpreter, tiny shapes: it runs, nothing written
+    PROBE_VARIANTS=tuned,l2_4,chunk_4096 PROBE_SKEWS=0,hot python -m experiments.probe_skew_group 32:8192
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 
 import torch
@@ -37,24 +43,44 @@ import tritonmoe
 from tritonmoe import build_schedule, gate_up_silu, gemm, reference
 from . import common
 from .latency import CHECK_TOL, check
-from .skew import PROBE_SMOKE_CELLS, probe_problem, probe_start, probe_topk_ids
+from .skew import PROBE_SMOKE_CELLS, parse_probe_cells, probe_problem, probe_skews, probe_start, probe_topk_ids
 
 CELLS = ((16, 2048), (64, 2048), (128, 8192), (256, 8192))
 SKEWS = ("0", "2.0", "hot", "dense")  # "dense": every token on experts 0..k-1 (k full-T GEMMs, none padded)
-VARIANTS = ("tuned", "group_m", "group_2", "group_64", "consecutive", "tails_64")
+VARIANTS = ("tuned", "group_m", "group_2", "group_64", "consecutive", "tails_64")  # the default run
 SEED = 0
 WARMUP_MS, REP_MS = 25, 200
 KEY = ("experiment", "E", "T", "skew", "variant", "commit")
+
+
+def _number(variant: str, prefix: str) -> int | None:
+    """n of a ``<prefix>_<n>`` variant (n >= 1), else None."""
+    head, _, n = variant.rpartition("_")
+    return int(n) if head == prefix and n.isdigit() and int(n) >= 1 else None
+
+
+def check_variant(variant: str) -> str:
+    """``variant`` if the probe knows it: tuned, consecutive, tails_64, group_m, group_<n> (n blocks of one expert
+    per group), l2_<d> (as many blocks as 1/d of L2 holds input rows for, at least group_m; the package's rule is
+    l2_2) or chunk_<n> (the forward in chunks of n tokens)."""
+    if variant in ("tuned", "consecutive", "tails_64", "group_m") or any(
+            _number(variant, p) for p in ("group", "l2", "chunk")):
+        return variant
+    raise SystemExit(f"probe_skew_group: unknown variant {variant!r} (PROBE_VARIANTS; see check_variant)")
 
 
 @contextlib.contextmanager
 def group_blocks(variant: str):
     """The GEMMs' blocks per group as ``variant`` sets them, inside the block; the package's rule outside."""
     rule = gemm._group_blocks
-    fixed = {"group_m": None, "group_2": 2, "group_64": 64}
-    if variant in fixed:
-        n = fixed[variant]
-        gemm._group_blocks = lambda tiles, a, block_m, K: tiles.group_m if n is None else n
+    fixed, share = _number(variant, "group"), _number(variant, "l2")
+    if variant == "group_m":
+        gemm._group_blocks = lambda tiles, a, block_m, K: tiles.group_m
+    elif fixed:
+        gemm._group_blocks = lambda tiles, a, block_m, K: fixed
+    elif share:
+        gemm._group_blocks = lambda tiles, a, block_m, K: max(
+            tiles.group_m, gemm._l2_bytes(a.device) // share // (block_m * K * a.element_size()))
     try:
         yield
     finally:
@@ -68,15 +94,17 @@ def variant_tiles(tiles, variant: str):
     return dataclasses.replace(tiles, persistent=False, min_block_m=64)
 
 
-def main(smoke: bool = False) -> list[dict]:
+def main(smoke: bool = False, cells=CELLS) -> list[dict]:
     dev, dtype, base = probe_start(smoke, SEED)
-    cells = PROBE_SMOKE_CELLS if smoke else CELLS
+    cells = PROBE_SMOKE_CELLS if smoke else cells
+    skews = probe_skews(SKEWS, "probe_skew_group")
+    variants = tuple(check_variant(v.strip()) for v in os.environ.get("PROBE_VARIANTS", ",".join(VARIANTS)).split(","))
     rows = []
-    progress = common.Progress(len(cells) * len(SKEWS) * len(VARIANTS), "forwards")
+    progress = common.Progress(len(cells) * len(skews) * len(variants), "forwards")
     for E, T in cells:
         spec, (x, w13, w2, weights), chunk, tuned = probe_problem(E, T, dev, dtype, SEED, smoke)
         H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
-        for skew in SKEWS:
+        for skew in skews:
             ids = probe_topk_ids(skew, T, k, E, dev, SEED)
             ref = reference.fused_experts(x, w13, w2, weights, ids)
             cublas = {}
@@ -84,17 +112,18 @@ def main(smoke: bool = False) -> list[dict]:
                 xs, wk = x.expand(k, T, H), w13[:k].transpose(1, 2)
                 cublas = {f"cublas_gate_up_{key}": v for key, v in
                           common.quantiles(common.time_ms(lambda: torch.bmm(xs, wk), dev, WARMUP_MS, REP_MS)).items()}
-            for variant in VARIANTS:
+            for variant in variants:
                 up_t, down_t = (variant_tiles(t, variant) for t in tuned)
                 schedule = "fixed" if variant == "consecutive" else "expert_groups"
+                chunk_v = _number(variant, "chunk") or chunk
                 fn = lambda: tritonmoe.fused_experts(x, w13, w2, weights, ids, tiles=(up_t, down_t),  # noqa: E731
-                                                     schedule=schedule, chunk_tokens=chunk)
+                                                     schedule=schedule, chunk_tokens=chunk_v)
                 gate_up_tiles = dataclasses.replace(up_t, expert_groups=schedule == "expert_groups")
                 sched = build_schedule(ids, E, *gate_up_tiles.block_map)
                 row = {**base, "experiment": "probe_skew_group", "model": spec.name, "E": E, "T": T,
                        "k": k, "H": H, "F": F, "skew": skew, "variant": variant, "schedule": schedule,
                        "gate_up_tiles": dataclasses.asdict(up_t), "down_tiles": dataclasses.asdict(down_t),
-                       "chunk_tokens": chunk, **cublas}
+                       "chunk_tokens": chunk_v, **cublas}
                 with torch.no_grad(), group_blocks(variant):
                     err = check(fn(), ref)
                     if not err <= CHECK_TOL[dtype]:
@@ -112,11 +141,11 @@ def main(smoke: bool = False) -> list[dict]:
             torch.cuda.empty_cache()
     ok = {(r["E"], r["T"], r["skew"], r["variant"]): r for r in rows if r["status"] == "ok"}
     nan = {"ms_p50": float("nan"), "gate_up_ms_p50": float("nan")}
-    print(f"\n{'E':>4s} {'T':>5s} {'skew':>5s} " + " ".join(f"{v:>11s}" for v in VARIANTS)
+    print(f"\n{'E':>4s} {'T':>5s} {'skew':>5s} " + " ".join(f"{v:>11s}" for v in variants)
           + "   (forward ms / gate+up ms per variant)")
     for E, T in cells:
-        for skew in SKEWS:
-            cells_txt = (ok.get((E, T, skew, v), nan) for v in VARIANTS)
+        for skew in skews:
+            cells_txt = (ok.get((E, T, skew, v), nan) for v in variants)
             print(f"{E:>4d} {T:>5d} {skew:>5s} "
                   + " ".join(f"{c['ms_p50']:>5.3f}/{c['gate_up_ms_p50']:<5.3f}" for c in cells_txt))
     for E, T in cells:
@@ -128,4 +157,6 @@ def main(smoke: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(smoke="--smoke" in sys.argv[1:])
+    args = sys.argv[1:]
+    main(smoke="--smoke" in args,
+         cells=parse_probe_cells([a for a in args if a != "--smoke"], CELLS, "probe_skew_group"))

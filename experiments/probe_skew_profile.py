@@ -17,6 +17,7 @@ Metrics the installed ncu does not know on this GPU are left out (listed in the 
 
     python -m experiments.probe_skew_profile          # GPU -> results/<GPU>/probe_skew_profile.jsonl
     python -m experiments.probe_skew_profile 64:2048  # only these E:T cells
+    PROBE_SKEWS=0,1.0 python -m experiments.probe_skew_profile 16:8192  # and only these routings
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 
 import tritonmoe
 from . import common
-from .skew import PROBE_MODEL, probe_spec, probe_topk_ids, random_inputs
+from .skew import PROBE_MODEL, parse_probe_cells, probe_skews, probe_spec, probe_topk_ids, random_inputs
 from .traffic import find_ncu, ncu_csv
 
 CELLS = ((16, 2048), (64, 2048), (256, 8192), (128, 8192))
@@ -74,17 +75,6 @@ def _known_metrics(ncu: str) -> dict:
     return {col: m for col, m in METRICS.items() if m.split(".")[0] in names}
 
 
-def parse_cells(args: list[str]) -> tuple[tuple[int, int], ...]:
-    """``E:T`` arguments -> cells (all of CELLS where none are given)."""
-    try:
-        cells = tuple(tuple(int(v) for v in a.split(":")) for a in args)
-    except ValueError:
-        cells = ((),)
-    if any(len(c) != 2 for c in cells):
-        raise SystemExit(f"probe_skew_profile: cells are E:T, e.g. 64:2048; got {' '.join(args)}")
-    return cells or CELLS
-
-
 def main(cells=CELLS) -> list[dict]:
     dev = torch.device("cuda")
     ncu = find_ncu()
@@ -94,9 +84,10 @@ def main(cells=CELLS) -> list[dict]:
     print(f"metrics: {', '.join(metrics)}; not known here: {', '.join(set(METRICS) - set(metrics)) or 'none'}")
     base = {**common.provenance(dev, SEED), "experiment": "probe_skew_profile", "model": PROBE_MODEL}
     rows = []
-    progress = common.Progress(len(cells) * len(SKEWS), "routings")
+    skews = probe_skews(SKEWS, "probe_skew_profile")
+    progress = common.Progress(len(cells) * len(skews), "routings")
     for E, T in cells:
-        for skew in SKEWS:
+        for skew in skews:
             cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--metrics",
                    ",".join(metrics.values()), "--csv", "--print-units", "base", sys.executable, "-m",
                    "experiments.probe_skew_profile", "--child", str(E), str(T), skew]
@@ -142,4 +133,4 @@ if __name__ == "__main__":
         i = sys.argv.index("--child")
         _child(int(sys.argv[i + 1]), int(sys.argv[i + 2]), sys.argv[i + 3])
     else:
-        main(parse_cells(sys.argv[1:]))
+        main(parse_probe_cells(sys.argv[1:], CELLS, "probe_skew_profile"))

@@ -8,6 +8,7 @@ so every E holds the same weight bytes as the model (H=4096 and E·F = 8·14336 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -90,6 +91,33 @@ def probe_spec(E: int, smoke: bool = False):
 
 
 PROBE_SMOKE_CELLS = ((16, 8),)  # a probe's smoke run: one tiny (E, T) cell on the CPU interpreter
+
+
+def parse_probe_cells(args: list[str], default, probe: str) -> tuple[tuple[int, int], ...]:
+    """A skew probe's ``E:T`` arguments -> cells (``default`` where none are given)."""
+    try:
+        cells = tuple(tuple(int(v) for v in a.split(":")) for a in args)
+    except ValueError:
+        cells = ((),)
+    if any(len(c) != 2 for c in cells):
+        raise SystemExit(f"{probe}: cells are E:T, e.g. 64:2048; got {' '.join(args)}")
+    return cells or tuple(default)
+
+
+def probe_skews(default, probe: str) -> tuple[str, ...]:
+    """A skew probe's routings: ``PROBE_SKEWS`` (comma-separated labels: a Zipf exponent, "hot" or "dense"),
+    else ``default``."""
+    env = os.environ.get("PROBE_SKEWS")
+    if not env:
+        return tuple(default)
+    skews = tuple(s.strip() for s in env.split(","))
+    for s in skews:
+        if s not in ("hot", "dense"):
+            try:
+                float(s)
+            except ValueError:
+                raise SystemExit(f"{probe}: PROBE_SKEWS takes Zipf exponents, 'hot' or 'dense'; got {s!r}") from None
+    return skews
 
 
 def probe_start(smoke: bool, seed: int) -> tuple[torch.device, torch.dtype, dict]:

@@ -327,7 +327,8 @@ def test_dense_topk_ids_and_profile_cells():
     from experiments.skew import dense_topk_ids
     ids = dense_topk_ids(5, 3)
     assert ids.shape == (5, 3) and ids.dtype.is_signed and all(row.tolist() == [0, 1, 2] for row in ids)
-    assert psp.parse_cells(["64:2048", "256:8192"]) == ((64, 2048), (256, 8192))
+    from experiments.skew import parse_probe_cells, probe_skews
+    assert parse_probe_cells(["64:2048", "256:8192"], psp.CELLS, "p") == ((64, 2048), (256, 8192))
     # the probes' routings by label are the skew grid's, and their top-k is skew.yaml's
     from omegaconf import OmegaConf
     from experiments.skew import PROBE_TOP_K, probe_topk_ids, skewed_topk_ids
@@ -336,10 +337,22 @@ def test_dense_topk_ids_and_profile_cells():
         assert torch.equal(probe_topk_ids(label, 64, 4, 16, "cpu", 3),
                            skewed_topk_ids(64, 4, 16, 2.0 if label == "2.0" else "hot", seed=3))
     assert PROBE_TOP_K == OmegaConf.to_container(OmegaConf.load(REPO / "experiments/conf/experiment/skew.yaml").top_k)
-    assert psp.parse_cells([]) == psp.CELLS
+    assert parse_probe_cells([], psp.CELLS, "p") == psp.CELLS
     for bad in (["64"], ["64:x"], ["64:2048:1"]):
-        with pytest.raises(SystemExit, match="E:T"):
-            psp.parse_cells(bad)
+        with pytest.raises(SystemExit, match="p: cells are E:T"):
+            parse_probe_cells(bad, psp.CELLS, "p")
+    # PROBE_SKEWS picks the routings; a label that is none names the variable
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.delenv("PROBE_SKEWS", raising=False)
+        assert probe_skews(psp.SKEWS, "p") == psp.SKEWS
+        mp.setenv("PROBE_SKEWS", "0, 1.0,hot,dense")
+        assert probe_skews(psp.SKEWS, "p") == ("0", "1.0", "hot", "dense")
+        mp.setenv("PROBE_SKEWS", "0,zipf")
+        with pytest.raises(SystemExit, match="PROBE_SKEWS.*'zipf'"):
+            probe_skews(psp.SKEWS, "p")
+    finally:
+        mp.undo()
 
 
 @pytest.mark.interpreter_only
@@ -350,10 +363,22 @@ def test_probe_skew_group_variants():
     from experiments import probe_skew_group as psg
     from tritonmoe import TileConfig, gemm
     rule, tiles, a = gemm._group_blocks, TileConfig(block_m=128, group_m=8, persistent=True), torch.empty(1, 1)
-    for variant, want in (("group_2", 2), ("group_64", 64), ("group_m", 8)):
+    for variant, want in (("group_2", 2), ("group_64", 64), ("group_m", 8), ("group_16", 16)):
         with psg.group_blocks(variant):
             assert gemm._group_blocks(tiles, a, 128, 4096) == want
         assert gemm._group_blocks is rule
+    # l2_<d>: as many blocks as 1/d of L2 holds input rows for, at least group_m (l2_2 is the package's rule)
+    import unittest.mock
+    with unittest.mock.patch.object(gemm, "_l2_bytes", lambda device: 50 * 2**20):
+        for variant, want in (("l2_2", 25), ("l2_4", 12), ("l2_16", 8)):
+            with psg.group_blocks(variant):
+                assert gemm._group_blocks(tiles, torch.empty(1, 1, dtype=torch.bfloat16), 128, 4096) == want
+        assert rule(tiles, torch.empty(1, 1, dtype=torch.bfloat16), 128, 4096) == 25
+    for good in ("chunk_4096", "l2_4", "group_m", "tails_64"):
+        assert psg.check_variant(good) == good
+    for bad in ("group_0", "l2_x", "chunk", "groups_4"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            psg.check_variant(bad)
     with psg.group_blocks("tuned"):
         assert gemm._group_blocks is rule
     t = psg.variant_tiles(tiles, "tails_64")
