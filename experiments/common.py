@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -162,6 +163,41 @@ def _time_read_flush(fn, device: torch.device, warmup_ms: float, rep_ms: float) 
         e.record()
     torch.cuda.synchronize(device)
     return [s.elapsed_time(e) for s, e in events]
+
+
+def time_round_robin(fns: dict, device: torch.device, rounds: int, seed: int = 0) -> dict:
+    """name -> per-call times in ms of each of ``fns`` (name -> callable), the calls taking turns: an untimed round
+    first, then ``rounds`` rounds that time each once, in a fresh seeded order, L2 cleared before each call (the
+    read flush on a GPU). A drift of the GPU's clock over the run (its power cap at the compute-bound end: PERF_LOG
+    v16) then falls on every callable alike, where timing them one after another favours the first."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    names = list(fns)
+    times = {name: [] for name in names}
+    order = random.Random(seed)
+    cuda = device.type == "cuda"
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        order.shuffle(names)
+        if cuda:
+            events = []
+            for name in names:
+                _flush_buffer(device).sum()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                events.append((name, start, end))
+            torch.cuda.synchronize(device)
+            for name, start, end in events:
+                times[name].append(start.elapsed_time(end))
+        else:
+            for name in names:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def capture_graph(fn):

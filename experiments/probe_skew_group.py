@@ -20,11 +20,13 @@ it), with
 * ``tails_64``: an expert's partial last block 64 rows tall where the tuned tiles run 128-row blocks
   (persistent gate+up tiles run per tile for it: persistent programs take full-height tiles only),
 
-in one process; every output is checked against the float64 reference first. Beyond the default run's
-variants, ``group_<n>`` (n blocks of one expert per group), ``l2_<d>`` (as many as 1/d of L2 holds input rows
-for, at least group_m: the package's rule is l2_2) and ``chunk_<n>`` (the forward in chunks of n tokens, the same
-tiles; its gate+up column is the whole routing's, as for every variant) ask whether experts of thousands of rows
-(T = 8192) are grouped too widely.
+in one process; every output is checked against the float64 reference first, then every forward and gate+up of
+a cell is timed in turns (``common.time_round_robin``: a power-capped GPU's drift falls on all alike). Beyond
+the default run's variants, ``group_<n>`` (n blocks of one expert per group), ``l2_<d>`` (as many as 1/d of L2
+holds input rows for, at least group_m: the package's rule is l2_2), ``balanced`` (an expert's groups as even as
+can be, not group-size blocks at a time and the rest) and ``chunk_<n>`` (the forward in chunks of n tokens, the
+same tiles; its gate+up column is the whole routing's, as for every variant), alone or joined by "+", ask whether
+experts of thousands of rows (T = 8192) are grouped too widely or leave a small last group.
 
     python -m experiments.probe_skew_group          # GPU -> results/<GPU>/probe_skew_group.jsonl
     python -m experiments.probe_skew_group --smoke  # CPU interpreter, tiny shapes: it runs, nothing written
@@ -49,42 +51,55 @@ CELLS = ((16, 2048), (64, 2048), (128, 8192), (256, 8192))
 SKEWS = ("0", "2.0", "hot", "dense")  # "dense": every token on experts 0..k-1 (k full-T GEMMs, none padded)
 VARIANTS = ("tuned", "group_m", "group_2", "group_64", "consecutive", "tails_64")  # the default run
 SEED = 0
-WARMUP_MS, REP_MS = 25, 200
+ROUNDS = 15  # rounds of common.time_round_robin on the GPU (PROBE_ROUNDS)
 KEY = ("experiment", "E", "T", "skew", "variant", "commit")
 
 
 def _number(variant: str, prefix: str) -> int | None:
-    """n of a ``<prefix>_<n>`` variant (n >= 1), else None."""
-    head, _, n = variant.rpartition("_")
-    return int(n) if head == prefix and n.isdigit() and int(n) >= 1 else None
+    """n of a ``<prefix>_<n>`` part of a variant (n >= 1; parts joined by "+"), else None."""
+    for part in variant.split("+"):
+        head, _, n = part.rpartition("_")
+        if head == prefix and n.isdigit() and int(n) >= 1:
+            return int(n)
+    return None
 
 
 def check_variant(variant: str) -> str:
     """``variant`` if the probe knows it: tuned, consecutive, tails_64, group_m, group_<n> (n blocks of one expert
     per group), l2_<d> (as many blocks as 1/d of L2 holds input rows for, at least group_m; the package's rule is
-    l2_2) or chunk_<n> (the forward in chunks of n tokens)."""
-    if variant in ("tuned", "consecutive", "tails_64", "group_m") or any(
-            _number(variant, p) for p in ("group", "l2", "chunk")):
-        return variant
-    raise SystemExit(f"probe_skew_group: unknown variant {variant!r} (PROBE_VARIANTS; see check_variant)")
+    l2_2), chunk_<n> (the forward in chunks of n tokens), balanced (an expert's groups as even as can be:
+    ``gemm.BALANCED_GROUPS``), or a group part and balanced and/or a chunk part joined by "+" (``l2_4+balanced``)."""
+    parts = variant.split("+")
+    groups = [p for p in parts if p == "group_m" or _number(p, "group") or _number(p, "l2")]
+    others = [p for p in parts if p not in groups]
+    known = len(parts) == 1 and variant in ("tuned", "consecutive", "tails_64") or (
+        len(groups) <= 1 and len(others) == len(set(others))
+        and all(p == "balanced" or _number(p, "chunk") for p in others))
+    if not known:
+        raise SystemExit(f"probe_skew_group: unknown variant {variant!r} (PROBE_VARIANTS; see check_variant)")
+    return variant
 
 
 @contextlib.contextmanager
 def group_blocks(variant: str):
-    """The GEMMs' blocks per group as ``variant`` sets them, inside the block; the package's rule outside."""
-    rule = gemm._group_blocks
+    """The GEMMs' blocks per group (and whether an expert's groups are balanced) as ``variant`` sets them, inside
+    the block; the package's rule outside."""
+    rule, balanced = gemm._group_blocks, gemm.BALANCED_GROUPS
+    parts = variant.split("+")
     fixed, share = _number(variant, "group"), _number(variant, "l2")
-    if variant == "group_m":
+    if "group_m" in parts:
         gemm._group_blocks = lambda tiles, a, block_m, K: tiles.group_m
     elif fixed:
         gemm._group_blocks = lambda tiles, a, block_m, K: fixed
     elif share:
         gemm._group_blocks = lambda tiles, a, block_m, K: max(
             tiles.group_m, gemm._l2_bytes(a.device) // share // (block_m * K * a.element_size()))
+    if "balanced" in parts:
+        gemm.BALANCED_GROUPS = True
     try:
         yield
     finally:
-        gemm._group_blocks = rule
+        gemm._group_blocks, gemm.BALANCED_GROUPS = rule, balanced
 
 
 def variant_tiles(tiles, variant: str):
@@ -99,44 +114,58 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
     cells = PROBE_SMOKE_CELLS if smoke else cells
     skews = probe_skews(SKEWS, "probe_skew_group")
     variants = tuple(check_variant(v.strip()) for v in os.environ.get("PROBE_VARIANTS", ",".join(VARIANTS)).split(","))
+    rounds = 1 if smoke else int(os.environ.get("PROBE_ROUNDS", ROUNDS))
     rows = []
-    progress = common.Progress(len(cells) * len(skews) * len(variants), "forwards")
+    progress = common.Progress(len(cells) * (len(skews) * len(variants) + 1), "checks and timings")
     for E, T in cells:
         spec, (x, w13, w2, weights), chunk, tuned = probe_problem(E, T, dev, dtype, SEED, smoke)
         H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
+        timed, fns = {}, {}  # (skew, variant) -> its row; timing name -> callable
         for skew in skews:
             ids = probe_topk_ids(skew, T, k, E, dev, SEED)
             ref = reference.fused_experts(x, w13, w2, weights, ids)
-            cublas = {}
             if skew == "dense":  # the same k gate+up GEMMs as one batched cuBLAS product (no SiLU, nothing gathered)
                 xs, wk = x.expand(k, T, H), w13[:k].transpose(1, 2)
-                cublas = {f"cublas_gate_up_{key}": v for key, v in
-                          common.quantiles(common.time_ms(lambda: torch.bmm(xs, wk), dev, WARMUP_MS, REP_MS)).items()}
+                fns["cublas_gate_up"] = lambda xs=xs, wk=wk: torch.bmm(xs, wk)
             for variant in variants:
                 up_t, down_t = (variant_tiles(t, variant) for t in tuned)
                 schedule = "fixed" if variant == "consecutive" else "expert_groups"
                 chunk_v = _number(variant, "chunk") or chunk
-                fn = lambda: tritonmoe.fused_experts(x, w13, w2, weights, ids, tiles=(up_t, down_t),  # noqa: E731
-                                                     schedule=schedule, chunk_tokens=chunk_v)
                 gate_up_tiles = dataclasses.replace(up_t, expert_groups=schedule == "expert_groups")
                 sched = build_schedule(ids, E, *gate_up_tiles.block_map)
+
+                def forward(ids=ids, up_t=up_t, down_t=down_t, schedule=schedule, chunk_v=chunk_v, variant=variant):
+                    with torch.no_grad(), group_blocks(variant):
+                        return tritonmoe.fused_experts(x, w13, w2, weights, ids, tiles=(up_t, down_t),
+                                                       schedule=schedule, chunk_tokens=chunk_v)
+
+                def gate_up(sched=sched, gate_up_tiles=gate_up_tiles, variant=variant):
+                    with torch.no_grad(), group_blocks(variant):
+                        return gate_up_silu(x, w13, sched, gate_up_tiles)
+
                 row = {**base, "experiment": "probe_skew_group", "model": spec.name, "E": E, "T": T,
                        "k": k, "H": H, "F": F, "skew": skew, "variant": variant, "schedule": schedule,
                        "gate_up_tiles": dataclasses.asdict(up_t), "down_tiles": dataclasses.asdict(down_t),
-                       "chunk_tokens": chunk_v, **cublas}
-                with torch.no_grad(), group_blocks(variant):
-                    err = check(fn(), ref)
-                    if not err <= CHECK_TOL[dtype]:
-                        rows.append({**row, "status": "wrong", "rel_err": err})
-                        progress.step(f"E={E} T={T} s={skew} {variant}: WRONG ({err:.1e})")
-                        continue
-                    q = common.quantiles(common.time_ms(fn, dev, WARMUP_MS, REP_MS))
-                    up = common.quantiles(common.time_ms(lambda: gate_up_silu(x, w13, sched, gate_up_tiles), dev,
-                                                         WARMUP_MS, REP_MS))
-                rows.append({**row, "status": "ok", "rel_err": err, **q,
-                             **{f"gate_up_{key}": v for key, v in up.items()}})
-                progress.step(f"E={E} T={T} s={skew} {variant}: {q['ms_p50']:.3f} ms (gate+up {up['ms_p50']:.3f})")
-        del w13, w2
+                       "chunk_tokens": chunk_v, "timing": "round_robin", "rounds": rounds}
+                err = check(forward(), ref)
+                if not err <= CHECK_TOL[dtype]:
+                    rows.append({**row, "status": "wrong", "rel_err": err})
+                    progress.step(f"E={E} T={T} s={skew} {variant}: WRONG ({err:.1e})")
+                    continue
+                timed[skew, variant] = {**row, "status": "ok", "rel_err": err}
+                fns[f"{skew}/{variant}/forward"], fns[f"{skew}/{variant}/gate_up"] = forward, gate_up
+                progress.step(f"E={E} T={T} s={skew} {variant}: checked ({err:.1e})")
+            del ref
+        # every check first, then every forward and gate+up of the cell timed in turns (common.time_round_robin)
+        times = common.time_round_robin(fns, dev, rounds, SEED)
+        cublas = {f"cublas_gate_up_{key}": v for key, v in common.quantiles(times["cublas_gate_up"]).items()} \
+            if "cublas_gate_up" in times else {}
+        for (skew, variant), row in timed.items():
+            up = common.quantiles(times[f"{skew}/{variant}/gate_up"])
+            rows.append({**row, **common.quantiles(times[f"{skew}/{variant}/forward"]),
+                         **{f"gate_up_{key}": v for key, v in up.items()}, **(cublas if skew == "dense" else {})})
+        progress.step(f"E={E} T={T}: {len(fns)} callables timed in {rounds} rounds")
+        del w13, w2, fns
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     ok = {(r["E"], r["T"], r["skew"], r["variant"]): r for r in rows if r["status"] == "ok"}

@@ -6,7 +6,8 @@ tile) explains 4-19 % of the extra tensor-core work at those cells (``experiment
 not all of it at E = 16 (4 %, 1.20x measured). This asks Nsight Compute, kernel by kernel, at a few of those
 cells under the uniform routing, Zipf s = 2, one hot expert and k hot experts alone (``skew.dense_topk_ids``):
 how long each GEMM ran, how busy the tensor pipes, DRAM and L2 were, how many bytes came from DRAM and passed
-through L2, and how many L2 sectors hit. A skewed GEMM that reads
+through L2 (split into the SMs' requests and the other L2 partition's), and how many L2 sectors hit; with
+``PROBE_VARIANTS``, as ``probe_skew_group``'s variants run it (groups, balance, chunks). A skewed GEMM that reads
 more DRAM bytes re-reads weights; one whose tensor pipes and DRAM are both idler waits on latency (cold
 experts' programs that stream weights for a few rows); one whose tensor pipes are busier computes padding.
 
@@ -18,9 +19,12 @@ Metrics the installed ncu does not know on this GPU are left out (listed in the 
     python -m experiments.probe_skew_profile          # GPU -> results/<GPU>/probe_skew_profile.jsonl
     python -m experiments.probe_skew_profile 64:2048  # only these E:T cells
     PROBE_SKEWS=0,1.0 python -m experiments.probe_skew_profile 16:8192  # and only these routings
+    PROBE_VARIANTS=tuned,balanced python -m experiments.probe_skew_profile 16:8192  # probe_skew_group's variants
 """
 from __future__ import annotations
 
+import itertools
+import os
 import subprocess
 import sys
 
@@ -28,7 +32,8 @@ import torch
 
 import tritonmoe
 from . import common
-from .skew import PROBE_MODEL, parse_probe_cells, probe_skews, probe_spec, probe_topk_ids, random_inputs
+from .probe_skew_group import _number, check_variant, group_blocks, variant_tiles
+from .skew import PROBE_MODEL, parse_probe_cells, probe_problem, probe_skews, probe_topk_ids
 from .traffic import find_ncu, ncu_csv
 
 CELLS = ((16, 2048), (64, 2048), (256, 8192), (128, 8192))
@@ -45,24 +50,29 @@ METRICS = {  # column -> ncu metric
     "l2_hit_pct": "lts__t_sector_hit_rate.pct",
     "l2_pct": "lts__t_sectors.avg.pct_of_peak_sustained_elapsed",   # L2 sector throughput, of its peak
     "l2_bytes": "lts__t_bytes.sum",                                  # bytes through L2 (reads and writes)
+    "l2_from_sm_bytes": "lts__t_bytes_srcunit_tex.sum",              # of them, the SMs' requests
+    "l2_from_fabric_bytes": "lts__t_bytes_srcunit_ltcfabric.sum",    # the other L2 partition's requests
     "warps_active_pct": "sm__warps_active.avg.pct_of_peak_sustained_active",
     "grid_size": "launch__grid_size",
 }
-KEY = ("experiment", "E", "T", "skew", "launch", "commit")
+KEY = ("experiment", "E", "T", "skew", "variant", "launch", "commit")
 
 
-def _child(E: int, T: int, skew: str) -> None:
-    """Run under ncu: the experts' forward once to compile, then once profiled."""
-    spec = probe_spec(E)
+def _child(E: int, T: int, skew: str, variant: str) -> None:
+    """Run under ncu: the experts' forward (as ``probe_skew_group`` runs ``variant``) once to compile, then once
+    profiled."""
     dev = torch.device("cuda")
-    x, w13, w2, weights = random_inputs(spec, T, dev, torch.bfloat16, SEED)
+    spec, (x, w13, w2, weights), chunk, tuned = probe_problem(E, T, dev, torch.bfloat16, SEED)
     ids = probe_topk_ids(skew, T, spec.top_k, E, dev, SEED)
-    with torch.no_grad():
-        tritonmoe.fused_experts(x, w13, w2, weights, ids)
-        torch.cuda.synchronize()
-        torch.cuda.cudart().cudaProfilerStart()
-        tritonmoe.fused_experts(x, w13, w2, weights, ids)
-        torch.cuda.synchronize()
+    up_t, down_t = (variant_tiles(t, variant) for t in tuned)
+    schedule = "fixed" if variant == "consecutive" else "expert_groups"
+    with torch.no_grad(), group_blocks(variant):
+        for profiled in (False, True):
+            if profiled:
+                torch.cuda.cudart().cudaProfilerStart()
+            tritonmoe.fused_experts(x, w13, w2, weights, ids, tiles=(up_t, down_t), schedule=schedule,
+                                    chunk_tokens=_number(variant, "chunk") or chunk)
+            torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStop()
 
 
@@ -85,45 +95,47 @@ def main(cells=CELLS) -> list[dict]:
     base = {**common.provenance(dev, SEED), "experiment": "probe_skew_profile", "model": PROBE_MODEL}
     rows = []
     skews = probe_skews(SKEWS, "probe_skew_profile")
-    progress = common.Progress(len(cells) * len(skews), "routings")
-    for E, T in cells:
-        for skew in skews:
-            cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--metrics",
-                   ",".join(metrics.values()), "--csv", "--print-units", "base", sys.executable, "-m",
-                   "experiments.probe_skew_profile", "--child", str(E), str(T), skew]
+    variants = tuple(check_variant(v.strip()) for v in os.environ.get("PROBE_VARIANTS", "tuned").split(","))
+    progress = common.Progress(len(cells) * len(skews) * len(variants), "routings")
+    for (E, T), skew, variant in itertools.product(cells, skews, variants):
+        cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--metrics",
+               ",".join(metrics.values()), "--csv", "--print-units", "base", sys.executable, "-m",
+               "experiments.probe_skew_profile", "--child", str(E), str(T), skew, variant]
+        try:
+            table = ncu_csv(cmd)
+        except (RuntimeError, subprocess.TimeoutExpired) as why:
+            rows.append({**base, "E": E, "T": T, "skew": skew, "variant": variant, "launch": -1,
+                         "status": "error", "reason": str(why)[-400:]})
+            progress.step(f"E={E} T={T} skew={skew} {variant}: ncu failed")
+            continue
+        launches: dict[str, dict] = {}
+        by_metric = {m: col for col, m in metrics.items()}
+        for r in table:
+            entry = launches.setdefault(r["ID"], {"kernel": r["Kernel Name"].split("(")[0]})
+            value = r["Metric Value"].replace(",", "")
             try:
-                table = ncu_csv(cmd)
-            except (RuntimeError, subprocess.TimeoutExpired) as why:
-                rows.append({**base, "E": E, "T": T, "skew": skew, "launch": -1, "status": "error",
-                             "reason": str(why)[-400:]})
-                progress.step(f"E={E} T={T} skew={skew}: ncu failed")
+                entry[by_metric[r["Metric Name"]]] = float(value)
+            except (KeyError, ValueError):
                 continue
-            launches: dict[str, dict] = {}
-            by_metric = {m: col for col, m in metrics.items()}
-            for r in table:
-                entry = launches.setdefault(r["ID"], {"kernel": r["Kernel Name"].split("(")[0]})
-                value = r["Metric Value"].replace(",", "")
-                try:
-                    entry[by_metric[r["Metric Name"]]] = float(value)
-                except (KeyError, ValueError):
-                    continue
-            gemms = 0
-            for i, (_, entry) in enumerate(sorted(launches.items(), key=lambda kv: int(kv[0]))):
-                if "ms" in entry:
-                    entry["ms"] /= 1e6  # ns -> ms
-                if "expert_gemm" in entry["kernel"]:  # the gate+up first, then the down projection
-                    entry["gemm"] = ("gate_up", "down")[gemms] if gemms < 2 else f"gemm{gemms}"
-                    gemms += 1
-                rows.append({**base, "E": E, "T": T, "skew": skew, "launch": i, "status": "ok", **entry})
-            progress.step(f"E={E} T={T} skew={skew}: {len(launches)} kernels")
-    cols = [c for c in ("ms", "dram_read_bytes", "dram_pct", "tensor_gmma_pct", "tensor_hmma_pct", "sm_pct",
-                        "l2_hit_pct", "l2_pct", "l2_bytes", "warps_active_pct") if c in metrics]
-    print(f"\n{'E':>4s} {'T':>5s} {'skew':>5s} {'gemm':8s} " + " ".join(f"{c[:12]:>12s}" for c in cols))
+        gemms = 0
+        for i, (_, entry) in enumerate(sorted(launches.items(), key=lambda kv: int(kv[0]))):
+            if "ms" in entry:
+                entry["ms"] /= 1e6  # ns -> ms
+            if "expert_gemm" in entry["kernel"]:  # the gate+up first, then the down projection
+                entry["gemm"] = ("gate_up", "down")[gemms] if gemms < 2 else f"gemm{gemms}"
+                gemms += 1
+            rows.append({**base, "E": E, "T": T, "skew": skew, "variant": variant, "launch": i, "status": "ok",
+                         **entry})
+        progress.step(f"E={E} T={T} skew={skew} {variant}: {len(launches)} kernels")
+    cols = [c for c in ("ms", "dram_read_bytes", "dram_pct", "tensor_gmma_pct", "tensor_hmma_pct", "l2_hit_pct",
+                        "l2_pct", "l2_bytes", "l2_from_sm_bytes", "l2_from_fabric_bytes") if c in metrics]
+    head = f"{'E':>4s} {'T':>5s} {'skew':>5s} {'variant':>14s} {'gemm':8s} "
+    print("\n" + head + " ".join(f"{c[:12]:>12s}" for c in cols))
     for r in rows:
         if r.get("gemm") in ("gate_up", "down"):
-            print(f"{r['E']:>4d} {r['T']:>5d} {r['skew']:>5s} {r['gemm']:8s} "
+            print(f"{r['E']:>4d} {r['T']:>5d} {r['skew']:>5s} {r['variant'][:14]:>14s} {r['gemm']:8s} "
                   + " ".join(f"{r.get(c, float('nan')) / (1e6 if 'bytes' in c else 1):>12.3f}" for c in cols))
-    print("(dram_read_bytes and l2_bytes in MB)")
+    print("(bytes in MB)")
     common.save_probe_rows("probe_skew_profile", dev, rows, KEY)
     return rows
 
@@ -131,6 +143,6 @@ def main(cells=CELLS) -> list[dict]:
 if __name__ == "__main__":
     if "--child" in sys.argv:
         i = sys.argv.index("--child")
-        _child(int(sys.argv[i + 1]), int(sys.argv[i + 2]), sys.argv[i + 3])
+        _child(int(sys.argv[i + 1]), int(sys.argv[i + 2]), sys.argv[i + 3], sys.argv[i + 4])
     else:
         main(parse_probe_cells(sys.argv[1:], CELLS, "probe_skew_profile"))

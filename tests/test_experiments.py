@@ -144,6 +144,21 @@ def test_smoke_hf_model_runs(tmp_path):
             assert field in by_impl["tritonmoe"], field
 
 
+def test_round_robin_timer_takes_turns():
+    # one untimed call each, then every round times each callable once, in a fresh order per round
+    import torch
+    from experiments import common
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    times = common.time_round_robin(fns, torch.device("cpu"), rounds=6, seed=1)
+    assert set(times) == set("abcd") and all(len(t) == 6 and min(t) >= 0 for t in times.values())
+    assert sorted(calls[:4]) == list("abcd") and len(calls) == 4 * 7
+    rounds = [calls[i:i + 4] for i in range(4, len(calls), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds) and len({tuple(r) for r in rounds}) > 1
+    with pytest.raises(ValueError, match="rounds"):
+        common.time_round_robin(fns, torch.device("cpu"), rounds=0)
+
+
 @pytest.mark.interpreter_only
 def test_l2_flush_is_recorded_and_checked(tmp_path, monkeypatch):
     # the profile's l2_flush (default: read) reaches every row's provenance; an unknown kind is refused,
@@ -374,9 +389,17 @@ def test_probe_skew_group_variants():
             with psg.group_blocks(variant):
                 assert gemm._group_blocks(tiles, torch.empty(1, 1, dtype=torch.bfloat16), 128, 4096) == want
         assert rule(tiles, torch.empty(1, 1, dtype=torch.bfloat16), 128, 4096) == 25
-    for good in ("chunk_4096", "l2_4", "group_m", "tails_64"):
+    # balanced: an expert's groups as even as can be, alone or with a group size; restored after the block
+    with unittest.mock.patch.object(gemm, "_l2_bytes", lambda device: 50 * 2**20):
+        with psg.group_blocks("l2_4+balanced"):
+            assert gemm.BALANCED_GROUPS and gemm._group_blocks(tiles, torch.empty(1, 1, dtype=torch.bfloat16),
+                                                               128, 4096) == 12
+    assert gemm.BALANCED_GROUPS is False and gemm._group_blocks is rule
+    with psg.group_blocks("balanced"):
+        assert gemm.BALANCED_GROUPS and gemm._group_blocks is rule
+    for good in ("chunk_4096", "l2_4", "group_m", "tails_64", "balanced", "l2_4+balanced", "group_m+chunk_4096"):
         assert psg.check_variant(good) == good
-    for bad in ("group_0", "l2_x", "chunk", "groups_4"):
+    for bad in ("group_0", "l2_x", "chunk", "groups_4", "balanced+balanced", "group_2+l2_4", "tuned+balanced"):
         with pytest.raises(SystemExit, match="unknown variant"):
             psg.check_variant(bad)
     with psg.group_blocks("tuned"):
