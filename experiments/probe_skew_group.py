@@ -21,12 +21,14 @@ it), with
   (persistent gate+up tiles run per tile for it: persistent programs take full-height tiles only),
 
 in one process; every output is checked against the float64 reference first, then every forward and gate+up of
-a cell is timed in turns (``common.time_round_robin``: a power-capped GPU's drift falls on all alike). Beyond
-the default run's variants, ``group_<n>`` (n blocks of one expert per group), ``l2_<d>`` (as many as 1/d of L2
-holds input rows for, at least group_m: the package's rule is l2_2), ``balanced`` (an expert's groups as even as
-can be, not group-size blocks at a time and the rest) and ``chunk_<n>`` (the forward in chunks of n tokens, the
-same tiles; its gate+up column is the whole routing's, as for every variant), alone or joined by "+", ask whether
-experts of thousands of rows (T = 8192) are grouped too widely or leave a small last group.
+a cell is timed in turns (``common.time_round_robin``: a power-capped GPU's drift falls on all alike), and with
+them the forward's down projection and combine alone on its own intermediate rows. Beyond the default run's
+variants, ``group_<n>`` (n blocks of one expert per group), ``l2_<d>`` (as many as 1/d of L2 holds input rows
+for, at least group_m: the package's rule is l2_2), ``balanced`` (an expert's groups as even as can be, not
+group-size blocks at a time and the rest), ``no_pdl`` (no programmatic dependent launch) and ``chunk_<n>`` (the
+forward in chunks of n tokens, the same tiles; its stage columns are the whole routing's), alone or joined by
+"+", ask whether experts of thousands of rows (T = 8192) are grouped too widely or leave a small last group, and
+where in the forward a skewed routing's time goes.
 
     python -m experiments.probe_skew_group          # GPU -> results/<GPU>/probe_skew_group.jsonl
     python -m experiments.probe_skew_group --smoke  # CPU interpreter, tiny shapes: it runs, nothing written
@@ -36,13 +38,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 
 import torch
 
 import tritonmoe
-from tritonmoe import build_schedule, gate_up_silu, gemm, reference
+from tritonmoe import _launch, build_schedule, gate_up_silu, gemm, grouped_gemm, reference
+from tritonmoe.functional import _schedule_tiles
+from tritonmoe.permute import combine
 from . import common
 from .latency import CHECK_TOL, check
 from .skew import PROBE_SMOKE_CELLS, parse_probe_cells, probe_problem, probe_skews, probe_start, probe_topk_ids
@@ -68,23 +73,24 @@ def check_variant(variant: str) -> str:
     """``variant`` if the probe knows it: tuned, consecutive, tails_64, group_m, group_<n> (n blocks of one expert
     per group), l2_<d> (as many blocks as 1/d of L2 holds input rows for, at least group_m; the package's rule is
     l2_2), chunk_<n> (the forward in chunks of n tokens), balanced (an expert's groups as even as can be:
-    ``gemm.BALANCED_GROUPS``), or a group part and balanced and/or a chunk part joined by "+" (``l2_4+balanced``)."""
+    ``gemm.BALANCED_GROUPS``), no_pdl (every launch waits for the previous kernel's end: ``_launch.PDL``), or a
+    group part with any of balanced, no_pdl and a chunk part, joined by "+" (``l2_4+balanced``)."""
     parts = variant.split("+")
     groups = [p for p in parts if p == "group_m" or _number(p, "group") or _number(p, "l2")]
     others = [p for p in parts if p not in groups]
     known = len(parts) == 1 and variant in ("tuned", "consecutive", "tails_64") or (
         len(groups) <= 1 and len(others) == len(set(others))
-        and all(p == "balanced" or _number(p, "chunk") for p in others))
+        and all(p in ("balanced", "no_pdl") or _number(p, "chunk") for p in others))
     if not known:
         raise SystemExit(f"probe_skew_group: unknown variant {variant!r} (PROBE_VARIANTS; see check_variant)")
     return variant
 
 
 @contextlib.contextmanager
-def group_blocks(variant: str):
-    """The GEMMs' blocks per group (and whether an expert's groups are balanced) as ``variant`` sets them, inside
-    the block; the package's rule outside."""
-    rule, balanced = gemm._group_blocks, gemm.BALANCED_GROUPS
+def package_settings(variant: str):
+    """The package as ``variant`` sets it inside the block (the GEMMs' blocks per group, whether an expert's groups
+    are balanced, dependent launch); as it was outside."""
+    rule, balanced, pdl = gemm._group_blocks, gemm.BALANCED_GROUPS, _launch.PDL
     parts = variant.split("+")
     fixed, share = _number(variant, "group"), _number(variant, "l2")
     if "group_m" in parts:
@@ -96,10 +102,12 @@ def group_blocks(variant: str):
             tiles.group_m, gemm._l2_bytes(a.device) // share // (block_m * K * a.element_size()))
     if "balanced" in parts:
         gemm.BALANCED_GROUPS = True
+    if "no_pdl" in parts:
+        _launch.PDL = False
     try:
         yield
     finally:
-        gemm._group_blocks, gemm.BALANCED_GROUPS = rule, balanced
+        gemm._group_blocks, gemm.BALANCED_GROUPS, _launch.PDL = rule, balanced, pdl
 
 
 def variant_tiles(tiles, variant: str):
@@ -127,21 +135,35 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
             if skew == "dense":  # the same k gate+up GEMMs as one batched cuBLAS product (no SiLU, nothing gathered)
                 xs, wk = x.expand(k, T, H), w13[:k].transpose(1, 2)
                 fns["cublas_gate_up"] = lambda xs=xs, wk=wk: torch.bmm(xs, wk)
+            # the forward's stages after the gate+up, timed alone on its own intermediate rows (tuned tiles): the down
+            # projection per variant below, the combine (no variant changes it) once per routing
+            up_0, down_0 = (_schedule_tiles(t, "expert_groups") for t in tuned)
+            with torch.no_grad():
+                inter = gate_up_silu(x, w13, build_schedule(ids, E, *up_0.block_map), up_0)
+                if not down_0.atomic_combine:
+                    slot_rows = grouped_gemm(inter, w2, build_schedule(ids, E, *down_0.block_map), down_0,
+                                             topk_weights=weights)
+                    fns[f"{skew}/combine"] = lambda s=slot_rows, n=k * down_0.split_k: combine(s, n, dtype=x.dtype)
             for variant in variants:
                 up_t, down_t = (variant_tiles(t, variant) for t in tuned)
                 schedule = "fixed" if variant == "consecutive" else "expert_groups"
                 chunk_v = _number(variant, "chunk") or chunk
-                gate_up_tiles = dataclasses.replace(up_t, expert_groups=schedule == "expert_groups")
+                gate_up_tiles, down_tiles = (_schedule_tiles(t, schedule) for t in (up_t, down_t))
                 sched = build_schedule(ids, E, *gate_up_tiles.block_map)
+                down_sched = build_schedule(ids, E, *down_tiles.block_map)
 
                 def forward(ids=ids, up_t=up_t, down_t=down_t, schedule=schedule, chunk_v=chunk_v, variant=variant):
-                    with torch.no_grad(), group_blocks(variant):
+                    with torch.no_grad(), package_settings(variant):
                         return tritonmoe.fused_experts(x, w13, w2, weights, ids, tiles=(up_t, down_t),
                                                        schedule=schedule, chunk_tokens=chunk_v)
 
                 def gate_up(sched=sched, gate_up_tiles=gate_up_tiles, variant=variant):
-                    with torch.no_grad(), group_blocks(variant):
+                    with torch.no_grad(), package_settings(variant):
                         return gate_up_silu(x, w13, sched, gate_up_tiles)
+
+                def down(inter=inter, down_sched=down_sched, down_tiles=down_tiles, variant=variant):
+                    with torch.no_grad(), package_settings(variant):
+                        return grouped_gemm(inter, w2, down_sched, down_tiles, topk_weights=weights)
 
                 row = {**base, "experiment": "probe_skew_group", "model": spec.name, "E": E, "T": T,
                        "k": k, "H": H, "F": F, "skew": skew, "variant": variant, "schedule": schedule,
@@ -154,29 +176,34 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
                     continue
                 timed[skew, variant] = {**row, "status": "ok", "rel_err": err}
                 fns[f"{skew}/{variant}/forward"], fns[f"{skew}/{variant}/gate_up"] = forward, gate_up
+                if not down_tiles.atomic_combine:  # (an atomic down projection adds into the output: no combine)
+                    fns[f"{skew}/{variant}/down"] = down
                 progress.step(f"E={E} T={T} s={skew} {variant}: checked ({err:.1e})")
-            del ref
+            del ref, inter
         # every check first, then every forward and gate+up of the cell timed in turns (common.time_round_robin)
         times = common.time_round_robin(fns, dev, rounds, SEED)
         cublas = {f"cublas_gate_up_{key}": v for key, v in common.quantiles(times["cublas_gate_up"]).items()} \
             if "cublas_gate_up" in times else {}
         for (skew, variant), row in timed.items():
-            up = common.quantiles(times[f"{skew}/{variant}/gate_up"])
-            rows.append({**row, **common.quantiles(times[f"{skew}/{variant}/forward"]),
-                         **{f"gate_up_{key}": v for key, v in up.items()}, **(cublas if skew == "dense" else {})})
+            parts = {f"{part}_{key}": v for part, name in (("gate_up", f"{skew}/{variant}/gate_up"),
+                                                           ("down", f"{skew}/{variant}/down"),
+                                                           ("combine", f"{skew}/combine")) if name in times
+                     for key, v in common.quantiles(times[name]).items()}
+            rows.append({**row, **common.quantiles(times[f"{skew}/{variant}/forward"]), **parts,
+                         **(cublas if skew == "dense" else {})})
         progress.step(f"E={E} T={T}: {len(fns)} callables timed in {rounds} rounds")
         del w13, w2, fns
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     ok = {(r["E"], r["T"], r["skew"], r["variant"]): r for r in rows if r["status"] == "ok"}
-    nan = {"ms_p50": float("nan"), "gate_up_ms_p50": float("nan")}
-    print(f"\n{'E':>4s} {'T':>5s} {'skew':>5s} " + " ".join(f"{v:>11s}" for v in variants)
-          + "   (forward ms / gate+up ms per variant)")
+    parts = ("ms_p50", "gate_up_ms_p50", "down_ms_p50", "combine_ms_p50")
+    print(f"\n{'E':>4s} {'T':>5s} {'skew':>5s} " + " ".join(f"{v[:23]:>23s}" for v in variants)
+          + "   (median ms per variant: forward / gate+up / down / combine, each timed alone)")
     for E, T in cells:
         for skew in skews:
-            cells_txt = (ok.get((E, T, skew, v), nan) for v in variants)
+            cells_txt = (ok.get((E, T, skew, v), {}) for v in variants)
             print(f"{E:>4d} {T:>5d} {skew:>5s} "
-                  + " ".join(f"{c['ms_p50']:>5.3f}/{c['gate_up_ms_p50']:<5.3f}" for c in cells_txt))
+                  + " ".join(f"{'/'.join(f'{c.get(p, math.nan):.2f}' for p in parts):>23s}" for c in cells_txt))
     for E, T in cells:
         dense = ok.get((E, T, "dense", "tuned"), {})
         if "cublas_gate_up_ms_p50" in dense:

@@ -32,7 +32,7 @@ import torch
 
 import tritonmoe
 from . import common
-from .probe_skew_group import _number, check_variant, group_blocks, variant_tiles
+from .probe_skew_group import _number, check_variant, package_settings, variant_tiles
 from .skew import PROBE_MODEL, parse_probe_cells, probe_problem, probe_skews, probe_topk_ids
 from .traffic import find_ncu, ncu_csv
 
@@ -66,7 +66,7 @@ def _child(E: int, T: int, skew: str, variant: str) -> None:
     ids = probe_topk_ids(skew, T, spec.top_k, E, dev, SEED)
     up_t, down_t = (variant_tiles(t, variant) for t in tuned)
     schedule = "fixed" if variant == "consecutive" else "expert_groups"
-    with torch.no_grad(), group_blocks(variant):
+    with torch.no_grad(), package_settings(variant):
         for profiled in (False, True):
             if profiled:
                 torch.cuda.cudart().cudaProfilerStart()

@@ -379,30 +379,33 @@ def test_probe_skew_group_variants():
     from tritonmoe import TileConfig, gemm
     rule, tiles, a = gemm._group_blocks, TileConfig(block_m=128, group_m=8, persistent=True), torch.empty(1, 1)
     for variant, want in (("group_2", 2), ("group_64", 64), ("group_m", 8), ("group_16", 16)):
-        with psg.group_blocks(variant):
+        with psg.package_settings(variant):
             assert gemm._group_blocks(tiles, a, 128, 4096) == want
         assert gemm._group_blocks is rule
     # l2_<d>: as many blocks as 1/d of L2 holds input rows for, at least group_m (l2_2 is the package's rule)
     import unittest.mock
     with unittest.mock.patch.object(gemm, "_l2_bytes", lambda device: 50 * 2**20):
         for variant, want in (("l2_2", 25), ("l2_4", 12), ("l2_16", 8)):
-            with psg.group_blocks(variant):
+            with psg.package_settings(variant):
                 assert gemm._group_blocks(tiles, torch.empty(1, 1, dtype=torch.bfloat16), 128, 4096) == want
         assert rule(tiles, torch.empty(1, 1, dtype=torch.bfloat16), 128, 4096) == 25
     # balanced: an expert's groups as even as can be, alone or with a group size; restored after the block
     with unittest.mock.patch.object(gemm, "_l2_bytes", lambda device: 50 * 2**20):
-        with psg.group_blocks("l2_4+balanced"):
+        with psg.package_settings("l2_4+balanced"):
             assert gemm.BALANCED_GROUPS and gemm._group_blocks(tiles, torch.empty(1, 1, dtype=torch.bfloat16),
                                                                128, 4096) == 12
     assert gemm.BALANCED_GROUPS is False and gemm._group_blocks is rule
-    with psg.group_blocks("balanced"):
-        assert gemm.BALANCED_GROUPS and gemm._group_blocks is rule
-    for good in ("chunk_4096", "l2_4", "group_m", "tails_64", "balanced", "l2_4+balanced", "group_m+chunk_4096"):
+    from tritonmoe import _launch
+    with psg.package_settings("balanced+no_pdl"):
+        assert gemm.BALANCED_GROUPS and gemm._group_blocks is rule and _launch.PDL is False
+    assert _launch.PDL is True and gemm.BALANCED_GROUPS is False
+    for good in ("chunk_4096", "l2_4", "group_m", "tails_64", "balanced", "l2_4+balanced", "group_m+chunk_4096",
+                 "no_pdl", "l2_4+balanced+no_pdl"):
         assert psg.check_variant(good) == good
     for bad in ("group_0", "l2_x", "chunk", "groups_4", "balanced+balanced", "group_2+l2_4", "tuned+balanced"):
         with pytest.raises(SystemExit, match="unknown variant"):
             psg.check_variant(bad)
-    with psg.group_blocks("tuned"):
+    with psg.package_settings("tuned"):
         assert gemm._group_blocks is rule
     t = psg.variant_tiles(tiles, "tails_64")
     assert (t.persistent, t.min_block_m, t.block_m) == (False, 64, 128)
