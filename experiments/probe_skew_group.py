@@ -24,11 +24,11 @@ in one process; every output is checked against the float64 reference first, the
 a cell is timed in turns (``common.time_round_robin``: a power-capped GPU's drift falls on all alike), and with
 them the forward's down projection and combine alone on its own intermediate rows. Beyond the default run's
 variants, ``group_<n>`` (n blocks of one expert per group), ``l2_<d>`` (as many as 1/d of L2 holds input rows
-for, at least group_m: the package's rule is l2_2), ``balanced`` (an expert's groups as even as can be, not
-group-size blocks at a time and the rest), ``no_pdl`` (no programmatic dependent launch) and ``chunk_<n>`` (the
-forward in chunks of n tokens, the same tiles; its stage columns are the whole routing's), alone or joined by
-"+", ask whether experts of thousands of rows (T = 8192) are grouped too widely or leave a small last group, and
-where in the forward a skewed routing's time goes.
+for, at least group_m: the package's rule is l2_2), ``no_pdl`` (no programmatic dependent launch) and
+``chunk_<n>`` (the forward in chunks of n tokens, the same tiles; its stage columns are the whole routing's),
+alone or joined by "+", ask whether experts of thousands of rows (T = 8192) are grouped too widely, and where in
+the forward a skewed routing's time goes. (Rows at d4aa90d and 77937af also time ``balanced``: an expert's groups
+as even as can be, a kernel option measured no faster and removed after them, PERF_LOG v26.)
 
     python -m experiments.probe_skew_group          # GPU -> results/<GPU>/probe_skew_group.jsonl
     python -m experiments.probe_skew_group --smoke  # CPU interpreter, tiny shapes: it runs, nothing written
@@ -72,15 +72,14 @@ def _number(variant: str, prefix: str) -> int | None:
 def check_variant(variant: str) -> str:
     """``variant`` if the probe knows it: tuned, consecutive, tails_64, group_m, group_<n> (n blocks of one expert
     per group), l2_<d> (as many blocks as 1/d of L2 holds input rows for, at least group_m; the package's rule is
-    l2_2), chunk_<n> (the forward in chunks of n tokens), balanced (an expert's groups as even as can be:
-    ``gemm.BALANCED_GROUPS``), no_pdl (every launch waits for the previous kernel's end: ``_launch.PDL``), or a
-    group part with any of balanced, no_pdl and a chunk part, joined by "+" (``l2_4+balanced``)."""
+    l2_2), chunk_<n> (the forward in chunks of n tokens), no_pdl (every launch waits for the previous kernel's end:
+    ``_launch.PDL``), or a group part with no_pdl and/or a chunk part, joined by "+" (``l2_4+no_pdl``)."""
     parts = variant.split("+")
     groups = [p for p in parts if p == "group_m" or _number(p, "group") or _number(p, "l2")]
     others = [p for p in parts if p not in groups]
     known = len(parts) == 1 and variant in ("tuned", "consecutive", "tails_64") or (
         len(groups) <= 1 and len(others) == len(set(others))
-        and all(p in ("balanced", "no_pdl") or _number(p, "chunk") for p in others))
+        and all(p == "no_pdl" or _number(p, "chunk") for p in others))
     if not known:
         raise SystemExit(f"probe_skew_group: unknown variant {variant!r} (PROBE_VARIANTS; see check_variant)")
     return variant
@@ -88,9 +87,9 @@ def check_variant(variant: str) -> str:
 
 @contextlib.contextmanager
 def package_settings(variant: str):
-    """The package as ``variant`` sets it inside the block (the GEMMs' blocks per group, whether an expert's groups
-    are balanced, dependent launch); as it was outside."""
-    rule, balanced, pdl = gemm._group_blocks, gemm.BALANCED_GROUPS, _launch.PDL
+    """The package as ``variant`` sets it inside the block (the GEMMs' blocks per group, dependent launch); as it
+    was outside."""
+    rule, pdl = gemm._group_blocks, _launch.PDL
     parts = variant.split("+")
     fixed, share = _number(variant, "group"), _number(variant, "l2")
     if "group_m" in parts:
@@ -100,14 +99,12 @@ def package_settings(variant: str):
     elif share:
         gemm._group_blocks = lambda tiles, a, block_m, K: max(
             tiles.group_m, gemm._l2_bytes(a.device) // share // (block_m * K * a.element_size()))
-    if "balanced" in parts:
-        gemm.BALANCED_GROUPS = True
     if "no_pdl" in parts:
         _launch.PDL = False
     try:
         yield
     finally:
-        gemm._group_blocks, gemm.BALANCED_GROUPS, _launch.PDL = rule, balanced, pdl
+        gemm._group_blocks, _launch.PDL = rule, pdl
 
 
 def variant_tiles(tiles, variant: str):

@@ -19,7 +19,7 @@ Metrics the installed ncu does not know on this GPU are left out (listed in the 
     python -m experiments.probe_skew_profile          # GPU -> results/<GPU>/probe_skew_profile.jsonl
     python -m experiments.probe_skew_profile 64:2048  # only these E:T cells
     PROBE_SKEWS=0,1.0 python -m experiments.probe_skew_profile 16:8192  # and only these routings
-    PROBE_VARIANTS=tuned,balanced python -m experiments.probe_skew_profile 16:8192  # probe_skew_group's variants
+    PROBE_VARIANTS=tuned,l2_4 python -m experiments.probe_skew_profile 16:8192  # probe_skew_group's variants
 """
 from __future__ import annotations
 

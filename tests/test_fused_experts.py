@@ -275,61 +275,38 @@ def test_interleaved_order_spreads_the_back_tiles(n, back, device):
     assert [t for t in order if t >= n - back] == list(range(n - 1, n - back - 1, -1))
 
 
-# Balanced groups (gemm.BALANCED_GROUPS): an expert of more blocks than a group holds splits into groups as even
-# as can be. The walk itself against a Python statement of it, then the forward on it.
-def _expected_walk(blocks_per_expert, group, num_pid_n, balanced):
-    """Program -> (M-block, N-tile) as the expert-group walk lays it out: each group sweeps N, M fastest."""
+# The expert-group walk (gemm._tile_position) against a Python statement of it: an expert's blocks GROUP_M at a time
+# and the rest, each group sweeping N with M fastest.
+def _expected_walk(blocks_per_expert, group, num_pid_n):
     walk, first = [], 0
     for n in blocks_per_expert:
-        if balanced:
-            count = -(-n // group)
-            sizes = [n // count + (i < n % count) for i in range(count)]
-        else:
-            sizes = [group] * (n // group) + ([n % group] if n % group else [])
-        for size in sizes:
+        for size in [group] * (n // group) + ([n % group] if n % group else []):
             walk += [(first + local % size, local // size) for local in range(size * num_pid_n)]
             first += size
     return walk
 
 
 @triton.jit
-def _tile_position_kernel(out_ptr, rank_ptr, siblings_ptr, num_tiles, num_pid_n, max_blocks, GROUP_M: tl.constexpr,
-                          BALANCED: tl.constexpr):
+def _tile_position_kernel(out_ptr, rank_ptr, siblings_ptr, num_tiles, num_pid_n, max_blocks, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     if pid < num_tiles:
-        m, n = _tile_position(pid, num_pid_n, max_blocks, rank_ptr, siblings_ptr, GROUP_M, True, 0, BALANCED)
+        m, n = _tile_position(pid, num_pid_n, max_blocks, rank_ptr, siblings_ptr, GROUP_M, True, 0)
         tl.store(out_ptr + 2 * pid, m)
         tl.store(out_ptr + 2 * pid + 1, n)
 
 
-@pytest.mark.parametrize("balanced", [False, True], ids=["rest-last", "balanced"])
-def test_expert_groups_walk(balanced, device):
-    # 54 blocks at a cap of 50 (E = 16, T = 8192's second-busiest expert under Zipf 1: 50 + 4 or 27 + 27), 7 at 3
-    # (3 + 3 + 1 or 3 + 2 + 2), one-block and exactly-divisible experts
+def test_expert_groups_walk(device):
+    # 54 blocks at a cap of 50 (E = 16, T = 8192's second-busiest expert under Zipf 1: 50 + 4), 7 at 3 (3 + 3 + 1),
+    # one-block and exactly-divisible experts
     for blocks, group, num_pid_n in (([54, 1, 50, 100, 3], 50, 3), ([7, 1, 3, 6, 2, 5], 3, 4)):
         rank = torch.tensor([r for n in blocks for r in range(n)], dtype=torch.int32, device=device)
         siblings = torch.tensor([n for n in blocks for _ in range(n)], dtype=torch.int32, device=device)
         num_tiles = sum(blocks) * num_pid_n
         out = torch.full((num_tiles, 2), -1, dtype=torch.int32, device=device)
-        _tile_position_kernel[(num_tiles,)](out, rank, siblings, num_tiles, num_pid_n, sum(blocks), GROUP_M=group,
-                                            BALANCED=balanced)
-        want = _expected_walk(blocks, group, num_pid_n, balanced)
+        _tile_position_kernel[(num_tiles,)](out, rank, siblings, num_tiles, num_pid_n, sum(blocks), GROUP_M=group)
+        want = _expected_walk(blocks, group, num_pid_n)
         assert sorted(want) == [(m, n) for m in range(sum(blocks)) for n in range(num_pid_n)]  # every tile once
         assert [tuple(t) for t in out.cpu().tolist()] == want
-
-
-@pytest.mark.parametrize("walk", ["grid", "persistent", "sweep", "interleave"])
-def test_balanced_groups_forward(walk, monkeypatch, device, poison):
-    # experts of 7, 5 and 1-3 blocks at group_m = 3 (no L2 term on the CPU; on a GPU the L2 rule makes the groups
-    # larger, so the same test also runs one group per expert there)
-    from tritonmoe import gemm
-    monkeypatch.setattr(gemm, "BALANCED_GROUPS", True)
-    fields = {"grid": {}, "persistent": dict(persistent=True), "sweep": dict(sweep_n=2),
-              "interleave": dict(interleave=True)}[walk]
-    tiles = tritonmoe.TileConfig(block_m=16, block_n=16, block_k=32, group_m=3, num_stages=2, **fields)
-    ids = _ids_from_counts([110, 3, 77, 40, 16, 33, 0, 1])
-    for dtype in dtypes_for(device):
-        check(*make_inputs(ids.shape[0], 1, 8, device, dtype, ids=ids, H=48, F=80, seed=5), tiles=(tiles, tiles))
 
 
 def test_interleave_refusals(device):

@@ -53,7 +53,6 @@ def _expert_gemm_kernel(
                                      # row; ADD_TOKEN_ROWS: add it into its token's row with atomics (0: neither)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EXPERT_GROUPS: tl.constexpr,     # a group of M-blocks never spans two experts (else GROUP_M consecutive blocks)
-    BALANCED_GROUPS: tl.constexpr,   # with EXPERT_GROUPS: an expert's groups as even as can be (_tile_position)
     MIN_BLOCK_M: tl.constexpr,       # smallest tile height for an expert's last, partial M-block
     ABSORB_M: tl.constexpr,          # an expert's last whole M-block also takes up to this many more rows (0: off)
     EVEN_K: tl.constexpr,            # every K slice is whole BLOCK_Ks: no K mask, so loads stay 16-byte wide
@@ -96,7 +95,7 @@ def _expert_gemm_kernel(
             if INTERLEAVE:
                 tile = _interleaved(tile, used * num_pid_n, one_block_tiles)
             pid_m, pid_n = _tile_position(tile, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
-                                          EXPERT_GROUPS, SWEEP_N, BALANCED_GROUPS)
+                                          EXPERT_GROUPS, SWEEP_N)
             expert = tl.load(block_expert_ptr + pid_m)
             _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
                          tl.load(block_row_ptr + pid_m), tl.load(expert_offsets_ptr + expert + 1), pid_n, N, K, TOP_K,
@@ -114,10 +113,10 @@ def _expert_gemm_kernel(
             if INTERLEAVE:
                 pid = _interleaved(pid, used * num_pid_n, (used - tl.load(num_busy_ptr)) * num_pid_n)
             pid_m, pid_n = _tile_position(pid, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
-                                          EXPERT_GROUPS, SWEEP_N, BALANCED_GROUPS)
+                                          EXPERT_GROUPS, SWEEP_N)
         else:
             pid_m, pid_n = _tile_position(pid, num_pid_n, max_blocks, block_rank_ptr, block_siblings_ptr, GROUP_M,
-                                          EXPERT_GROUPS, SWEEP_N, BALANCED_GROUPS)
+                                          EXPERT_GROUPS, SWEEP_N)
 
         # The schedule: this M-block's expert (-1: unused block of the upper-bound grid) and rows.
         expert = tl.load(block_expert_ptr + pid_m)
@@ -169,15 +168,12 @@ def _interleaved(i, n, back):
 
 @triton.jit
 def _tile_position(pid, num_pid_n, max_blocks, block_rank_ptr, block_siblings_ptr, GROUP_M: tl.constexpr,
-                   EXPERT_GROUPS: tl.constexpr, SWEEP_N: tl.constexpr, BALANCED_GROUPS: tl.constexpr):
+                   EXPERT_GROUPS: tl.constexpr, SWEEP_N: tl.constexpr):
     """Program (or tile) index -> (M-block, N-block): a group of up to GROUP_M M-blocks sweeps N together,
     so their input rows stay in L2 and blocks of one expert share its weight tiles as they stream in.
     EXPERT_GROUPS: groups never span two experts (an expert's blocks, GROUP_M at a time), so an expert's
     weights stream from HBM once per group wherever its blocks start; consecutive groups would let a
     skewed expert's blocks straddle two groups that run apart in time.
-    BALANCED_GROUPS: an expert of more than GROUP_M blocks splits into groups as even as can be (54 blocks at
-    GROUP_M = 50: 27 + 27) instead of GROUP_M at a time and the rest (50 + 4: a last group that streams the
-    expert's weights again for a few blocks, each wave of it needing many weight tiles at once).
     SWEEP_N > 0: N is swept SWEEP_N tiles at a time, every group (of max_blocks blocks: the used ones)
     within one such slice before the next slice. The programs resident at once then span many groups,
     so an expert with many blocks (compute-bound tiles) runs beside experts with few (weight-bound
@@ -190,18 +186,7 @@ def _tile_position(pid, num_pid_n, max_blocks, block_rank_ptr, block_siblings_pt
         num_pid_n = tl.minimum(num_pid_n - n_first, SWEEP_N)  # N-tiles of this slice
     else:
         n_first = 0
-    if EXPERT_GROUPS and BALANCED_GROUPS:
-        r = pid // num_pid_n  # a block of this program's group
-        rank = tl.load(block_rank_ptr + r)
-        siblings = tl.load(block_siblings_ptr + r)
-        size = siblings // tl.cdiv(siblings, GROUP_M)  # the fewest groups of at most GROUP_M, as even as can be:
-        big = siblings % tl.cdiv(siblings, GROUP_M)    # the first `big` groups take size + 1 blocks
-        cut = big * (size + 1)
-        in_big = rank < cut
-        start = tl.where(in_big, rank - rank % (size + 1), cut + (rank - cut) // size * size)
-        first_m = r - (rank - start)
-        group_rows = tl.where(in_big, size + 1, size)
-    elif EXPERT_GROUPS:
+    if EXPERT_GROUPS:
         r = pid // num_pid_n  # a block of this program's group
         rank = tl.load(block_rank_ptr + r)
         first_m = r - rank % GROUP_M
@@ -420,11 +405,6 @@ def _l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
 
 
-# An expert's blocks in groups as even as can be (the kernel's BALANCED_GROUPS); False: GROUP_M at a time and the
-# rest. Module-level so a probe can time both in one process (experiments/probe_skew_group.py).
-BALANCED_GROUPS = False
-
-
 def _group_blocks(tiles, a: torch.Tensor, block_m: int, K: int) -> int:
     """M-blocks per group. Expert groups take up to as many blocks as half of L2 holds input rows
     for (at least ``group_m``): a skewed expert's blocks then all stream its weights at once,
@@ -486,7 +466,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         gather_a, gate_up_silu, scatter,  # GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED
         sched.block_m, tiles.block_n, tiles.block_k, _group_blocks(tiles, a, sched.block_m, K), tiles.expert_groups,
-        BALANCED_GROUPS, min_block_m, sched.absorb_m,
+        min_block_m, sched.absorb_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
         tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks, gate_up_box, tiles.swap_ab,
         tiles.interleave,
