@@ -4,6 +4,11 @@ The routing is synthetic and exact: ``skewed_topk_ids`` gives every expert a pre
 of slots (Zipf(s) over a random ranking of the experts, or one hot expert) and every token k
 distinct experts. Shapes: H from the model, and for each E the expert width F = E_model·F_model / E,
 so every E holds the same weight bytes as the model (H=4096 and E·F = 8·14336 for Mixtral).
+
+Timing: every forward of an (E, T) cell (each routing, each implementation) is checked against the float64
+reference first, then all of them are timed in turns (``common.time_round_robin``), so that the GPU's drift
+over the cell (at the compute-bound end it runs at its power cap) falls on uniform and skewed routings alike;
+until commit 77937af each was timed in its own loop, one after another, uniform routing first (PERF_LOG v26).
 """
 from __future__ import annotations
 
@@ -165,7 +170,7 @@ def skewed_topk_ids(T: int, k: int, E: int, skew, seed: int = 0) -> torch.Tensor
 def num_steps(cfg) -> int:
     e = cfg.experiment
     experts = {min(E, cfg.profile.shrink["max_experts"]) for E in e.experts} if cfg.profile.shrink else e.experts
-    return len(experts) * len(_tokens(cfg)) * len(e.skews) * len(e.impls)
+    return len(experts) * len(_tokens(cfg)) * (len(e.skews) * len(e.impls) + 1)  # checks, then the cell's turns
 
 
 def _tokens(cfg):
@@ -214,11 +219,18 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
             w2[i] = (torch.randn(H, F, generator=g, device=device) * F ** -0.5).to(dtype)
         for T in _tokens(cfg):
             x = (torch.randn(T, H, generator=g, device=device)).to(dtype)
+            p = Problem(sub, x, None, None, w13, w2)
+            built = {}  # impl -> its experts (a callable of weights, ids), or why it is unavailable
+            for impl in e.impls:
+                try:
+                    built[impl] = EXPERTS[impl](p)
+                except Unavailable as why:
+                    built[impl] = why
+            cell, fns = [], {}  # the cell's rows; (skew, impl) -> the checked forward, timed below
             for skew in e.skews:
                 ids = skewed_topk_ids(T, k, E, skew, seed=seed).to(device)
                 weights = torch.rand(T, k, generator=g, device=device)
                 weights = weights / weights.sum(1, keepdim=True)
-                p = Problem(sub, x, None, None, w13, w2)
                 ref = reference.fused_experts(x, w13, w2, weights, ids)
                 counts = torch.bincount(ids.flatten().long(), minlength=E)
                 terms = common.floor_terms(sub, T, int((counts > 0).sum()), torch.finfo(dtype).bits // 8)
@@ -228,33 +240,54 @@ def run(cfg, spec, device, dtype, seed, prov, ceilings, progress) -> list[dict]:
                                k=k, H=H, F=F, skew=str(skew), impl=impl, max_count=int(counts.max()),
                                distinct_experts=int((counts > 0).sum()), floor_ms=floor_ms, **terms, **ceilings,
                                **prov)
-                    row.update(_measure(cfg, p, impl, weights, ids, ref, device, dtype))
-                    rows.append(row)
-                    progress.step(f"E={E} T={T} skew={skew} {impl}: {row['status']}"
-                                  + (f" {row['ms_p50']:.3f} ms" if row["status"] == "ok" else ""))
+                    fn = None if isinstance(built[impl], Unavailable) else \
+                        (lambda experts=built[impl], weights=weights, ids=ids: experts(weights, ids))
+                    row.update(_check(cfg, impl, built[impl], fn, T, ref, device, dtype))
+                    if row["status"] == "ok":
+                        fns[str(skew), impl] = fn
+                    cell.append(row)
+                    progress.step(f"E={E} T={T} skew={skew} {impl}: {row['status']}")
+                del ref
+            # every checked forward of the cell timed in turns: a drift of the GPU's speed (its power cap at the
+            # compute-bound end) falls on every routing and implementation alike
+            rounds = _rounds(cfg, fns, device)
+            times = common.time_round_robin(fns, device, rounds, seed) if fns else {}
+            for row in cell:
+                if row["status"] == "ok":
+                    q = common.quantiles(times[row["skew"], row["impl"]])
+                    row.update(q, spread_ms=q["ms_p80"] - q["ms_p20"], timing="round_robin", rounds=rounds)
+            rows += cell
+            progress.step(f"E={E} T={T}: {len(fns)} forwards timed in {rounds} rounds")
         del w13, w2
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def _measure(cfg, p, impl, weights, ids, ref, device, dtype) -> dict:
-    try:
-        experts = EXPERTS[impl](p)
-        fn = lambda: experts(weights, ids)  # noqa: E731
-    except Unavailable as why:
-        return {"status": "unavailable", "reason": str(why)}
+def _check(cfg, impl, experts, fn, T, ref, device, dtype) -> dict:
+    """A forward's status against the float64 reference (and, for tritonmoe_fused at small T, its time replayed
+    from a CUDA graph, timed here on its own); the eager time comes from the cell's turns (``run``)."""
+    if isinstance(experts, Unavailable):
+        return {"status": "unavailable", "reason": str(experts)}
     with torch.no_grad():
         err = check(fn(), ref)
         if not err <= CHECK_TOL[dtype]:
             return {"status": "wrong", "rel_err": err}
-        q = common.quantiles(common.time_ms(fn, device, cfg.profile.warmup_ms, cfg.profile.rep_ms))
-        row = {"status": "ok", "rel_err": err, **q, "spread_ms": q["ms_p80"] - q["ms_p20"]}
-        if device.type == "cuda" and impl == "tritonmoe_fused" and p.x.shape[0] <= cfg.experiment.cuda_graph_max_tokens:
+        row = {"status": "ok", "rel_err": err}
+        if device.type == "cuda" and impl == "tritonmoe_fused" and T <= cfg.experiment.cuda_graph_max_tokens:
             # the same forward replayed from a CUDA graph: the GPU's time where the eager one waits on the host
             g = common.quantiles(common.time_graph_ms(fn, device, cfg.profile.warmup_ms, cfg.profile.rep_ms))
             row.update({f"graph_{k}": v for k, v in g.items() if k.startswith("ms_")})
     return row
+
+
+def _rounds(cfg, fns: dict, device, low: int = 10, high: int = 200) -> int:
+    """Rounds of turns for a cell: as many as the profile's rep_ms holds calls of its slowest forward (one round
+    under the smoke profile's rep_ms = 0), between ``low`` and ``high``."""
+    if not fns or cfg.profile.rep_ms <= 0:
+        return 1
+    slowest = max(max(t) for t in common.time_round_robin(fns, device, 1).values())
+    return max(low, min(high, int(cfg.profile.rep_ms / max(slowest, 1e-3))))
 
 
 def summary(rows: list[dict]) -> str:

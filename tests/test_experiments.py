@@ -82,6 +82,9 @@ def test_smoke_skew_runs(tmp_path):
     fused = {r["skew"]: r for r in rows if r["impl"] == "tritonmoe_fused"}
     assert set(fused) == {"0", "hot"} and all(r["status"] == "ok" and r["rel_err"] < 1e-5 for r in fused.values())
     assert fused["hot"]["max_count"] == 3 and fused["0"]["max_count"] < 3   # T=3, k=2, E=8: hot takes every token
+    # every checked forward of the cell is timed in the cell's turns (one round under the smoke profile)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(r["timing"] == "round_robin" and r["rounds"] == 1 and r["ms_p50"] > 0 for r in ok)
 
 
 @pytest.mark.interpreter_only
@@ -389,20 +392,16 @@ def test_probe_skew_group_variants():
             with psg.package_settings(variant):
                 assert gemm._group_blocks(tiles, torch.empty(1, 1, dtype=torch.bfloat16), 128, 4096) == want
         assert rule(tiles, torch.empty(1, 1, dtype=torch.bfloat16), 128, 4096) == 25
-    # balanced: an expert's groups as even as can be, alone or with a group size; restored after the block
-    with unittest.mock.patch.object(gemm, "_l2_bytes", lambda device: 50 * 2**20):
-        with psg.package_settings("l2_4+balanced"):
-            assert gemm.BALANCED_GROUPS and gemm._group_blocks(tiles, torch.empty(1, 1, dtype=torch.bfloat16),
-                                                               128, 4096) == 12
-    assert gemm.BALANCED_GROUPS is False and gemm._group_blocks is rule
+    # no_pdl: launches without programmatic dependent launch inside the block; restored after it
     from tritonmoe import _launch
-    with psg.package_settings("balanced+no_pdl"):
-        assert gemm.BALANCED_GROUPS and gemm._group_blocks is rule and _launch.PDL is False
-    assert _launch.PDL is True and gemm.BALANCED_GROUPS is False
-    for good in ("chunk_4096", "l2_4", "group_m", "tails_64", "balanced", "l2_4+balanced", "group_m+chunk_4096",
-                 "no_pdl", "l2_4+balanced+no_pdl"):
+    with unittest.mock.patch.object(gemm, "_l2_bytes", lambda device: 50 * 2**20):
+        with psg.package_settings("l2_4+no_pdl"):
+            assert _launch.PDL is False and gemm._group_blocks(tiles, torch.empty(1, 1, dtype=torch.bfloat16),
+                                                                128, 4096) == 12
+    assert _launch.PDL is True and gemm._group_blocks is rule
+    for good in ("chunk_4096", "l2_4", "group_m", "tails_64", "group_m+chunk_4096", "no_pdl", "l2_4+no_pdl+chunk_64"):
         assert psg.check_variant(good) == good
-    for bad in ("group_0", "l2_x", "chunk", "groups_4", "balanced+balanced", "group_2+l2_4", "tuned+balanced"):
+    for bad in ("group_0", "l2_x", "chunk", "groups_4", "no_pdl+no_pdl", "group_2+l2_4", "tuned+no_pdl", "balanced"):
         with pytest.raises(SystemExit, match="unknown variant"):
             psg.check_variant(bad)
     with psg.package_settings("tuned"):
