@@ -21,17 +21,12 @@ MODELS = {"mixtral_8x7b": "Mixtral-8x7B", "qwen2_57b_a14b": "Qwen2-57B-A14B", "d
 DASH = "---"  # LaTeX em dash: nothing was measured in this cell
 
 
-# The latest full test suite on the H100, as JUnit files of the same code (nothing under tritonmoe/ or tests/
-# differs between their commits): the first call's run stopped at its time limit, and the second
-# (gpu_session.sh's TEST_RESUME) ran the tests the first had not recorded.
-GPU_FULL_SUITE = [RESULTS / "NVIDIA_H100_80GB_HBM3" / "junit_cuda_full.xml",
-                  RESULTS / "NVIDIA_H100_80GB_HBM3" / "junit_cuda_full_rest.xml"]
-# Tests neither part finished, and why (the notebooks check that none of them has a record there)
-GPU_FULL_SUITE_UNFINISHED = {
-    "test_probe_skew_interleave_variants": "the interleave probe's smoke test, still running when the second call's "
-                                           "time ran out (the probe itself ran every variant on the H100 that session, "
-                                           "each forward checked against the reference: probe_skew_interleave.jsonl at "
-                                           "7d9b407)"}
+# The latest full test suite on the H100 as JUnit files of the same code (one file since the interpreter-only smoke
+# tests are skipped on the GPU; a run stopped at a call's time limit would be continued by gpu_session.sh's
+# TEST_RESUME into a second file, listed here too)
+GPU_FULL_SUITE = [RESULTS / "NVIDIA_H100_80GB_HBM3" / "junit_cuda_full.xml"]
+# Tests no part finished, and why (the notebooks check that none of them has a record there)
+GPU_FULL_SUITE_UNFINISHED: dict[str, str] = {}
 
 
 def junit_testcases(paths):
