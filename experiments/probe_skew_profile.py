@@ -6,8 +6,8 @@ tile) explains 4-19 % of the extra tensor-core work at those cells (``experiment
 not all of it at E = 16 (4 %, 1.20x measured). This asks Nsight Compute, kernel by kernel, at a few of those
 cells under the uniform routing, Zipf s = 2, one hot expert and k hot experts alone (``skew.dense_topk_ids``):
 how long each GEMM ran, how busy the tensor pipes, DRAM and L2 were, how many bytes came from DRAM and passed
-through L2 (split into the SMs' requests and the other L2 partition's), and how many L2 sectors hit; with
-``PROBE_VARIANTS``, as ``probe_skew_group``'s variants run it (groups, balance, chunks). A skewed GEMM that reads
+through L2, and how many L2 sectors hit; with ``PROBE_VARIANTS``, as ``probe_skew_group``'s variants run it
+(groups, chunks, dependent launch). A skewed GEMM that reads
 more DRAM bytes re-reads weights; one whose tensor pipes and DRAM are both idler waits on latency (cold
 experts' programs that stream weights for a few rows); one whose tensor pipes are busier computes padding.
 
@@ -50,8 +50,6 @@ METRICS = {  # column -> ncu metric
     "l2_hit_pct": "lts__t_sector_hit_rate.pct",
     "l2_pct": "lts__t_sectors.avg.pct_of_peak_sustained_elapsed",   # L2 sector throughput, of its peak
     "l2_bytes": "lts__t_bytes.sum",                                  # bytes through L2 (reads and writes)
-    "l2_from_sm_bytes": "lts__t_bytes_srcunit_tex.sum",              # of them, the SMs' requests
-    "l2_from_fabric_bytes": "lts__t_bytes_srcunit_ltcfabric.sum",    # the other L2 partition's requests
     "warps_active_pct": "sm__warps_active.avg.pct_of_peak_sustained_active",
     "grid_size": "launch__grid_size",
 }
@@ -128,7 +126,7 @@ def main(cells=CELLS) -> list[dict]:
                          **entry})
         progress.step(f"E={E} T={T} skew={skew} {variant}: {len(launches)} kernels")
     cols = [c for c in ("ms", "dram_read_bytes", "dram_pct", "tensor_gmma_pct", "tensor_hmma_pct", "l2_hit_pct",
-                        "l2_pct", "l2_bytes", "l2_from_sm_bytes", "l2_from_fabric_bytes") if c in metrics]
+                        "l2_pct", "l2_bytes") if c in metrics]
     head = f"{'E':>4s} {'T':>5s} {'skew':>5s} {'variant':>14s} {'gemm':8s} "
     print("\n" + head + " ".join(f"{c[:12]:>12s}" for c in cols))
     for r in rows:
