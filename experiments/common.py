@@ -169,7 +169,7 @@ def time_round_robin(fns: dict, device: torch.device, rounds: int, seed: int = 0
     """name -> per-call times in ms of each of ``fns`` (name -> callable), the calls taking turns: an untimed round
     first, then ``rounds`` rounds that time each once, in a fresh seeded order, L2 cleared before each call (the
     read flush on a GPU). A drift of the GPU's clock over the run (its power cap at the compute-bound end: PERF_LOG
-    v16) then falls on every callable alike, where timing them one after another favours the first."""
+    v16, v26) then falls on every callable alike, where timing them one after another lets each meet its own."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     names = list(fns)

@@ -8,7 +8,7 @@ so every E holds the same weight bytes as the model (H=4096 and E·F = 8·14336 
 Timing: every forward of an (E, T) cell (each routing, each implementation) is checked against the float64
 reference first, then all of them are timed in turns (``common.time_round_robin``), so that the GPU's drift
 over the cell (at the compute-bound end it runs at its power cap) falls on uniform and skewed routings alike;
-until commit 77937af each was timed in its own loop, one after another, uniform routing first (PERF_LOG v26).
+before commit 1f9f7d9 each was timed in its own loop, one after another, uniform routing first (PERF_LOG v26).
 """
 from __future__ import annotations
 
