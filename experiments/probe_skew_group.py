@@ -107,6 +107,18 @@ def package_settings(variant: str):
         gemm._group_blocks, _launch.PDL = rule, pdl
 
 
+def probe_variants(default) -> tuple[str, ...]:
+    """The variants a run times: ``PROBE_VARIANTS`` (comma-separated, each checked), else ``default``."""
+    return tuple(check_variant(v.strip()) for v in os.environ.get("PROBE_VARIANTS", ",".join(default)).split(","))
+
+
+def variant_forward(variant: str, tuned, chunk):
+    """What ``fused_experts`` runs for a variant: ((gate_up, down) tiles, schedule, chunk_tokens), from the tuned
+    tiles and chunk of the cell."""
+    tiles = tuple(variant_tiles(t, variant) for t in tuned)
+    return tiles, "fixed" if variant == "consecutive" else "expert_groups", _number(variant, "chunk") or chunk
+
+
 def variant_tiles(tiles, variant: str):
     """The tiles a variant runs (only ``tails_64`` changes them)."""
     if variant != "tails_64" or tiles.block_m <= 64:
@@ -118,7 +130,7 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
     dev, dtype, base = probe_start(smoke, SEED)
     cells = PROBE_SMOKE_CELLS if smoke else cells
     skews = probe_skews(SKEWS, "probe_skew_group")
-    variants = tuple(check_variant(v.strip()) for v in os.environ.get("PROBE_VARIANTS", ",".join(VARIANTS)).split(","))
+    variants = probe_variants(VARIANTS)
     rounds = 1 if smoke else int(os.environ.get("PROBE_ROUNDS", ROUNDS))
     rows = []
     progress = common.Progress(len(cells) * (len(skews) * len(variants) + 1), "checks and timings")
@@ -142,9 +154,7 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
                                              topk_weights=weights)
                     fns[f"{skew}/combine"] = lambda s=slot_rows, n=k * down_0.split_k: combine(s, n, dtype=x.dtype)
             for variant in variants:
-                up_t, down_t = (variant_tiles(t, variant) for t in tuned)
-                schedule = "fixed" if variant == "consecutive" else "expert_groups"
-                chunk_v = _number(variant, "chunk") or chunk
+                (up_t, down_t), schedule, chunk_v = variant_forward(variant, tuned, chunk)
                 gate_up_tiles, down_tiles = (_schedule_tiles(t, schedule) for t in (up_t, down_t))
                 sched = build_schedule(ids, E, *gate_up_tiles.block_map)
                 down_sched = build_schedule(ids, E, *down_tiles.block_map)

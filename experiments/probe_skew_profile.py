@@ -24,7 +24,6 @@ Metrics the installed ncu does not know on this GPU are left out (listed in the 
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 import sys
 
@@ -32,7 +31,7 @@ import torch
 
 import tritonmoe
 from . import common
-from .probe_skew_group import _number, check_variant, package_settings, variant_tiles
+from .probe_skew_group import package_settings, probe_variants, variant_forward
 from .skew import PROBE_MODEL, parse_probe_cells, probe_problem, probe_skews, probe_topk_ids
 from .traffic import find_ncu, ncu_csv
 
@@ -62,14 +61,12 @@ def _child(E: int, T: int, skew: str, variant: str) -> None:
     dev = torch.device("cuda")
     spec, (x, w13, w2, weights), chunk, tuned = probe_problem(E, T, dev, torch.bfloat16, SEED)
     ids = probe_topk_ids(skew, T, spec.top_k, E, dev, SEED)
-    up_t, down_t = (variant_tiles(t, variant) for t in tuned)
-    schedule = "fixed" if variant == "consecutive" else "expert_groups"
+    tiles, schedule, chunk_tokens = variant_forward(variant, tuned, chunk)
     with torch.no_grad(), package_settings(variant):
         for profiled in (False, True):
             if profiled:
                 torch.cuda.cudart().cudaProfilerStart()
-            tritonmoe.fused_experts(x, w13, w2, weights, ids, tiles=(up_t, down_t), schedule=schedule,
-                                    chunk_tokens=_number(variant, "chunk") or chunk)
+            tritonmoe.fused_experts(x, w13, w2, weights, ids, tiles=tiles, schedule=schedule, chunk_tokens=chunk_tokens)
             torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStop()
 
@@ -93,7 +90,7 @@ def main(cells=CELLS) -> list[dict]:
     base = {**common.provenance(dev, SEED), "experiment": "probe_skew_profile", "model": PROBE_MODEL}
     rows = []
     skews = probe_skews(SKEWS, "probe_skew_profile")
-    variants = tuple(check_variant(v.strip()) for v in os.environ.get("PROBE_VARIANTS", "tuned").split(","))
+    variants = probe_variants(("tuned",))
     progress = common.Progress(len(cells) * len(skews) * len(variants), "routings")
     for (E, T), skew, variant in itertools.product(cells, skews, variants):
         cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--metrics",

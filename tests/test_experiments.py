@@ -406,6 +406,15 @@ def test_probe_skew_group_variants():
             psg.check_variant(bad)
     with psg.package_settings("tuned"):
         assert gemm._group_blocks is rule
+    # what fused_experts runs for a variant, and the variants a run takes from PROBE_VARIANTS
+    assert psg.variant_forward("consecutive", (tiles, tiles), None) == ((tiles, tiles), "fixed", None)
+    assert psg.variant_forward("l2_4+chunk_64", (tiles, tiles), 4096) == ((tiles, tiles), "expert_groups", 64)
+    assert psg.variant_forward("tuned", (tiles, tiles), 4096)[2] == 4096
+    with unittest.mock.patch.dict(os.environ, {"PROBE_VARIANTS": "tuned, no_pdl"}):
+        assert psg.probe_variants(psg.VARIANTS) == ("tuned", "no_pdl")
+    with unittest.mock.patch.dict(os.environ, {"PROBE_VARIANTS": "tuned,bogus"}):
+        with pytest.raises(SystemExit, match="unknown variant 'bogus'"):
+            psg.probe_variants(psg.VARIANTS)
     t = psg.variant_tiles(tiles, "tails_64")
     assert (t.persistent, t.min_block_m, t.block_m) == (False, 64, 128)
     small = TileConfig(block_m=64)
