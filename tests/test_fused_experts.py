@@ -322,6 +322,59 @@ def test_interleave_refusals(device):
     check(*make_inputs(2, 2, 4, device, torch.float32), tiles=(tiles, tiles))
 
 
+# A busy-first schedule's blocks split over two launches (gemm._launch's ``blocks``): the busy experts' with one
+# tile shape, the one-block experts' with another (experiments/probe_skew_streams.py, on two streams there). Every
+# extreme: nothing busy, nothing but busy, both kinds with partial blocks of every height.
+@pytest.mark.parametrize("case", ["all-on-one-expert", "one-token-per-expert", "every-tail-height",
+                                  "E256-most-empty"])
+def test_block_ranges_split_a_gemm(case, device, poison):
+    from tritonmoe.gemm import BUSY_BLOCKS, ONE_BLOCK_EXPERTS, _launch
+    T, k, E, ids = EXTREMES[case]
+    busy = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, group_m=3, num_stages=2)
+    one = tritonmoe.TileConfig(block_m=32, block_n=16, block_k=16, group_m=1, num_stages=2, min_block_m=16)
+    for dtype in dtypes_for(device):
+        x, w13, w2, weights, ids = make_inputs(ids.shape[0], k, E, device, dtype, ids=ids, H=48, F=40)
+        sched = tritonmoe.build_schedule(ids, E, 32, 0, True)
+        S, F = ids.numel(), w13.shape[1] // 2
+        inter = torch.full((S, F), float("nan"), dtype=dtype, device=device)
+        slot_rows = torch.full((S, x.shape[1]), float("nan"), dtype=dtype, device=device)
+        for blocks, tiles in ((BUSY_BLOCKS, busy), (ONE_BLOCK_EXPERTS, one)):
+            _launch(x, w13, inter, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True,
+                    topk_weights=None, blocks=blocks)
+        for blocks, tiles in ((BUSY_BLOCKS, busy), (ONE_BLOCK_EXPERTS, one)):
+            _launch(inter, w2, slot_rows, sched, tiles, n=x.shape[1], n_offset=0, up_offset=0, gather_a=False,
+                    gate_up_silu=False, topk_weights=weights, blocks=blocks)
+        out = tritonmoe.combine(slot_rows, k, dtype=dtype)
+        ref = reference.fused_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
+        assert_close(out, ref, dtype, case)
+        # each launch alone writes the rows of its experts only: the busy experts' (more than 32 rows) and the
+        # others', disjoint and together every row
+        written = {}
+        for blocks, tiles in ((BUSY_BLOCKS, busy), (ONE_BLOCK_EXPERTS, one)):
+            alone = torch.full((S, F), float("nan"), dtype=dtype, device=device)
+            _launch(x, w13, alone, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True,
+                    topk_weights=None, blocks=blocks)
+            written[blocks] = ~alone.isnan().all(1).cpu()
+        counts = torch.bincount(ids.flatten().long().cpu(), minlength=E)
+        sorted_busy = torch.repeat_interleave(counts > 32, counts)  # sorted rows: expert order, busy or not
+        assert torch.equal(written[BUSY_BLOCKS], sorted_busy) and torch.equal(written[ONE_BLOCK_EXPERTS], ~sorted_busy)
+
+
+def test_block_ranges_refusals(device):
+    from tritonmoe.gemm import BUSY_BLOCKS, _launch
+    x, w13, w2, weights, ids = make_inputs(40, 2, 4, device, torch.float32)
+    tiles = tritonmoe.TileConfig(block_m=16, block_n=32, block_k=32)
+    out = torch.empty(80, w13.shape[1] // 2, device=device)
+    kw = dict(n=w13.shape[1] // 2, n_offset=0, up_offset=w13.shape[1] // 2, gather_a=True, gate_up_silu=True,
+              topk_weights=None, blocks=BUSY_BLOCKS)
+    with pytest.raises(ValueError, match="busy_first=False"):
+        _launch(x, w13, out, tritonmoe.build_schedule(ids, 4, 16), tiles, **kw)
+    busy_first = tritonmoe.build_schedule(ids, 4, 16, 0, True)
+    for fields in (dict(persistent=True), dict(interleave=True), dict(sweep_n=2), dict(expert_groups=False)):
+        with pytest.raises(ValueError, match="a part of the M-blocks needs"):
+            _launch(x, w13, out, busy_first, dataclasses.replace(tiles, **fields), **kw)
+
+
 # Persistent programs (a few on the CPU, one per SM on a GPU) each walk many tiles, with the gate+up
 # input gathered per tile or copied into expert order first (TMA-loadable).
 PERSISTENT = {

@@ -34,6 +34,11 @@ __all__ = ["gate_up_silu", "grouped_gemm", "silu_mul"]
 WRITE_SLOT_ROWS = tl.constexpr(1)  # each at its slot's row of a (T*k, n) result, summed by ``combine``
 ADD_TOKEN_ROWS = tl.constexpr(2)   # added into its token's row of a zeroed (T, n) output (TileConfig.atomic_combine)
 
+# BLOCK_RANGE: which of a busy-first schedule's used M-blocks one launch takes (``_launch``'s ``blocks``)
+ALL_BLOCKS = tl.constexpr(0)
+BUSY_BLOCKS = tl.constexpr(1)        # [0, num_busy_blocks): experts with more than one M-block
+ONE_BLOCK_EXPERTS = tl.constexpr(2)  # [num_busy_blocks, num_blocks): experts with one
+
 
 @triton.jit(do_not_specialize=["max_blocks"])  # it changes with T: no recompiles for its divisibility
 def _expert_gemm_kernel(
@@ -65,6 +70,7 @@ def _expert_gemm_kernel(
     GATE_UP_BOX: tl.constexpr,       # GATE_UP_SILU with w_desc a (2E, F, K) view: gate and up tiles in one box, one dot
     SWAP_AB: tl.constexpr,           # tiles under 64 rows (one program each) compute the transposed product
     INTERLEAVE: tl.constexpr,        # tiles taken from the two ends of the (busy-first) block list in proportion
+    BLOCK_RANGE: tl.constexpr,       # ALL_BLOCKS, or only a busy-first list's BUSY_BLOCKS or ONE_BLOCK_EXPERTS
     USE_GDC: tl.constexpr,           # programmatic dependent launch (set by _launch.launch)
 ):
     await_previous(USE_GDC)
@@ -104,12 +110,19 @@ def _expert_gemm_kernel(
                          EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False)
     else:
         pid = tl.program_id(0)
-        if SWEEP_N > 0 or INTERLEAVE:
-            # sweeps and the interleaved walk take the used M-blocks only (their count is on the device); the
-            # grid's surplus exits
+        if SWEEP_N > 0 or INTERLEAVE or BLOCK_RANGE != ALL_BLOCKS:
+            # sweeps and the interleaved walk take the used M-blocks only (their count is on the device), a
+            # block range a part of them (expert groups never straddle its ends); the grid's surplus exits
             used = tl.load(num_blocks_ptr)
-            if pid >= used * num_pid_n:
+            first = 0
+            last = used
+            if BLOCK_RANGE == BUSY_BLOCKS:
+                last = tl.load(num_busy_ptr)
+            if BLOCK_RANGE == ONE_BLOCK_EXPERTS:
+                first = tl.load(num_busy_ptr)
+            if pid >= (last - first) * num_pid_n:
                 return
+            pid += first * num_pid_n
             if INTERLEAVE:
                 pid = _interleaved(pid, used * num_pid_n, (used - tl.load(num_busy_ptr)) * num_pid_n)
             pid_m, pid_n = _tile_position(pid, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
@@ -419,7 +432,9 @@ def _or(t, placeholder):
 
 
 def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offset: int, gather_a: bool,
-            gate_up_silu: bool, topk_weights, split_k: int = 1):
+            gate_up_silu: bool, topk_weights, split_k: int = 1, blocks=ALL_BLOCKS):
+    """``blocks``: ALL_BLOCKS, or BUSY_BLOCKS / ONE_BLOCK_EXPERTS of a busy-first schedule (two launches that
+    split one GEMM's tiles; experiments/probe_skew_streams.py runs them on two streams)."""
     check_matmul_dtype("a", a.dtype)
     if sched.max_blocks == 0:
         return out
@@ -437,6 +452,10 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     if tiles.interleave and not sched.busy_first:
         raise ValueError("tiles: interleave walks a busy-first block list: build the schedule with "
                          "build_schedule(..., *tiles.block_map)")
+    if blocks != ALL_BLOCKS and (not sched.busy_first or tiles.walks_blocks or not tiles.expert_groups):
+        raise ValueError(f"blocks: a part of the M-blocks needs a busy-first schedule and per-tile expert groups "
+                         f"(busy_first={sched.busy_first}, persistent={tiles.persistent}, sweep_n={tiles.sweep_n}, "
+                         f"interleave={tiles.interleave}, expert_groups={tiles.expert_groups})")
     if tiles.persistent and sched.absorb_m:
         raise ValueError(f"tiles: persistent=True runs full-height tiles only; this schedule's blocks absorb tails "
                          f"(built with absorb_m={sched.absorb_m})")
@@ -469,7 +488,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         min_block_m, sched.absorb_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
         tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks, gate_up_box, tiles.swap_ab,
-        tiles.interleave,
+        tiles.interleave, blocks,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages, dependent=not tiles.persistent)
     return out
 

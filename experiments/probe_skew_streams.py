@@ -1,0 +1,271 @@
+"""Probe: the one-block experts' tiles as a second kernel on a second stream (issue #7, PERF_LOG gap 5j).
+
+Under skew, an expert with one M-block of a few rows streams all its weights for those rows: its tiles are
+weight-bound, the busy experts' compute-bound. The interleaved walk (v24) mixes the two kinds in one launch, but a
+launch's programs all take the same resources: with the kept 128-row tiles one program fills an SM's registers,
+so a weight-bound tile holds a whole SM while it waits on HBM. Two launches need not share a shape: the busy
+experts' tiles as tuned, per tile, and the one-block experts' as small tiles (few registers, little shared
+memory) on a second stream, whose programs may then sit on the same SMs beside the busy tiles and stream their
+weights while those compute. Whether they do depends on both kernels' registers and shared memory per SM (the
+rows record them); whether it pays is what this times.
+
+Per (E, T) cell and routing (the skew experiment's shapes, tuned tiles and exact routings), each forward checked
+against the float64 reference (intermediate and slot rows poisoned first), then all timed in turns
+(``common.time_round_robin``):
+
+* ``tuned``: ``fused_experts`` as the skew grid runs it;
+* ``split_serial``: both GEMMs as two launches on one stream, the busy experts' blocks (the tuned tiles, per tile,
+  not interleaved) then the one-block experts' (``ONE_BLOCK_TILES``), on a busy-first schedule;
+* ``split_streams``: the same two launches, the one-block experts' on a second stream;
+* ``split_streams_s3``: as ``split_streams``, the busy tiles with 3 pipeline stages (less shared memory);
+* ``split_streams_hi``: as ``split_streams``, the second stream of a higher priority (its programs placed first
+  where an SM has room);
+
+and, not forwards, each GEMM of each variant alone on the same intermediate rows, and the busy experts' launches
+alone (``busy_only``: the time the one-block experts' tiles would add nothing to).
+
+    python -m experiments.probe_skew_streams            # GPU -> results/<GPU>/probe_skew_streams.jsonl
+    python -m experiments.probe_skew_streams --smoke    # CPU interpreter, tiny shapes: it runs, nothing written
+    PROBE_SKEWS=0,2.0 PROBE_ROUNDS=30 python -m experiments.probe_skew_streams 64:2048
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+
+import torch
+
+import tritonmoe
+from tritonmoe import _launch, build_schedule, gate_up_silu, grouped_gemm, reference
+from tritonmoe.functional import _schedule_tiles
+from tritonmoe.gemm import BUSY_BLOCKS, ONE_BLOCK_EXPERTS, _launch as launch_gemm
+from tritonmoe.permute import combine
+from . import common
+from .latency import CHECK_TOL, check
+from .skew import PROBE_SMOKE_CELLS, parse_probe_cells, probe_problem, probe_skews, probe_start, probe_topk_ids
+from .tune import tiles_name
+
+CELLS = ((64, 2048), (128, 2048), (128, 8192), (256, 8192))
+SKEWS = ("0", "1.0", "2.0", "hot")
+VARIANTS = ("tuned", "split_serial", "split_streams", "split_streams_s3", "split_streams_hi")
+SEED = 0
+ROUNDS = 15  # rounds of common.time_round_robin on the GPU (PROBE_ROUNDS)
+KEY = ("experiment", "E", "T", "skew", "variant", "commit")
+
+# The one-block experts' tiles: narrow in N and 4 warps, so that their registers and shared memory fit beside a
+# busy tile's on one SM; tail heights down to 16 rows (their blocks hold a few rows). block_m is the schedule's.
+ONE_BLOCK_TILES = {
+    "gate_up": dict(block_n=32, block_k=64, group_m=1, num_warps=4, num_stages=3, min_block_m=16),
+    "down": dict(block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=3, min_block_m=16),
+}
+
+
+def split_tiles(tuned, kernel: str, busy_stages: int | None = None):
+    """(busy experts' tiles, one-block experts' tiles) for one GEMM from its tuned tiles: the busy ones per tile
+    (not persistent, interleaved or swept: a launch over a part of the blocks walks them in expert groups), with
+    ``busy_stages`` pipeline stages if given; the one-block ones ``ONE_BLOCK_TILES[kernel]`` on the same block map."""
+    busy = dataclasses.replace(tuned, persistent=False, interleave=False, sweep_n=0, expert_groups=True,
+                               num_stages=busy_stages or tuned.num_stages)
+    one = dataclasses.replace(busy, **ONE_BLOCK_TILES[kernel])
+    return busy, one
+
+
+@contextlib.contextmanager
+def _on(stream):
+    """Launches inside go to ``stream`` (None: the current one)."""
+    if stream is None:
+        yield
+    else:
+        with torch.cuda.stream(stream):
+            yield
+
+
+def split_gate_up(x, w13, sched, busy, one, side=None, out=None):
+    """The fused gate+up as two launches over a busy-first schedule's blocks: the busy experts' with ``busy`` tiles
+    on the current stream, the one-block experts' with ``one`` tiles on ``side`` (None: after them, same stream)."""
+    F = w13.shape[1] // 2
+    if out is None:
+        out = torch.empty(sched.num_tokens * sched.top_k, F, dtype=x.dtype, device=x.device)
+    kw = dict(n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True, topk_weights=None)
+    _two_launches(x, w13, out, sched, busy, one, side, kw)
+    return out
+
+
+def split_down(inter, w2, sched, busy, one, weights, side=None, out=None):
+    """The down projection (weighted rows at their slots, for ``combine``) as ``split_gate_up`` splits the gate+up."""
+    if out is None:
+        out = torch.empty(sched.num_tokens * sched.top_k, w2.shape[1], dtype=inter.dtype, device=inter.device)
+    kw = dict(n=w2.shape[1], n_offset=0, up_offset=0, gather_a=False, gate_up_silu=False, topk_weights=weights)
+    _two_launches(inter, w2, out, sched, busy, one, side, kw)
+    return out
+
+
+def _two_launches(a, w, out, sched, busy, one, side, kw):
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream())  # the schedule and the input are the current stream's
+    launch_gemm(a, w, out, sched, busy, blocks=BUSY_BLOCKS, **kw)  # first: its programs claim the SMs first
+    with _on(side):
+        launch_gemm(a, w, out, sched, one, blocks=ONE_BLOCK_EXPERTS, **kw)
+    if side is not None:
+        torch.cuda.current_stream().wait_stream(side)
+        out.record_stream(side)
+
+
+def split_forward(x, w13, w2, weights, ids, tiles, side=None, poison=False):
+    """The experts' forward with both GEMMs split (``tiles``: ((busy, one) of the gate+up, (busy, one) of the down);
+    ``poison``: the intermediate and slot rows NaN first, so that a row neither launch wrote fails the check."""
+    (up_busy, up_one), (down_busy, down_one) = tiles
+    E, k = w13.shape[0], ids.shape[1]
+    sched = build_schedule(ids, E, up_busy.block_m, up_busy.absorb_m, True)
+    down_sched = sched if down_busy.block_map[:2] == up_busy.block_map[:2] else \
+        build_schedule(ids, E, down_busy.block_m, down_busy.absorb_m, True)
+    S = ids.numel()
+    inter = slot_rows = None
+    if poison:
+        inter = torch.full((S, w13.shape[1] // 2), math.nan, dtype=x.dtype, device=x.device)
+        slot_rows = torch.full((S, w2.shape[1]), math.nan, dtype=x.dtype, device=x.device)
+    inter = split_gate_up(x, w13, sched, up_busy, up_one, side, out=inter)
+    slot_rows = split_down(inter, w2, down_sched, down_busy, down_one, weights, side, out=slot_rows)
+    return combine(slot_rows, k, dtype=x.dtype)
+
+
+def _tiles_key(part: str, *tiles) -> str:
+    """e.g. "gate_up m128n128k64g8w8s4tma + m128n32k64g1w4s3tmatail16" (the tuner's names for tiles)."""
+    return f"{part} " + " + ".join(tiles_name(t) for t in tiles)
+
+
+def _call_noting_kernels(cache: dict, key: str, fn):
+    """``fn()``; the first time for ``key`` (its tiles), also ``cache[key]``: registers, spills and shared memory per
+    program of the kernels that call compiled, from the direct launcher's cache (none under the interpreter)."""
+    before = set(_launch._compiled)
+    result = fn()
+    if key in cache:
+        return result
+    out = cache[key] = []
+    for key in set(_launch._compiled) - before:
+        c = _launch._compiled[key]
+        out.append({"num_warps": key[2], "num_stages": key[3], "regs": getattr(c, "n_regs", None),
+                    "spills": getattr(c, "n_spills", None), "shared": getattr(c.metadata, "shared", None)})
+    return result
+
+
+def main(smoke: bool = False, cells=CELLS) -> list[dict]:
+    dev, dtype, base = probe_start(smoke, SEED)
+    cells = PROBE_SMOKE_CELLS if smoke else cells
+    skews = probe_skews(SKEWS, "probe_skew_streams")
+    rounds = 1 if smoke else int(os.environ.get("PROBE_ROUNDS", ROUNDS))
+    side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    side_hi = torch.cuda.Stream(dev, priority=-1) if dev.type == "cuda" else None
+    rows, resources = [], {}  # resources: tiles (str) -> what its kernel takes per program
+    progress = common.Progress(len(cells) * (len(skews) * len(VARIANTS) + 1), "checks and timings")
+    for E, T in cells:
+        spec, (x, w13, w2, weights), chunk, tuned = probe_problem(E, T, dev, dtype, SEED, smoke)
+        H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
+        up_t, down_t = (_schedule_tiles(t, "expert_groups") for t in tuned)
+        splits = {"split_serial": (None, None), "split_streams": (None, side), "split_streams_s3": (3, side),
+                  "split_streams_hi": (None, side_hi)}
+        timed, fns = {}, {}
+        for skew in skews:
+            ids = probe_topk_ids(skew, T, k, E, dev, SEED)
+            ref = reference.fused_experts(x, w13, w2, weights, ids)
+            with torch.no_grad():  # the down projection's input: the tuned gate+up's rows (sorted order, any map)
+                inter = _call_noting_kernels(resources, _tiles_key("gate_up", up_t), lambda: gate_up_silu(
+                    x, w13, build_schedule(ids, E, *up_t.block_map), up_t))
+            for variant in VARIANTS:
+                row = {**base, "experiment": "probe_skew_streams", "model": spec.name, "E": E, "T": T, "k": k,
+                       "H": H, "F": F, "skew": skew, "variant": variant, "chunk_tokens": chunk, "timing": "round_robin",
+                       "rounds": rounds}
+                if variant == "tuned":
+                    def forward(ids=ids):
+                        return tritonmoe.fused_experts(x, w13, w2, weights, ids, tiles=tuned, chunk_tokens=chunk)
+                    sched = build_schedule(ids, E, *up_t.block_map)
+                    down_sched = build_schedule(ids, E, *down_t.block_map)
+                    parts = {"gate_up": lambda s=sched: gate_up_silu(x, w13, s, up_t),
+                             "down": lambda i=inter, s=down_sched: grouped_gemm(i, w2, s, down_t, topk_weights=weights)}
+                    keys = {"gate_up": _tiles_key("gate_up", up_t), "down": _tiles_key("down", down_t)}
+                    row |= {"gate_up_tiles": dataclasses.asdict(up_t), "down_tiles": dataclasses.asdict(down_t)}
+                else:
+                    stages, stream = splits[variant]
+                    tiles = (split_tiles(up_t, "gate_up", stages), split_tiles(down_t, "down", stages))
+                    (ub, uo), (db, do) = tiles
+
+                    def forward(ids=ids, tiles=tiles, stream=stream, poison=False):
+                        return split_forward(x, w13, w2, weights, ids, tiles, stream, poison)
+                    sched = build_schedule(ids, E, ub.block_m, ub.absorb_m, True)
+                    down_sched = build_schedule(ids, E, db.block_m, db.absorb_m, True)
+                    parts = {"gate_up": lambda s=sched, a=ub, b=uo, st=stream: split_gate_up(x, w13, s, a, b, st),
+                             "down": lambda i=inter, s=down_sched, a=db, b=do, st=stream:
+                                 split_down(i, w2, s, a, b, weights, st)}
+                    for name, fn in (("gate_up", lambda s=sched, a=ub: launch_gemm(
+                                         x, w13, torch.empty(T * k, F, dtype=dtype, device=dev), s, a, n=F, n_offset=0,
+                                         up_offset=F, gather_a=True, gate_up_silu=True, topk_weights=None,
+                                         blocks=BUSY_BLOCKS)),
+                                     ("down", lambda i=inter, s=down_sched, a=db: launch_gemm(
+                                         i, w2, torch.empty(T * k, H, dtype=dtype, device=dev), s, a, n=H, n_offset=0,
+                                         up_offset=0, gather_a=False, gate_up_silu=False, topk_weights=weights,
+                                         blocks=BUSY_BLOCKS))):
+                        fns[f"{skew}/busy_only{'_s3' if stages else ''}/{name}"] = fn
+                    keys = {"gate_up": _tiles_key("gate_up", ub, uo), "down": _tiles_key("down", db, do)}
+                    row |= {"gate_up_tiles": dataclasses.asdict(ub), "gate_up_one_block_tiles": dataclasses.asdict(uo),
+                            "down_tiles": dataclasses.asdict(db), "down_one_block_tiles": dataclasses.asdict(do)}
+                with torch.no_grad():
+                    for name, fn in parts.items():
+                        _call_noting_kernels(resources, keys[name], fn)
+                    out = forward(poison=True) if variant != "tuned" else forward()
+                err = check(out, ref)
+                if not err <= CHECK_TOL[dtype]:
+                    rows.append({**row, "status": "wrong", "rel_err": err})
+                    progress.step(f"E={E} T={T} s={skew} {variant}: WRONG ({err:.1e})")
+                    continue
+                timed[skew, variant] = {**row, "status": "ok", "rel_err": err,
+                                        "kernels": {p: resources[keys[p]] for p in parts}}
+                fns[f"{skew}/{variant}/forward"] = forward
+                for name, fn in parts.items():
+                    fns[f"{skew}/{variant}/{name}"] = fn
+                progress.step(f"E={E} T={T} s={skew} {variant}: checked ({err:.1e})")
+            del ref
+        with torch.no_grad():
+            times = common.time_round_robin(fns, dev, rounds, SEED)
+        for (skew, variant), row in timed.items():
+            extra = {f"{part}_{key}": v for part in ("gate_up", "down") if f"{skew}/{variant}/{part}" in times
+                     for key, v in common.quantiles(times[f"{skew}/{variant}/{part}"]).items()}
+            busy = "busy_only_s3" if variant.endswith("_s3") else "busy_only"
+            extra |= {f"busy_{part}_{key}": v for part in ("gate_up", "down") if f"{skew}/{busy}/{part}" in times
+                      and variant != "tuned" for key, v in common.quantiles(times[f"{skew}/{busy}/{part}"]).items()}
+            rows.append({**row, **common.quantiles(times[f"{skew}/{variant}/forward"]), **extra})
+        progress.step(f"E={E} T={T}: {len(fns)} callables timed in {rounds} rounds")
+        del w13, w2, fns
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    _print(rows, cells, skews)
+    print("kernels per program (regs x threads, shared bytes), by tiles:")
+    for key, ks in resources.items():
+        print(f"  {key}: " + ", ".join(f"{r['regs']} regs x {32 * r['num_warps']}, {r['shared']} B, "
+                                       f"{r['spills']} spills" for r in ks))
+    common.save_probe_rows("probe_skew_streams", dev, rows, KEY, smoke)
+    return rows
+
+
+def _print(rows, cells, skews):
+    ok = {(r["E"], r["T"], r["skew"], r["variant"]): r for r in rows if r["status"] == "ok"}
+    parts = ("ms_p50", "gate_up_ms_p50", "down_ms_p50")
+    print(f"\n{'E':>4s} {'T':>5s} {'skew':>5s} " + " ".join(f"{v:>20s}" for v in VARIANTS)
+          + "   (median ms: forward / gate+up / down)")
+    for E, T in cells:
+        for skew in skews:
+            txt = (ok.get((E, T, skew, v), {}) for v in VARIANTS)
+            print(f"{E:>4d} {T:>5d} {skew:>5s} "
+                  + " ".join(f"{'/'.join(f'{c.get(p, math.nan):.3f}' for p in parts):>20s}" for c in txt))
+    print("busy experts' launches alone (gate+up / down, ms): "
+          + "; ".join(f"E={r['E']} T={r['T']} s={r['skew']} {r['busy_gate_up_ms_p50']:.3f}/{r['busy_down_ms_p50']:.3f}"
+                      for r in rows if r["status"] == "ok" and r["variant"] == "split_streams"
+                      and "busy_gate_up_ms_p50" in r))
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    main(smoke="--smoke" in args,
+         cells=parse_probe_cells([a for a in args if a != "--smoke"], CELLS, "probe_skew_streams"))
