@@ -20,9 +20,15 @@ against the float64 reference (intermediate and slot rows poisoned first), then 
 * ``split_streams_s3``: as ``split_streams``, the busy tiles with 3 pipeline stages (less shared memory);
 * ``split_streams_hi``: as ``split_streams``, the second stream of a higher priority (its programs placed first
   where an SM has room);
+* ``split_pb``: the one-block experts' tiles as one program per SM walking them (persistent), launched first on the
+  second stream, the busy tiles with 3 stages after them: a busy gate+up tile (174 registers x 256 threads, 147 KB)
+  fits beside a one-block program (128 x 128, 74 KB) in an SM's 64 K registers and 228 KB, so every SM can hold
+  one of each (the down projection's busy tiles, 223 registers, cannot);
+* ``split_pb_s4``: as ``split_pb`` with the busy tiles' tuned 4 stages (196 KB: no room beside a one-block
+  program; the control);
 
 and, not forwards, each GEMM of each variant alone on the same intermediate rows, and the busy experts' launches
-alone (``busy_only``: the time the one-block experts' tiles would add nothing to).
+alone (``busy_*`` columns: the time the one-block experts' tiles would add nothing to).
 
     python -m experiments.probe_skew_streams            # GPU -> results/<GPU>/probe_skew_streams.jsonl
     python -m experiments.probe_skew_streams --smoke    # CPU interpreter, tiny shapes: it runs, nothing written
@@ -50,7 +56,8 @@ from .tune import tiles_name
 
 CELLS = ((64, 2048), (128, 2048), (128, 8192), (256, 8192))
 SKEWS = ("0", "1.0", "2.0", "hot")
-VARIANTS = ("tuned", "split_serial", "split_streams", "split_streams_s3", "split_streams_hi")
+VARIANTS = ("tuned", "split_serial", "split_streams", "split_streams_s3", "split_streams_hi", "split_pb",
+            "split_pb_s4")
 SEED = 0
 ROUNDS = 15  # rounds of common.time_round_robin on the GPU (PROBE_ROUNDS)
 KEY = ("experiment", "E", "T", "skew", "variant", "commit")
@@ -63,13 +70,14 @@ ONE_BLOCK_TILES = {
 }
 
 
-def split_tiles(tuned, kernel: str, busy_stages: int | None = None):
+def split_tiles(tuned, kernel: str, busy_stages: int | None = None, persistent_one: bool = False):
     """(busy experts' tiles, one-block experts' tiles) for one GEMM from its tuned tiles: the busy ones per tile
     (not persistent, interleaved or swept: a launch over a part of the blocks walks them in expert groups), with
-    ``busy_stages`` pipeline stages if given; the one-block ones ``ONE_BLOCK_TILES[kernel]`` on the same block map."""
+    ``busy_stages`` pipeline stages if given; the one-block ones ``ONE_BLOCK_TILES[kernel]`` on the same block map,
+    with ``persistent_one`` one program per SM walking them."""
     busy = dataclasses.replace(tuned, persistent=False, interleave=False, sweep_n=0, expert_groups=True,
                                num_stages=busy_stages or tuned.num_stages)
-    one = dataclasses.replace(busy, **ONE_BLOCK_TILES[kernel])
+    one = dataclasses.replace(busy, **ONE_BLOCK_TILES[kernel], persistent=persistent_one)
     return busy, one
 
 
@@ -85,7 +93,8 @@ def _on(stream):
 
 def split_gate_up(x, w13, sched, busy, one, side=None, out=None):
     """The fused gate+up as two launches over a busy-first schedule's blocks: the busy experts' with ``busy`` tiles
-    on the current stream, the one-block experts' with ``one`` tiles on ``side`` (None: after them, same stream)."""
+    on the current stream, the one-block experts' with ``one`` tiles on ``side`` (None: after them, same stream);
+    persistent ``one`` tiles are launched first (their few programs placed at once, the busy tiles' beside them)."""
     F = w13.shape[1] // 2
     if out is None:
         out = torch.empty(sched.num_tokens * sched.top_k, F, dtype=x.dtype, device=x.device)
@@ -106,9 +115,13 @@ def split_down(inter, w2, sched, busy, one, weights, side=None, out=None):
 def _two_launches(a, w, out, sched, busy, one, side, kw):
     if side is not None:
         side.wait_stream(torch.cuda.current_stream())  # the schedule and the input are the current stream's
-    launch_gemm(a, w, out, sched, busy, blocks=BUSY_BLOCKS, **kw)  # first: its programs claim the SMs first
-    with _on(side):
-        launch_gemm(a, w, out, sched, one, blocks=ONE_BLOCK_EXPERTS, **kw)
+    if one.persistent:  # first: a program per SM, all placed at once; the busy tiles then fill the room left
+        with _on(side):
+            launch_gemm(a, w, out, sched, one, blocks=ONE_BLOCK_EXPERTS, **kw)
+    launch_gemm(a, w, out, sched, busy, blocks=BUSY_BLOCKS, **kw)  # else first: its programs claim the SMs first
+    if not one.persistent:
+        with _on(side):
+            launch_gemm(a, w, out, sched, one, blocks=ONE_BLOCK_EXPERTS, **kw)
     if side is not None:
         torch.cuda.current_stream().wait_stream(side)
         out.record_stream(side)
@@ -165,8 +178,9 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
         spec, (x, w13, w2, weights), chunk, tuned = probe_problem(E, T, dev, dtype, SEED, smoke)
         H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
         up_t, down_t = (_schedule_tiles(t, "expert_groups") for t in tuned)
-        splits = {"split_serial": (None, None), "split_streams": (None, side), "split_streams_s3": (3, side),
-                  "split_streams_hi": (None, side_hi)}
+        splits = {"split_serial": (None, None, False), "split_streams": (None, side, False),  # (busy stages, stream,
+                  "split_streams_s3": (3, side, False), "split_streams_hi": (None, side_hi, False),  # persistent one)
+                  "split_pb": (3, side, True), "split_pb_s4": (None, side, True)}
         timed, fns = {}, {}
         for skew in skews:
             ids = probe_topk_ids(skew, T, k, E, dev, SEED)
@@ -188,8 +202,9 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
                     keys = {"gate_up": _tiles_key("gate_up", up_t), "down": _tiles_key("down", down_t)}
                     row |= {"gate_up_tiles": dataclasses.asdict(up_t), "down_tiles": dataclasses.asdict(down_t)}
                 else:
-                    stages, stream = splits[variant]
-                    tiles = (split_tiles(up_t, "gate_up", stages), split_tiles(down_t, "down", stages))
+                    stages, stream, persistent_one = splits[variant]
+                    tiles = tuple(split_tiles(t, part, stages, persistent_one)
+                                  for t, part in ((up_t, "gate_up"), (down_t, "down")))
                     (ub, uo), (db, do) = tiles
 
                     def forward(ids=ids, tiles=tiles, stream=stream, poison=False):
@@ -207,7 +222,7 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
                                          i, w2, torch.empty(T * k, H, dtype=dtype, device=dev), s, a, n=H, n_offset=0,
                                          up_offset=0, gather_a=False, gate_up_silu=False, topk_weights=weights,
                                          blocks=BUSY_BLOCKS))):
-                        fns[f"{skew}/busy_only{'_s3' if stages else ''}/{name}"] = fn
+                        fns[f"{skew}/busy_only_s{ub.num_stages}/{name}"] = fn
                     keys = {"gate_up": _tiles_key("gate_up", ub, uo), "down": _tiles_key("down", db, do)}
                     row |= {"gate_up_tiles": dataclasses.asdict(ub), "gate_up_one_block_tiles": dataclasses.asdict(uo),
                             "down_tiles": dataclasses.asdict(db), "down_one_block_tiles": dataclasses.asdict(do)}
@@ -232,9 +247,9 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
         for (skew, variant), row in timed.items():
             extra = {f"{part}_{key}": v for part in ("gate_up", "down") if f"{skew}/{variant}/{part}" in times
                      for key, v in common.quantiles(times[f"{skew}/{variant}/{part}"]).items()}
-            busy = "busy_only_s3" if variant.endswith("_s3") else "busy_only"
+            busy = f"busy_only_s{row['gate_up_tiles']['num_stages']}" if variant != "tuned" else None
             extra |= {f"busy_{part}_{key}": v for part in ("gate_up", "down") if f"{skew}/{busy}/{part}" in times
-                      and variant != "tuned" for key, v in common.quantiles(times[f"{skew}/{busy}/{part}"]).items()}
+                      for key, v in common.quantiles(times[f"{skew}/{busy}/{part}"]).items()}
             rows.append({**row, **common.quantiles(times[f"{skew}/{variant}/forward"]), **extra})
         progress.step(f"E={E} T={T}: {len(fns)} callables timed in {rounds} rounds")
         del w13, w2, fns

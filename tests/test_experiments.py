@@ -460,7 +460,9 @@ def test_probe_skew_streams_smoke():
     busy, one = pss.split_tiles(TileConfig(block_m=128, block_n=128, num_stages=4, persistent=True, interleave=True,
                                            tma=True), "gate_up", busy_stages=3)
     assert (busy.persistent, busy.interleave, busy.num_stages, busy.block_n) == (False, False, 3, 128)
-    assert (one.block_m, one.block_n, one.num_warps, one.min_block_m, one.tma) == (128, 32, 4, 16, True)
+    assert (one.block_m, one.block_n, one.num_warps, one.min_block_m, one.tma, one.persistent) == (
+        128, 32, 4, 16, True, False)
+    assert pss.split_tiles(TileConfig(block_m=128), "down", persistent_one=True)[1].persistent
     assert busy.block_map[:2] == one.block_map[:2]
     code = ("import json; from experiments import probe_skew_streams as p; "
             "print(json.dumps(p.main(smoke=True)))")

@@ -216,7 +216,7 @@ def test_persistent_refuses_absorbing_blocks(device):
     x, w13, w2, weights, ids = make_inputs(40, 2, 4, device, torch.float32)
     sched = tritonmoe.build_schedule(ids, 4, 32, absorb_m=16)
     tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, persistent=True)
-    with pytest.raises(ValueError, match="persistent=True runs full-height tiles only; this schedule's blocks absorb"):
+    with pytest.raises(ValueError, match="persistent=True runs no absorbing blocks; this schedule's blocks absorb"):
         tritonmoe.gate_up_silu(x, w13, sched, tiles)
 
 
@@ -325,13 +325,16 @@ def test_interleave_refusals(device):
 # A busy-first schedule's blocks split over two launches (gemm._launch's ``blocks``): the busy experts' with one
 # tile shape, the one-block experts' with another (experiments/probe_skew_streams.py, on two streams there). Every
 # extreme: nothing busy, nothing but busy, both kinds with partial blocks of every height.
+@pytest.mark.parametrize("persistent_one", [False, True], ids=["per-tile", "persistent"])
 @pytest.mark.parametrize("case", ["all-on-one-expert", "one-token-per-expert", "every-tail-height",
                                   "E256-most-empty"])
-def test_block_ranges_split_a_gemm(case, device, poison):
+def test_block_ranges_split_a_gemm(case, persistent_one, device, poison):
     from tritonmoe.gemm import BUSY_BLOCKS, ONE_BLOCK_EXPERTS, _launch
     T, k, E, ids = EXTREMES[case]
     busy = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, group_m=3, num_stages=2)
     one = tritonmoe.TileConfig(block_m=32, block_n=16, block_k=16, group_m=1, num_stages=2, min_block_m=16)
+    if persistent_one:  # a few programs walking the one-block experts' tiles, tails included
+        one = dataclasses.replace(one, persistent=True)
     for dtype in dtypes_for(device):
         x, w13, w2, weights, ids = make_inputs(ids.shape[0], k, E, device, dtype, ids=ids, H=48, F=40)
         sched = tritonmoe.build_schedule(ids, E, 32, 0, True)
@@ -370,7 +373,7 @@ def test_block_ranges_refusals(device):
     with pytest.raises(ValueError, match="busy_first=False"):
         _launch(x, w13, out, tritonmoe.build_schedule(ids, 4, 16), tiles, **kw)
     busy_first = tritonmoe.build_schedule(ids, 4, 16, 0, True)
-    for fields in (dict(persistent=True), dict(interleave=True), dict(sweep_n=2), dict(expert_groups=False)):
+    for fields in (dict(interleave=True), dict(sweep_n=2), dict(expert_groups=False)):
         with pytest.raises(ValueError, match="a part of the M-blocks needs"):
             _launch(x, w13, out, busy_first, dataclasses.replace(tiles, **fields), **kw)
 
@@ -379,6 +382,8 @@ def test_block_ranges_refusals(device):
 # input gathered per tile or copied into expert order first (TMA-loadable).
 PERSISTENT = {
     "persistent": dict(persistent=True),
+    "persistent-tails": dict(persistent=True, min_block_m=16),  # a height per tile: the walk is not flattened
+    "persistent-tma-tails": dict(persistent=True, tma=True, min_block_m=16),
     "persistent-tma-permuted": dict(persistent=True, tma=True, permute_input=True),
     "permuted": dict(permute_input=True, tma=True),
 }
@@ -405,14 +410,6 @@ def test_sweep_n(case, schedule, sweep_n, device, poison):
     for dtype in dtypes_for(device):
         check(*make_inputs(ids.shape[0], k, E, device, dtype, ids=ids, H=80, F=48), tiles=(tiles, tiles),
               schedule=schedule)
-
-
-@pytest.mark.parametrize("schedule,min_block_m", [("expert_groups", 16), ("tail_tiles", 0)])
-def test_persistent_needs_full_tiles(schedule, min_block_m, device):
-    tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, min_block_m=min_block_m, persistent=True)
-    with pytest.raises(ValueError, match="persistent=True runs full-height tiles only: min_block_m must be 0 or"):
-        tritonmoe.fused_experts(*make_inputs(40, 2, 8, device, torch.float32), tiles=(tiles, tiles),
-                                schedule=schedule)
 
 
 # Slot schedules (every slot its own one-row M-block, no schedule built): what up to

@@ -64,7 +64,7 @@ def _expert_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
     WEIGHT_TMA: tl.constexpr,        # weight tiles through the copy engine (Hopper's TMA) instead of pointers
     A_TMA: tl.constexpr,             # input tiles too (rows in sorted order, full-height tiles only)
-    PERSISTENT: tl.constexpr,        # one program per SM walks the used tiles (full-height tiles only)
+    PERSISTENT: tl.constexpr,        # one program per SM walks the used tiles (no absorbing blocks)
     SWEEP_N: tl.constexpr,           # N-tiles per sweep over all M-blocks (0: all of N in one sweep)
     SLOT_BLOCKS: tl.constexpr,       # a slot schedule: M-block b is slot b (one row), expert block_expert[b] = topk_ids
     GATE_UP_BOX: tl.constexpr,       # GATE_UP_SILU with w_desc a (2E, F, K) view: gate and up tiles in one box, one dot
@@ -94,32 +94,32 @@ def _expert_gemm_kernel(
         # consecutive tiles' K loops run as one pipelined loop, so one tile's epilogue can overlap the
         # next's loads. On the H100: slower than one program per tile with two gate+up dots (PERF_LOG v11);
         # with one dot 0-5 % faster where little is padded (v19).
+        # Tail heights (MIN_BLOCK_M < BLOCK_M) put one K loop per height in the walk's body: those are not
+        # flattened into one pipelined loop.
         used = tl.load(num_blocks_ptr)
+        first, last = _block_range(used, num_busy_ptr, BLOCK_RANGE)
         if INTERLEAVE:
             one_block_tiles = (used - tl.load(num_busy_ptr)) * num_pid_n
-        for tile in tl.range(tl.program_id(0), used * num_pid_n, tl.num_programs(0), flatten=True):
+        for tile in tl.range(tl.program_id(0), (last - first) * num_pid_n, tl.num_programs(0),
+                             flatten=MIN_BLOCK_M >= BLOCK_M):
+            tile += first * num_pid_n
             if INTERLEAVE:
                 tile = _interleaved(tile, used * num_pid_n, one_block_tiles)
             pid_m, pid_n = _tile_position(tile, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
                                           EXPERT_GROUPS, SWEEP_N)
             expert = tl.load(block_expert_ptr + pid_m)
-            _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
+            _block_tiles(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
                          tl.load(block_row_ptr + pid_m), tl.load(expert_offsets_ptr + expert + 1), pid_n, N, K, TOP_K,
                          n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-                         stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, 0, BLOCK_N, BLOCK_K,
-                         EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False)
+                         stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
+                         MIN_BLOCK_M, 0, EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, GATE_UP_BOX, False)
     else:
         pid = tl.program_id(0)
         if SWEEP_N > 0 or INTERLEAVE or BLOCK_RANGE != ALL_BLOCKS:
             # sweeps and the interleaved walk take the used M-blocks only (their count is on the device), a
             # block range a part of them (expert groups never straddle its ends); the grid's surplus exits
             used = tl.load(num_blocks_ptr)
-            first = 0
-            last = used
-            if BLOCK_RANGE == BUSY_BLOCKS:
-                last = tl.load(num_busy_ptr)
-            if BLOCK_RANGE == ONE_BLOCK_EXPERTS:
-                first = tl.load(num_busy_ptr)
+            first, last = _block_range(used, num_busy_ptr, BLOCK_RANGE)
             if pid >= (last - first) * num_pid_n:
                 return
             pid += first * num_pid_n
@@ -135,37 +135,64 @@ def _expert_gemm_kernel(
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
             return
-        row_start = tl.load(block_row_ptr + pid_m)
-        row_end = tl.load(expert_offsets_ptr + expert + 1)
-        # An expert's last M-block is partial. With MIN_BLOCK_M < BLOCK_M (schedule="tail_tiles") its
-        # tile height is the smallest power of two (down to MIN_BLOCK_M) that holds its rows, so
-        # padding costs at most half a tile; one branch per height. With MIN_BLOCK_M = BLOCK_M (the
-        # default, fixed schedule) only the full-height branch is compiled. With ABSORB_M, an expert's last
-        # whole block may run past BLOCK_M rows (the schedule gave the rest no block of its own): those rows
-        # take an ABSORB_M-row tile of their own in the same program, against the same weight tiles.
-        rows = row_end - row_start  # to the expert's end: more than BLOCK_M unless this is its last block
-        height = 0  # halvings of BLOCK_M
-        for h in tl.static_range(1, 5):
-            if BLOCK_M >> h >= MIN_BLOCK_M:
-                if rows <= BLOCK_M >> h:
-                    height = h
-        if ABSORB_M > 0:
-            height = tl.where((rows > BLOCK_M) & (rows <= BLOCK_M + ABSORB_M), -1, height)  # the last, absorbing
-        for h in tl.static_range(0, 5):
-            if BLOCK_M >> h >= MIN_BLOCK_M:
-                if height == h:
-                    _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
-                                 row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
-                                 stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
-                                 GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M >> h, 0, BLOCK_N, BLOCK_K, EVEN_K,
-                                 DOT_PRECISION, WEIGHT_TMA, A_TMA and h == 0, False, GATE_UP_BOX, SWAP_AB)
-        if ABSORB_M > 0:
-            if height == -1:
+        _block_tiles(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
+                     tl.load(block_row_ptr + pid_m), tl.load(expert_offsets_ptr + expert + 1), pid_n, N, K, TOP_K,
+                     n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                     stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
+                     MIN_BLOCK_M, ABSORB_M, EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, GATE_UP_BOX, SWAP_AB)
+
+
+@triton.jit
+def _block_tiles(
+    a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start, row_end, pid_n,
+    N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+    stride_om, stride_on, GATHER_A: tl.constexpr, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MIN_BLOCK_M: tl.constexpr,
+    ABSORB_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr,
+    A_TMA: tl.constexpr, GATE_UP_BOX: tl.constexpr, SWAP_AB: tl.constexpr,
+):
+    """One M-block's output tile (rows [row_start, row_end) of ``expert``, as many as the block holds) at its
+    height. An expert's last M-block is partial. With MIN_BLOCK_M < BLOCK_M (schedule="tail_tiles") its
+    tile height is the smallest power of two (down to MIN_BLOCK_M) that holds its rows, so
+    padding costs at most half a tile; one branch per height. With MIN_BLOCK_M = BLOCK_M (the
+    default, fixed schedule) only the full-height branch is compiled. With ABSORB_M, an expert's last
+    whole block may run past BLOCK_M rows (the schedule gave the rest no block of its own): those rows
+    take an ABSORB_M-row tile of their own in the same program, against the same weight tiles."""
+    rows = row_end - row_start  # to the expert's end: more than BLOCK_M unless this is its last block
+    height = 0  # halvings of BLOCK_M
+    for h in tl.static_range(1, 5):
+        if BLOCK_M >> h >= MIN_BLOCK_M:
+            if rows <= BLOCK_M >> h:
+                height = h
+    if ABSORB_M > 0:
+        height = tl.where((rows > BLOCK_M) & (rows <= BLOCK_M + ABSORB_M), -1, height)  # the last, absorbing
+    for h in tl.static_range(0, 5):
+        if BLOCK_M >> h >= MIN_BLOCK_M:
+            if height == h:
                 _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
                              row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
                              stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
-                             GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, ABSORB_M, BLOCK_N, BLOCK_K, EVEN_K,
-                             DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False)
+                             GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M >> h, 0, BLOCK_N, BLOCK_K, EVEN_K,
+                             DOT_PRECISION, WEIGHT_TMA, A_TMA and h == 0, False, GATE_UP_BOX, SWAP_AB)
+    if ABSORB_M > 0:
+        if height == -1:
+            _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
+                         row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
+                         stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
+                         GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, ABSORB_M, BLOCK_N, BLOCK_K, EVEN_K,
+                         DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False)
+
+
+@triton.jit
+def _block_range(used, num_busy_ptr, BLOCK_RANGE: tl.constexpr):
+    """[first, last) of the used M-blocks that a launch takes (BLOCK_RANGE of a busy-first schedule)."""
+    first = 0
+    last = used
+    if BLOCK_RANGE == BUSY_BLOCKS:
+        last = tl.load(num_busy_ptr)
+    if BLOCK_RANGE == ONE_BLOCK_EXPERTS:
+        first = tl.load(num_busy_ptr)
+    return first, last
 
 
 @triton.jit
@@ -452,17 +479,14 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     if tiles.interleave and not sched.busy_first:
         raise ValueError("tiles: interleave walks a busy-first block list: build the schedule with "
                          "build_schedule(..., *tiles.block_map)")
-    if blocks != ALL_BLOCKS and (not sched.busy_first or tiles.walks_blocks or not tiles.expert_groups):
-        raise ValueError(f"blocks: a part of the M-blocks needs a busy-first schedule and per-tile expert groups "
-                         f"(busy_first={sched.busy_first}, persistent={tiles.persistent}, sweep_n={tiles.sweep_n}, "
+    if blocks != ALL_BLOCKS and (not sched.busy_first or tiles.interleave or tiles.sweep_n
+                                 or not tiles.expert_groups):
+        raise ValueError(f"blocks: a part of the M-blocks needs a busy-first schedule walked in expert groups, "
+                         f"neither interleaved nor swept (busy_first={sched.busy_first}, sweep_n={tiles.sweep_n}, "
                          f"interleave={tiles.interleave}, expert_groups={tiles.expert_groups})")
     if tiles.persistent and sched.absorb_m:
-        raise ValueError(f"tiles: persistent=True runs full-height tiles only; this schedule's blocks absorb tails "
+        raise ValueError(f"tiles: persistent=True runs no absorbing blocks; this schedule's blocks absorb tails "
                          f"(built with absorb_m={sched.absorb_m})")
-    if tiles.persistent and min_block_m < sched.block_m:
-        raise ValueError(f"tiles: persistent=True runs full-height tiles only: min_block_m must be 0 or block_m "
-                         f"(got {tiles.min_block_m} < {sched.block_m}; fused_experts sets it for "
-                         f"schedule='tail_tiles')")
     grid = (min(tiles_bound, num_sms(a.device)) if tiles.persistent else tiles_bound, split_k)
     w_desc = a_desc = None
     gate_up_box = False
