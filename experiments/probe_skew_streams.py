@@ -26,6 +26,11 @@ against the float64 reference (intermediate and slot rows poisoned first), then 
   one of each (the down projection's busy tiles, 223 registers, cannot);
 * ``split_pb_s4``: as ``split_pb`` with the busy tiles' tuned 4 stages (196 KB: no room beside a one-block
   program; the control);
+* ``paired_32``, ``paired_64``, ``paired_32_k64s2`` (gap 5m): one launch, each busy expert's tile and, in
+  proportion, a one-block expert's tile of at most 32 (64) rows in the same K loop with its own weight tiles
+  (``gemm._launch``'s ``pair_m``), so that the one-block expert's weights stream under the busy tile's MMA inside
+  one program; 32-deep K steps and 4 stages (or 64-deep and 2) to hold the second weight tile in shared memory;
+  ``unpaired_k32s4``: the same tiles unpaired on the same schedule (the control);
 * ``split_pb2``, ``split_pb2_s4``: as those, the persistent one-block programs with 2 warps (the 4-warp walk took
   168 registers: 21.5 K per program, which with a busy tile's 45 K passes the SM's 64 K) and launched on the first
   stream, the busy tiles on the second (whose launch waits on an event, so the one-block programs are placed
@@ -71,7 +76,15 @@ SPLITS = {
     "split_pb2": dict(stream="side", busy_stages=3, persistent_one=True, one_warps=2, one_first_here=True),
     "split_pb2_s4": dict(stream="side", persistent_one=True, one_warps=2, one_first_here=True),
 }
-VARIANTS = ("tuned", *SPLITS)
+# Paired tiles (one launch: gemm._launch's pair_m), with the tile fields the pair needs changed from the tuned tiles
+# (a second weight tile per stage: 32-deep K steps keep 4 stages in shared memory); pair_m 0 is their control.
+PAIRED = {
+    "paired_32": dict(pair_m=32, block_k=32, num_stages=4),
+    "paired_64": dict(pair_m=64, block_k=32, num_stages=4),
+    "paired_32_k64s2": dict(pair_m=32, num_stages=2),
+    "unpaired_k32s4": dict(pair_m=0, block_k=32, num_stages=4),
+}
+VARIANTS = ("tuned", *SPLITS, *PAIRED)
 BLOCK_NAMES = {ALL_BLOCKS: "all blocks", BUSY_BLOCKS: "busy experts", ONE_BLOCK_EXPERTS: "one-block experts"}
 
 
@@ -159,6 +172,48 @@ def _two_launches(a, w, out, sched, busy, one, side, kw, one_first_here=False):
         out.record_stream(side)
 
 
+def paired_tiles(tuned, block_k: int | None = None, num_stages: int | None = None):
+    """A GEMM's tuned tiles for paired tiles: per tile (not persistent, interleaved or swept), expert groups, no
+    absorbed tails, TMA weight tiles (the gate+up pairs its one-dot box), with ``block_k`` and ``num_stages`` where
+    given."""
+    return dataclasses.replace(tuned, persistent=False, interleave=False, sweep_n=0, expert_groups=True, absorb_m=0,
+                               tma=True,
+                               block_k=block_k or tuned.block_k, num_stages=num_stages or tuned.num_stages)
+
+
+def paired_gate_up(x, w13, sched, tiles, pair_m, out=None):
+    """The fused gate+up with paired tiles (``pair_m`` 0: each tile alone) over a busy-first schedule."""
+    F = w13.shape[1] // 2
+    if out is None:
+        out = torch.empty(sched.num_tokens * sched.top_k, F, dtype=x.dtype, device=x.device)
+    return launch_gemm(x, w13, out, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True,
+                       topk_weights=None, pair_m=pair_m)
+
+
+def paired_down(inter, w2, sched, tiles, weights, pair_m, out=None):
+    """The down projection (weighted rows at their slots) with paired tiles, as ``paired_gate_up``."""
+    if out is None:
+        out = torch.empty(sched.num_tokens * sched.top_k, w2.shape[1], dtype=inter.dtype, device=inter.device)
+    return launch_gemm(inter, w2, out, sched, tiles, n=w2.shape[1], n_offset=0, up_offset=0, gather_a=False,
+                       gate_up_silu=False, topk_weights=weights, pair_m=pair_m)
+
+
+def paired_forward(x, w13, w2, weights, ids, tiles, pair_m, poison=False):
+    """The experts' forward with both GEMMs' tiles paired (``tiles``: gate+up, down; one busy-first schedule per
+    block map); ``poison`` as ``split_forward``'s."""
+    up, down = tiles
+    E, k, S = w13.shape[0], ids.shape[1], ids.numel()
+    sched = build_schedule(ids, E, up.block_m, 0, True)
+    down_sched = sched if down.block_m == up.block_m else build_schedule(ids, E, down.block_m, 0, True)
+    inter = slot_rows = None
+    if poison:
+        inter = torch.full((S, w13.shape[1] // 2), math.nan, dtype=x.dtype, device=x.device)
+        slot_rows = torch.full((S, w2.shape[1]), math.nan, dtype=x.dtype, device=x.device)
+    inter = paired_gate_up(x, w13, sched, up, pair_m, out=inter)
+    slot_rows = paired_down(inter, w2, down_sched, down, weights, pair_m, out=slot_rows)
+    return combine(slot_rows, k, dtype=x.dtype)
+
+
 def split_forward(x, w13, w2, weights, ids, tiles, side=None, poison=False, one_first_here=False):
     """The experts' forward with both GEMMs split (``tiles``: ((busy, one) of the gate+up, (busy, one) of the down);
     ``poison``: the intermediate and slot rows NaN first, so that a row neither launch wrote fails the check."""
@@ -234,6 +289,25 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
                     with torch.no_grad():
                         _call_noting_kernels(resources, keys["down"][0], parts["down"])
                     row |= {"gate_up_tiles": dataclasses.asdict(up_t), "down_tiles": dataclasses.asdict(down_t)}
+                elif variant in PAIRED:
+                    how = dict(PAIRED[variant])
+                    pair_m = how.pop("pair_m")
+                    pt = (paired_tiles(up_t, **how), paired_tiles(down_t, **how))
+                    pair_m = min(pair_m, *(t.block_m for t in pt))  # (the smoke run's 16-row blocks)
+
+                    def forward(ids=ids, pt=pt, pair_m=pair_m, poison=False):
+                        return paired_forward(x, w13, w2, weights, ids, pt, pair_m, poison)
+                    sched = build_schedule(ids, E, pt[0].block_m, 0, True)
+                    down_sched = build_schedule(ids, E, pt[1].block_m, 0, True)
+                    parts = {"gate_up": lambda s=sched, t=pt[0], m=pair_m: paired_gate_up(x, w13, s, t, m),
+                             "down": lambda i=inter, s=down_sched, t=pt[1], m=pair_m:
+                                 paired_down(i, w2, s, t, weights, m)}
+                    keys = {name: [_tiles_key(name, t) + f" pair_m={pair_m}"] for name, t in zip(parts, pt)}
+                    with torch.no_grad():
+                        for name, fn in parts.items():
+                            _call_noting_kernels(resources, keys[name][0], fn)
+                    row |= {"gate_up_tiles": dataclasses.asdict(pt[0]), "down_tiles": dataclasses.asdict(pt[1]),
+                            "pair_m": pair_m}
                 else:
                     how = SPLITS[variant]
                     stream, here = streams[how.get("stream")], how.get("one_first_here", False)

@@ -363,6 +363,57 @@ def test_block_ranges_split_a_gemm(case, persistent_one, device, poison):
         assert torch.equal(written[BUSY_BLOCKS], sorted_busy) and torch.equal(written[ONE_BLOCK_EXPERTS], ~sorted_busy)
 
 
+# Paired tiles (gemm._launch's ``pair_m``): a busy expert's tile and a one-block expert's in one K loop, each with
+# its own weight tiles; one-block tiles past the busy ones alone; one-block experts of more than pair_m rows after
+# their busy tile. Every extreme, and both kinds of one-block expert (under and over pair_m = 16 rows).
+@pytest.mark.parametrize("case", ["all-on-one-expert", "one-token-per-expert", "every-tail-height",
+                                  "E256-most-empty", "few-busy-many-small"])
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+def test_paired_tiles(case, tma, device, poison):
+    from tritonmoe.gemm import _launch
+    if case == "few-busy-many-small":  # more one-block tiles than busy ones: some run alone
+        ids = _ids_from_counts([70, 3, 1, 9, 20, 2, 5, 1, 40, 7, 11, 2])
+        T, k, E = ids.shape[0], 1, 12
+    else:
+        T, k, E, ids = EXTREMES[case]
+    tiles = tritonmoe.TileConfig(block_m=32, block_n=16, block_k=16, group_m=3, num_stages=2, tma=tma,
+                                 min_block_m=16)
+    for dtype in dtypes_for(device):
+        x, w13, w2, weights, ids = make_inputs(ids.shape[0], k, E, device, dtype, ids=ids, H=48, F=40)
+        sched = tritonmoe.build_schedule(ids, E, 32, 0, True)
+        S, F = ids.numel(), w13.shape[1] // 2
+        inter = torch.full((S, F), float("nan"), dtype=dtype, device=device)
+        slot_rows = torch.full((S, x.shape[1]), float("nan"), dtype=dtype, device=device)
+        if not tma:  # the two-dot gate+up has no paired form: pointers pair on the down projection only
+            with pytest.raises(ValueError, match="paired gate\\+up tiles take the one-dot box"):
+                _launch(x, w13, inter, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True,
+                        topk_weights=None, pair_m=16)
+            inter = tritonmoe.gate_up_silu(x, w13, sched, tiles)
+        else:
+            _launch(x, w13, inter, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True,
+                    topk_weights=None, pair_m=16)
+        _launch(inter, w2, slot_rows, sched, tiles, n=x.shape[1], n_offset=0, up_offset=0, gather_a=False,
+                gate_up_silu=False, topk_weights=weights, pair_m=16)
+        out = tritonmoe.combine(slot_rows, k, dtype=dtype)
+        ref = reference.fused_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
+        assert_close(out, ref, dtype, case)
+
+
+def test_paired_tiles_refusals(device):
+    from tritonmoe.gemm import _launch
+    x, w13, w2, weights, ids = make_inputs(40, 2, 4, device, torch.float32)
+    tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, tma=True)
+    out = torch.empty(80, w13.shape[1] // 2, device=device)
+    kw = dict(n=w13.shape[1] // 2, n_offset=0, up_offset=w13.shape[1] // 2, gather_a=True, gate_up_silu=True,
+              topk_weights=None)
+    busy_first = tritonmoe.build_schedule(ids, 4, 32, 0, True)
+    for sched, t, pair_m in ((tritonmoe.build_schedule(ids, 4, 32), tiles, 16), (busy_first, tiles, 24),
+                             (busy_first, tiles, 64), (busy_first, dataclasses.replace(tiles, interleave=True), 16),
+                             (tritonmoe.build_schedule(ids, 4, 32, 16, True), tiles, 16)):
+        with pytest.raises(ValueError, match=f"pair_m={pair_m}: paired tiles need"):
+            _launch(x, w13, out, sched, t, pair_m=pair_m, **kw)
+
+
 def test_block_ranges_refusals(device):
     from tritonmoe.gemm import BUSY_BLOCKS, _launch
     x, w13, w2, weights, ids = make_inputs(40, 2, 4, device, torch.float32)

@@ -71,6 +71,7 @@ def _expert_gemm_kernel(
     SWAP_AB: tl.constexpr,           # tiles under 64 rows (one program each) compute the transposed product
     INTERLEAVE: tl.constexpr,        # tiles taken from the two ends of the (busy-first) block list in proportion
     BLOCK_RANGE: tl.constexpr,       # ALL_BLOCKS, or only a busy-first list's BUSY_BLOCKS or ONE_BLOCK_EXPERTS
+    PAIR_M: tl.constexpr,            # > 0: paired tiles (a busy expert's tile with a one-block expert's of <= PAIR_M rows)
     USE_GDC: tl.constexpr,           # programmatic dependent launch (set by _launch.launch)
 ):
     await_previous(USE_GDC)
@@ -88,7 +89,7 @@ def _expert_gemm_kernel(
                          expert.to(tl.int32), pid_m, pid_m + 1, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split,
                          stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
                          GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, 0, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
-                         WEIGHT_TMA, False, True, GATE_UP_BOX, False)
+                         WEIGHT_TMA, False, True, GATE_UP_BOX, False, expert, pid_m, pid_m, pid_n, False)
     elif PERSISTENT:
         # The tiles of the used M-blocks (their count is on the device), grid-strided over the programs;
         # consecutive tiles' K loops run as one pipelined loop, so one tile's epilogue can overlap the
@@ -113,6 +114,13 @@ def _expert_gemm_kernel(
                          n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                          stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
                          MIN_BLOCK_M, 0, EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, GATE_UP_BOX, False)
+    elif PAIR_M > 0:
+        _paired_program(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, block_expert_ptr,
+                        block_row_ptr, block_rank_ptr, block_siblings_ptr, expert_offsets_ptr, num_blocks_ptr,
+                        num_busy_ptr, num_pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak,
+                        stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
+                        SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, MIN_BLOCK_M, EVEN_K, DOT_PRECISION,
+                        WEIGHT_TMA, A_TMA, GATE_UP_BOX, PAIR_M)
     else:
         pid = tl.program_id(0)
         if SWEEP_N > 0 or INTERLEAVE or BLOCK_RANGE != ALL_BLOCKS:
@@ -173,14 +181,81 @@ def _block_tiles(
                              row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
                              stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
                              GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M >> h, 0, BLOCK_N, BLOCK_K, EVEN_K,
-                             DOT_PRECISION, WEIGHT_TMA, A_TMA and h == 0, False, GATE_UP_BOX, SWAP_AB)
+                             DOT_PRECISION, WEIGHT_TMA, A_TMA and h == 0, False, GATE_UP_BOX, SWAP_AB,
+                             expert, row_start, row_start, pid_n, False)
     if ABSORB_M > 0:
         if height == -1:
             _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
                          row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
                          stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
                          GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, ABSORB_M, BLOCK_N, BLOCK_K, EVEN_K,
-                         DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False)
+                         DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False,
+                         expert, row_start + BLOCK_M, row_end, pid_n, False)
+
+
+@triton.jit
+def _paired_program(
+    a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, block_expert_ptr, block_row_ptr,
+    block_rank_ptr, block_siblings_ptr, expert_offsets_ptr, num_blocks_ptr, num_busy_ptr, num_pid_n, N, K, TOP_K,
+    n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    GATHER_A: tl.constexpr, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, MIN_BLOCK_M: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr, A_TMA: tl.constexpr,
+    GATE_UP_BOX: tl.constexpr, PAIR_M: tl.constexpr,
+):
+    """Paired tiles over a busy-first schedule: program p < (busy experts' tiles) takes busy tile p (full height,
+    expert groups), and one program in (busy : one-block) proportion also takes a one-block expert's tile of at most
+    PAIR_M rows in the same K loop, so that the one-block expert's weight tiles (weight-bound: read for a few rows)
+    stream while the busy tile's MMA runs instead of holding an SM of their own. One-block tiles past the busy ones
+    run alone in the programs after them; a one-block tile of more than PAIR_M rows runs after its busy tile."""
+    pid = tl.program_id(0)
+    used = tl.load(num_blocks_ptr)
+    busy_blocks = tl.load(num_busy_ptr)
+    busy_tiles = busy_blocks * num_pid_n
+    one_tiles = (used - busy_blocks) * num_pid_n
+    paired = tl.minimum(one_tiles, busy_tiles)
+    if pid >= busy_tiles + one_tiles - paired:
+        return
+    if pid < busy_tiles:
+        pid_m, pid_n = _tile_position(pid, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M, True, 0)
+        expert = tl.load(block_expert_ptr + pid_m)
+        row_start = tl.load(block_row_ptr + pid_m)
+        row_end = tl.load(expert_offsets_ptr + expert + 1)
+        wide = tl.cast(pid, tl.int64)  # pid * paired may pass 2**31
+        taken = (wide * paired // busy_tiles).to(tl.int32)  # one-block tiles paired with programs before this one
+        has_pair = ((wide + 1) * paired // busy_tiles).to(tl.int32) > taken
+        q_m, q_n = _tile_position(busy_tiles + taken, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
+                                  True, 0)
+        q_expert = tl.load(block_expert_ptr + q_m)
+        q_start = tl.load(block_row_ptr + q_m)
+        q_end = tl.load(expert_offsets_ptr + q_expert + 1)
+        if has_pair and q_end - q_start <= PAIR_M:
+            _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
+                         row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
+                         stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
+                         SCATTER_WEIGHTED, BLOCK_M, PAIR_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA,
+                         False, GATE_UP_BOX, False, q_expert, q_start, q_end, q_n, True)
+        else:
+            _block_tiles(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start,
+                         row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak,
+                         stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
+                         SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K, MIN_BLOCK_M, 0, EVEN_K, DOT_PRECISION,
+                         WEIGHT_TMA, A_TMA, GATE_UP_BOX, False)
+            if has_pair:
+                _block_tiles(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, q_expert,
+                             q_start, q_end, q_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
+                             stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
+                             SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K, MIN_BLOCK_M, 0, EVEN_K, DOT_PRECISION,
+                             WEIGHT_TMA, A_TMA, GATE_UP_BOX, False)
+    else:
+        tile = paired + pid  # busy_tiles + paired + (pid - busy_tiles): the one-block tiles no program paired
+        q_m, q_n = _tile_position(tile, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M, True, 0)
+        q_expert = tl.load(block_expert_ptr + q_m)
+        _block_tiles(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, q_expert,
+                     tl.load(block_row_ptr + q_m), tl.load(expert_offsets_ptr + q_expert + 1), q_n, N, K, TOP_K,
+                     n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                     stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
+                     MIN_BLOCK_M, 0, EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, GATE_UP_BOX, False)
 
 
 @triton.jit
@@ -293,10 +368,13 @@ def _expert_tile(
     TILE_M: tl.constexpr, EXTRA_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr, A_TMA: tl.constexpr, SLOT_ORDER: tl.constexpr,
     GATE_UP_BOX: tl.constexpr, SWAP_AB: tl.constexpr,
+    x_expert, x_row_start, x_row_end, x_pid_n, PAIRED: tl.constexpr,
 ):
     """One (TILE_M rows of one expert) x (BLOCK_N columns) output tile over one split-K slice, and with
-    EXTRA_M > 0 the expert's rows after them (up to EXTRA_M: an absorbing block) as a second tile that
-    multiplies the same weight tiles as they arrive.
+    EXTRA_M > 0 a second tile of up to EXTRA_M rows, [x_row_start, x_row_end) of expert x_expert at N-block
+    x_pid_n, in the same K loop: without PAIRED the expert's rows after the first tile (an absorbing block:
+    x_* repeat the first tile's expert and N-block, and it multiplies the same weight tiles as they arrive);
+    with PAIRED another expert's tile, whose own weight tiles stream beside the first tile's (paired tiles).
     SLOT_ORDER: rows are slots (a slot schedule), else sorted rows mapped to slots by sorted_slots.
     GATE_UP_BOX: the gate and up weight tiles come as one (2, BLOCK_N, BLOCK_K) box, so each K step is
     one dot of 2 * BLOCK_N columns (Triton pipelines one wide dot better than two that share the input:
@@ -334,8 +412,16 @@ def _expert_tile(
         if GATE_UP_SILU and not GATE_UP_BOX:
             acc_up = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     if EXTRA_M > 0:
-        offs_x = row_start + TILE_M + tl.arange(0, EXTRA_M)                                     # [XM]
-        mask_x = offs_x < row_end
+        offs_x = x_row_start + tl.arange(0, EXTRA_M)                                            # [XM]
+        mask_x = offs_x < x_row_end
+        offs_n_x = x_pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n_x = offs_n_x < N
+        if PAIRED:
+            tl.static_assert(not (GATE_UP_SILU and not GATE_UP_BOX), "paired gate+up tiles take the one-dot box")
+            w_ptrs_x = (w_ptr + x_expert.to(tl.int64) * stride_we
+                        + (n_offset + offs_n_x[None, :]).to(tl.int64) * stride_wn
+                        + (k_start + offs_k[:, None]) * stride_wk)
+            w_row_x = (x_expert * (stride_we // stride_wn)).to(tl.int32) + n_offset + x_pid_n * BLOCK_N
         slots_x, a_rows_x = _tile_rows(offs_x, mask_x, sorted_slots_ptr, TOP_K, GATHER_A, SCATTER_WEIGHTED, False)
         a_ptrs_x = a_ptr + a_rows_x[:, None] * stride_am + (k_start + offs_k[None, :]) * stride_ak
         acc_x = tl.zeros((EXTRA_M, WIDE * BLOCK_N), dtype=tl.float32)
@@ -362,7 +448,18 @@ def _expert_tile(
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         if EXTRA_M > 0:
             a_x = tl.load(a_ptrs_x, mask=mask_x[:, None] & mask_k[None, :], other=0.0)
-            acc_x = tl.dot(a_x, w, acc_x, input_precision=DOT_PRECISION)
+            if PAIRED:
+                if GATE_UP_BOX:
+                    w_x = tl.reshape(w_desc.load([2 * x_expert.to(tl.int32), x_pid_n * BLOCK_N, k0]),
+                                     (2 * BLOCK_N, BLOCK_K)).T
+                elif WEIGHT_TMA:
+                    w_x = w_desc.load([w_row_x, k0]).T
+                else:
+                    w_x = tl.load(w_ptrs_x, mask=mask_k[:, None] & mask_n_x[None, :], other=0.0)
+                    w_ptrs_x += BLOCK_K * stride_wk
+            else:
+                w_x = w
+            acc_x = tl.dot(a_x, w_x, acc_x, input_precision=DOT_PRECISION)
             a_ptrs_x += BLOCK_K * stride_ak
         if GATE_UP_SILU and not GATE_UP_BOX:
             # the same input tile against the up rows (up_offset * stride_wn < one expert: int32 is safe)
@@ -390,8 +487,8 @@ def _expert_tile(
     if EXTRA_M > 0:
         if GATE_UP_BOX:
             acc_x, acc_x_up = _split_gate_up(acc_x, EXTRA_M, BLOCK_N)
-        _store_tile(acc_x, acc_x_up, offs_x, mask_x, slots_x, offs_n, mask_n, out_ptr, topk_weights_ptr, stride_om,
-                    stride_on, pid_k, TOP_K, GATE_UP_SILU, SCATTER_WEIGHTED)
+        _store_tile(acc_x, acc_x_up, offs_x, mask_x, slots_x, offs_n_x, mask_n_x, out_ptr, topk_weights_ptr,
+                    stride_om, stride_on, pid_k, TOP_K, GATE_UP_SILU, SCATTER_WEIGHTED)
 
 
 # The same kernel with its device-side check of expert ids compiled in (debug=True; the launch options
@@ -459,9 +556,10 @@ def _or(t, placeholder):
 
 
 def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offset: int, gather_a: bool,
-            gate_up_silu: bool, topk_weights, split_k: int = 1, blocks=ALL_BLOCKS):
+            gate_up_silu: bool, topk_weights, split_k: int = 1, blocks=ALL_BLOCKS, pair_m: int = 0):
     """``blocks``: ALL_BLOCKS, or BUSY_BLOCKS / ONE_BLOCK_EXPERTS of a busy-first schedule (two launches that
-    split one GEMM's tiles; experiments/probe_skew_streams.py runs them on two streams)."""
+    split one GEMM's tiles; experiments/probe_skew_streams.py runs them on two streams). ``pair_m`` > 0: paired
+    tiles over a busy-first schedule (``_paired_program``; experiments/probe_skew_streams.py)."""
     check_matmul_dtype("a", a.dtype)
     if sched.max_blocks == 0:
         return out
@@ -484,6 +582,12 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         raise ValueError(f"blocks: a part of the M-blocks needs a busy-first schedule walked in expert groups, "
                          f"neither interleaved nor swept (busy_first={sched.busy_first}, sweep_n={tiles.sweep_n}, "
                          f"interleave={tiles.interleave}, expert_groups={tiles.expert_groups})")
+    if pair_m and (blocks != ALL_BLOCKS or not sched.busy_first or tiles.walks_blocks or not tiles.expert_groups
+                   or sched.absorb_m or sched.slot_blocks or pair_m & (pair_m - 1)
+                   or not 16 <= pair_m <= sched.block_m):
+        raise ValueError(f"pair_m={pair_m}: paired tiles need a power of two in [16, block_m={sched.block_m}], a "
+                         f"busy-first schedule without absorbed tails, per-tile expert groups neither interleaved, "
+                         f"swept nor persistent, and all blocks")
     if tiles.persistent and sched.absorb_m:
         raise ValueError(f"tiles: persistent=True runs no absorbing blocks; this schedule's blocks absorb tails "
                          f"(built with absorb_m={sched.absorb_m})")
@@ -499,6 +603,9 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         # contiguous input rows (permuted or the down projection's) through TMA too, whichever weight tile
         if not gather_a and not sched.slot_blocks:  # a slot schedule's one-row tiles load through pointers
             a_desc = _descriptor(a, (sched.block_m, tiles.block_k))
+    if pair_m and gate_up_silu and not gate_up_box:
+        raise ValueError(f"pair_m={pair_m}: paired gate+up tiles take the one-dot box (tiles.tma and gate_up_one_dot, "
+                         f"weights the copy engine can serve)")
     unused = sched.block_expert  # a pointer for the slot schedule's absent tensors (never read)
     launch(_expert_gemm_kernel_checked if sched.slot_blocks else _expert_gemm_kernel, grid, (
         a, w, out, _or(sched.sorted_slots, unused), topk_weights if weighted else out, sched.block_expert,
@@ -512,7 +619,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         min_block_m, sched.absorb_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
         tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks, gate_up_box, tiles.swap_ab,
-        tiles.interleave, blocks,
+        tiles.interleave, blocks, pair_m,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages, dependent=not tiles.persistent)
     return out
 
