@@ -31,6 +31,9 @@ against the float64 reference (intermediate and slot rows poisoned first), then 
   (``gemm._launch``'s ``pair_m``), so that the one-block expert's weights stream under the busy tile's MMA inside
   one program; 32-deep K steps and 4 stages (or 64-deep and 2) to hold the second weight tile in shared memory;
   ``unpaired_k32s4``: the same tiles unpaired on the same schedule (the control);
+* ``il``, ``il_prefetch_<d>`` (gap 5n): the tuned tiles interleaved, and with each program asking L2 (Hopper's bulk
+  prefetch, one weight row per thread, nothing held) for the weights of the one-block expert's tile d tiles
+  ahead in the walk, so that the one-block tile's program reads them from L2; GPU only;
 * ``split_pb2``, ``split_pb2_s4``: as those, the persistent one-block programs with 2 warps (the 4-warp walk took
   168 registers: 21.5 K per program, which with a busy tile's 45 K passes the SM's 64 K) and launched on the first
   stream, the busy tiles on the second (whose launch waits on an event, so the one-block programs are placed
@@ -84,13 +87,19 @@ PAIRED = {
     "paired_32_k64s2": dict(pair_m=32, num_stages=2),
     "unpaired_k32s4": dict(pair_m=0, block_k=32, num_stages=4),
 }
-VARIANTS = ("tuned", *SPLITS, *PAIRED)
+# The tuned tiles interleaved (as the skew grid runs them at E = 64, T = 2048 and E = 256, T = 8192), each program
+# asking L2 for the weights of the one-block expert's tile this many tiles ahead in the walk (gemm._launch's
+# prefetch; 0: the control). GPU only (the prefetch is PTX).
+PREFETCHED = {"il": 0, "il_prefetch_64": 64, "il_prefetch_192": 192, "il_prefetch_512": 512}
+VARIANTS = ("tuned", *SPLITS, *PAIRED, *PREFETCHED)
 BLOCK_NAMES = {ALL_BLOCKS: "all blocks", BUSY_BLOCKS: "busy experts", ONE_BLOCK_EXPERTS: "one-block experts"}
 
 
-def probe_variants() -> tuple[str, ...]:
-    """The variants a run times: ``PROBE_VARIANTS`` (comma-separated), else all of ``VARIANTS``."""
-    chosen = tuple(v.strip() for v in os.environ.get("PROBE_VARIANTS", ",".join(VARIANTS)).split(","))
+def probe_variants(smoke: bool = False) -> tuple[str, ...]:
+    """The variants a run times: ``PROBE_VARIANTS`` (comma-separated), else all of ``VARIANTS`` (on the CPU
+    interpreter less the L2 prefetches)."""
+    default = VARIANTS if not smoke else tuple(v for v in VARIANTS if not PREFETCHED.get(v))
+    chosen = tuple(v.strip() for v in os.environ.get("PROBE_VARIANTS", ",".join(default)).split(","))
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"probe_skew_streams: unknown variants {unknown} (PROBE_VARIANTS; known: {VARIANTS})")
@@ -181,36 +190,37 @@ def paired_tiles(tuned, block_k: int | None = None, num_stages: int | None = Non
                                block_k=block_k or tuned.block_k, num_stages=num_stages or tuned.num_stages)
 
 
-def paired_gate_up(x, w13, sched, tiles, pair_m, out=None):
-    """The fused gate+up with paired tiles (``pair_m`` 0: each tile alone) over a busy-first schedule."""
+def gate_up_launch(x, w13, sched, tiles, out=None, **launch):
+    """The fused gate+up as one launch with ``gemm._launch``'s probe options (``pair_m``, ``prefetch``)."""
     F = w13.shape[1] // 2
     if out is None:
         out = torch.empty(sched.num_tokens * sched.top_k, F, dtype=x.dtype, device=x.device)
     return launch_gemm(x, w13, out, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True,
-                       topk_weights=None, pair_m=pair_m)
+                       topk_weights=None, **launch)
 
 
-def paired_down(inter, w2, sched, tiles, weights, pair_m, out=None):
-    """The down projection (weighted rows at their slots) with paired tiles, as ``paired_gate_up``."""
+def down_launch(inter, w2, sched, tiles, weights, out=None, **launch):
+    """The down projection (weighted rows at their slots) as one launch, as ``gate_up_launch``."""
     if out is None:
         out = torch.empty(sched.num_tokens * sched.top_k, w2.shape[1], dtype=inter.dtype, device=inter.device)
     return launch_gemm(inter, w2, out, sched, tiles, n=w2.shape[1], n_offset=0, up_offset=0, gather_a=False,
-                       gate_up_silu=False, topk_weights=weights, pair_m=pair_m)
+                       gate_up_silu=False, topk_weights=weights, **launch)
 
 
-def paired_forward(x, w13, w2, weights, ids, tiles, pair_m, poison=False):
-    """The experts' forward with both GEMMs' tiles paired (``tiles``: gate+up, down; one busy-first schedule per
-    block map); ``poison`` as ``split_forward``'s."""
+def one_launch_forward(x, w13, w2, weights, ids, tiles, poison=False, **launch):
+    """The experts' forward, each GEMM one launch with ``launch`` options (``tiles``: gate+up, down; busy-first
+    schedules); ``poison`` as ``split_forward``'s."""
     up, down = tiles
     E, k, S = w13.shape[0], ids.shape[1], ids.numel()
-    sched = build_schedule(ids, E, up.block_m, 0, True)
-    down_sched = sched if down.block_m == up.block_m else build_schedule(ids, E, down.block_m, 0, True)
+    sched = build_schedule(ids, E, up.block_m, up.absorb_m, True)
+    down_sched = sched if down.block_map[:2] == up.block_map[:2] else \
+        build_schedule(ids, E, down.block_m, down.absorb_m, True)
     inter = slot_rows = None
     if poison:
         inter = torch.full((S, w13.shape[1] // 2), math.nan, dtype=x.dtype, device=x.device)
         slot_rows = torch.full((S, w2.shape[1]), math.nan, dtype=x.dtype, device=x.device)
-    inter = paired_gate_up(x, w13, sched, up, pair_m, out=inter)
-    slot_rows = paired_down(inter, w2, down_sched, down, weights, pair_m, out=slot_rows)
+    inter = gate_up_launch(x, w13, sched, up, out=inter, **launch)
+    slot_rows = down_launch(inter, w2, down_sched, down, weights, out=slot_rows, **launch)
     return combine(slot_rows, k, dtype=x.dtype)
 
 
@@ -258,7 +268,7 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
     cells = PROBE_SMOKE_CELLS if smoke else cells
     skews = probe_skews(SKEWS, "probe_skew_streams")
     rounds = 1 if smoke else int(os.environ.get("PROBE_ROUNDS", ROUNDS))
-    variants = probe_variants()
+    variants = probe_variants(smoke)
     streams = {None: None, "side": torch.cuda.Stream(dev) if dev.type == "cuda" else None,
                "side_hi": torch.cuda.Stream(dev, priority=-1) if dev.type == "cuda" else None}
     rows, resources = [], {}  # resources: tiles (str) -> what its kernel takes per program
@@ -289,25 +299,30 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
                     with torch.no_grad():
                         _call_noting_kernels(resources, keys["down"][0], parts["down"])
                     row |= {"gate_up_tiles": dataclasses.asdict(up_t), "down_tiles": dataclasses.asdict(down_t)}
-                elif variant in PAIRED:
-                    how = dict(PAIRED[variant])
-                    pair_m = how.pop("pair_m")
-                    pt = (paired_tiles(up_t, **how), paired_tiles(down_t, **how))
-                    pair_m = min(pair_m, *(t.block_m for t in pt))  # (the smoke run's 16-row blocks)
+                elif variant in PAIRED or variant in PREFETCHED:
+                    if variant in PAIRED:
+                        how = dict(PAIRED[variant])
+                        launch = {"pair_m": how.pop("pair_m")}
+                        pt = (paired_tiles(up_t, **how), paired_tiles(down_t, **how))
+                        launch["pair_m"] = min(launch["pair_m"], *(t.block_m for t in pt))  # (the smoke run's blocks)
+                    else:
+                        launch = {"prefetch": PREFETCHED[variant]}
+                        pt = tuple(dataclasses.replace(t, interleave=True, sweep_n=0) for t in (up_t, down_t))
 
-                    def forward(ids=ids, pt=pt, pair_m=pair_m, poison=False):
-                        return paired_forward(x, w13, w2, weights, ids, pt, pair_m, poison)
-                    sched = build_schedule(ids, E, pt[0].block_m, 0, True)
-                    down_sched = build_schedule(ids, E, pt[1].block_m, 0, True)
-                    parts = {"gate_up": lambda s=sched, t=pt[0], m=pair_m: paired_gate_up(x, w13, s, t, m),
-                             "down": lambda i=inter, s=down_sched, t=pt[1], m=pair_m:
-                                 paired_down(i, w2, s, t, weights, m)}
-                    keys = {name: [_tiles_key(name, t) + f" pair_m={pair_m}"] for name, t in zip(parts, pt)}
+                    def forward(ids=ids, pt=pt, launch=launch, poison=False):
+                        return one_launch_forward(x, w13, w2, weights, ids, pt, poison, **launch)
+                    sched = build_schedule(ids, E, *pt[0].block_map[:2], True)
+                    down_sched = build_schedule(ids, E, *pt[1].block_map[:2], True)
+                    parts = {"gate_up": lambda s=sched, t=pt[0], kw=launch: gate_up_launch(x, w13, s, t, **kw),
+                             "down": lambda i=inter, s=down_sched, t=pt[1], kw=launch:
+                                 down_launch(i, w2, s, t, weights, **kw)}
+                    keys = {name: [_tiles_key(name, t) + "".join(f" {k}={v}" for k, v in launch.items())]
+                            for name, t in zip(parts, pt)}
                     with torch.no_grad():
                         for name, fn in parts.items():
                             _call_noting_kernels(resources, keys[name][0], fn)
                     row |= {"gate_up_tiles": dataclasses.asdict(pt[0]), "down_tiles": dataclasses.asdict(pt[1]),
-                            "pair_m": pair_m}
+                            **launch}
                 else:
                     how = SPLITS[variant]
                     stream, here = streams[how.get("stream")], how.get("one_first_here", False)

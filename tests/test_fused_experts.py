@@ -254,6 +254,30 @@ def test_interleaved_tiles_many_rounds(persistent, device, poison):
         check(*make_inputs(ids.shape[0], 1, 8, device, dtype, ids=ids, H=48, F=160, seed=3), tiles=(tiles, tiles))
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+def test_interleaved_tiles_with_l2_prefetch(persistent, device, poison):
+    # gemm._launch's prefetch (experiments/probe_skew_streams.py): each program asks L2 for the weights of the
+    # one-block expert's tile some tiles ahead (PTX: GPU only, refused on the interpreter); a hint, results unchanged
+    from tritonmoe.gemm import _launch
+    tiles = tritonmoe.TileConfig(block_m=16, block_n=16, block_k=32, group_m=2, num_stages=2, interleave=True,
+                                 persistent=persistent, tma=True)
+    ids = _ids_from_counts([400, 10, 300, 5, 16, 250, 1, 14])  # experts 0, 2, 5 busy, the rest one block each
+    for dtype in dtypes_for(device):
+        x, w13, w2, weights, ids = make_inputs(ids.shape[0], 1, 8, device, dtype, ids=ids, H=48, F=160, seed=3)
+        sched = tritonmoe.build_schedule(ids, 8, 16, 0, True)
+        S, F = ids.numel(), w13.shape[1] // 2
+        inter = torch.full((S, F), float("nan"), dtype=dtype, device=device)
+        kw = dict(n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True, topk_weights=None)
+        if device.type != "cuda":
+            with pytest.raises(ValueError, match="prefetch=7: L2 prefetch ahead needs interleaved tiles on a GPU"):
+                _launch(x, w13, inter, sched, tiles, prefetch=7, **kw)
+            return
+        for prefetch in (1, 7, 1000):
+            inter.fill_(float("nan"))
+            _launch(x, w13, inter, sched, tiles, prefetch=prefetch, **kw)
+            assert_close(inter, tritonmoe.gate_up_silu(x, w13, sched, tiles), dtype, f"prefetch={prefetch}")
+
+
 @triton.jit
 def _interleaved_walk_kernel(out_ptr, n, back, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -72,6 +72,8 @@ def _expert_gemm_kernel(
     INTERLEAVE: tl.constexpr,        # tiles taken from the two ends of the (busy-first) block list in proportion
     BLOCK_RANGE: tl.constexpr,       # ALL_BLOCKS, or only a busy-first list's BUSY_BLOCKS or ONE_BLOCK_EXPERTS
     PAIR_M: tl.constexpr,            # > 0: paired tiles (a busy expert's tile with a one-block expert's of <= PAIR_M rows)
+    PREFETCH: tl.constexpr,          # > 0 (with INTERLEAVE): L2 prefetch of the weights of the one-block expert's tile
+                                     # this many tiles ahead in the walk
     USE_GDC: tl.constexpr,           # programmatic dependent launch (set by _launch.launch)
 ):
     await_previous(USE_GDC)
@@ -105,6 +107,10 @@ def _expert_gemm_kernel(
                              flatten=MIN_BLOCK_M >= BLOCK_M):
             tile += first * num_pid_n
             if INTERLEAVE:
+                if PREFETCH > 0:
+                    _prefetch_ahead(tile + PREFETCH, used, num_pid_n, one_block_tiles, block_rank_ptr,
+                                    block_siblings_ptr, block_expert_ptr, w_ptr, stride_we, stride_wn, n_offset,
+                                    up_offset, N, K, GROUP_M, EXPERT_GROUPS, BLOCK_N, GATE_UP_SILU)
                 tile = _interleaved(tile, used * num_pid_n, one_block_tiles)
             pid_m, pid_n = _tile_position(tile, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
                                           EXPERT_GROUPS, SWEEP_N)
@@ -132,7 +138,12 @@ def _expert_gemm_kernel(
                 return
             pid += first * num_pid_n
             if INTERLEAVE:
-                pid = _interleaved(pid, used * num_pid_n, (used - tl.load(num_busy_ptr)) * num_pid_n)
+                back = (used - tl.load(num_busy_ptr)) * num_pid_n
+                if PREFETCH > 0:
+                    _prefetch_ahead(pid + PREFETCH, used, num_pid_n, back, block_rank_ptr, block_siblings_ptr,
+                                    block_expert_ptr, w_ptr, stride_we, stride_wn, n_offset, up_offset, N, K, GROUP_M,
+                                    EXPERT_GROUPS, BLOCK_N, GATE_UP_SILU)
+                pid = _interleaved(pid, used * num_pid_n, back)
             pid_m, pid_n = _tile_position(pid, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
                                           EXPERT_GROUPS, SWEEP_N)
         else:
@@ -256,6 +267,37 @@ def _paired_program(
                      n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                      stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
                      MIN_BLOCK_M, 0, EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, GATE_UP_BOX, False)
+
+
+@triton.jit
+def _prefetch_ahead(ahead, used, num_pid_n, back, block_rank_ptr, block_siblings_ptr, block_expert_ptr, w_ptr,
+                    stride_we, stride_wn, n_offset, up_offset, N, K, GROUP_M: tl.constexpr,
+                    EXPERT_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, GATE_UP_SILU: tl.constexpr):
+    """If the interleaved walk's tile at position ``ahead`` is a one-block expert's, ask L2 for its weight tile's
+    rows now (bulk prefetches, one row per thread: no registers or shared memory held while they fly), so that its
+    program later reads them from L2 instead of waiting on HBM. Weights with contiguous rows of K elements."""
+    n_all = used * num_pid_n
+    t = _interleaved(ahead, n_all, back)
+    if (ahead < n_all) & (t >= n_all - back):
+        pm, pn = _tile_position(t, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M, EXPERT_GROUPS, 0)
+        expert = tl.load(block_expert_ptr + pm)
+        n0 = pn * BLOCK_N
+        rows = tl.minimum(N - n0, BLOCK_N)
+        row_bytes = K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        base = w_ptr + expert.to(tl.int64) * stride_we + (n_offset + n0).to(tl.int64) * stride_wn
+        _prefetch_rows_l2(base, row_bytes, rows)
+        if GATE_UP_SILU:
+            _prefetch_rows_l2(base + up_offset * stride_wn, row_bytes, rows)
+
+
+@triton.jit
+def _prefetch_rows_l2(base, row_bytes, rows):
+    """Thread t < rows of the program prefetches row t (``row_bytes``, a multiple of 16) of the rows at ``base``
+    into L2 (Hopper's cp.async.bulk.prefetch)."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 t; .reg .u64 a; mov.u32 t, %tid.x; setp.lt.u32 p, t, $3; "
+        "mul.wide.u32 a, t, $2; add.u64 a, a, $1; @p cp.async.bulk.prefetch.L2.global [a], $2; mov.u32 $0, 0; }",
+        "=r,l,r,r", [base.to(tl.int64), row_bytes, rows], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -556,10 +598,13 @@ def _or(t, placeholder):
 
 
 def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offset: int, gather_a: bool,
-            gate_up_silu: bool, topk_weights, split_k: int = 1, blocks=ALL_BLOCKS, pair_m: int = 0):
+            gate_up_silu: bool, topk_weights, split_k: int = 1, blocks=ALL_BLOCKS, pair_m: int = 0,
+            prefetch: int = 0):
     """``blocks``: ALL_BLOCKS, or BUSY_BLOCKS / ONE_BLOCK_EXPERTS of a busy-first schedule (two launches that
     split one GEMM's tiles; experiments/probe_skew_streams.py runs them on two streams). ``pair_m`` > 0: paired
-    tiles over a busy-first schedule (``_paired_program``; experiments/probe_skew_streams.py)."""
+    tiles over a busy-first schedule (``_paired_program``; experiments/probe_skew_streams.py). ``prefetch`` > 0
+    (interleaved tiles, a GPU): each program asks L2 for the weights of the one-block expert's tile that many tiles
+    ahead in the walk."""
     check_matmul_dtype("a", a.dtype)
     if sched.max_blocks == 0:
         return out
@@ -588,6 +633,10 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         raise ValueError(f"pair_m={pair_m}: paired tiles need a power of two in [16, block_m={sched.block_m}], a "
                          f"busy-first schedule without absorbed tails, per-tile expert groups neither interleaved, "
                          f"swept nor persistent, and all blocks")
+    if prefetch and (not tiles.interleave or a.device.type != "cuda" or w.stride(2) != 1 or w.stride(1) != K
+                     or (K * w.element_size()) % 16):
+        raise ValueError(f"prefetch={prefetch}: L2 prefetch ahead needs interleaved tiles on a GPU and weights with "
+                         f"contiguous rows of a multiple of 16 bytes")
     if tiles.persistent and sched.absorb_m:
         raise ValueError(f"tiles: persistent=True runs no absorbing blocks; this schedule's blocks absorb tails "
                          f"(built with absorb_m={sched.absorb_m})")
@@ -619,7 +668,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         min_block_m, sched.absorb_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
         tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks, gate_up_box, tiles.swap_ab,
-        tiles.interleave, blocks, pair_m,
+        tiles.interleave, blocks, pair_m, prefetch,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages, dependent=not tiles.persistent)
     return out
 
