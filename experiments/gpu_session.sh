@@ -22,8 +22,6 @@
 #     skewgroup the worst skew cells with an expert's M-blocks grouped otherwise, or 64-row tails (probe_skew_group)
 #     skewinterleave the worst skew cells with busy and one-block experts' tiles interleaved, 64-row tails, both
 #               (probe_skew_interleave)
-#     skewstreams the worst skew cells with the one-block experts' tiles as a second launch, on a second stream
-#               (probe_skew_streams)
 #   Everything written under results/ and tritonmoe/configs/ comes back as $OUT/results.tgz.
 # Prepare on a machine with internet first (git-ignored, sent as carry):
 #   make gpu-carry   # .whl/ (pytest, Hydra wheels for Python 3.12) and .carry/baselines/ (Megablocks sdists)
@@ -31,7 +29,7 @@
 # .carry/mbwheels/ they are installed instead of building again (~3 minutes).
 # Environment: MODELS (comma list), TOKENS (Hydra list, e.g. [1,64]), TEST_TIMEOUT (s), TEST_SELECT (pytest -k),
 # TEST_RESUME (a junit xml from a tests stage stopped at its limit: run only the tests it has no record of),
-# TUNE_MINUTES, SKEWPROF_CELLS, SKEWGROUP_CELLS and SKEWSTREAMS_CELLS (E:T cells for those probes, space-separated;
+# TUNE_MINUTES, SKEWPROF_CELLS and SKEWGROUP_CELLS (E:T cells for skewprof and skewgroup, space-separated;
 # default each probe's own), PROBE_SKEWS and PROBE_VARIANTS (those probes' routings and variants, comma lists),
 # BUILD_MEGABLOCKS=1 (build it in the background even without the bench stage),
 # HYDRA_ARGS (more overrides, space-separated), SESSION_SECONDS (deadline for the tests stage),
@@ -129,9 +127,6 @@ stage_skeworder() { python3 -m experiments.probe_skew_order 2>&1 | tee "$OUT/pro
 stage_skewgroup() { python3 -m experiments.probe_skew_group ${SKEWGROUP_CELLS:-} 2>&1 | tee "$OUT/probe_skew_group.log" | grep -v "^\["; }
 stage_skewinterleave() {
   python3 -m experiments.probe_skew_interleave 2>&1 | tee "$OUT/probe_skew_interleave.log" | grep -v "^\["
-}
-stage_skewstreams() {
-  python3 -m experiments.probe_skew_streams ${SKEWSTREAMS_CELLS:-} 2>&1 | tee "$OUT/probe_skew_streams.log" | grep -v "^\["
 }
 stage_flush() { megablocks_ready; python3 -m experiments.probe_flush 2>&1 | tee "$OUT/probe_flush.log"; }
 

@@ -39,7 +39,7 @@ DIVISIBLE = ("N", "K", "stride_am", "stride_om", "stride_wn", "k_per_split", "n_
 
 def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: bool, persistent: bool = False,
           permute_input: bool = False, min_bm: int | None = None, swap_ab: bool = False,
-          interleave: bool = False, prefetch: int = 0) -> dict:
+          interleave: bool = False) -> dict:
     gate_up = kernel == "gate_up"
     gather = gate_up and not permute_input
     a_tma = tma and not gather  # gathered inputs stay pointer loads
@@ -47,7 +47,7 @@ def build(kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int, tma: 
     consts = dict(GATHER_A=gather, GATE_UP_SILU=gate_up, SCATTER_WEIGHTED=not gate_up, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_K=bk, GROUP_M=8, EXPERT_GROUPS=True, MIN_BLOCK_M=min_bm or bm, ABSORB_M=0, EVEN_K=True,
                   DOT_PRECISION="tf32", WEIGHT_TMA=tma, A_TMA=a_tma, PERSISTENT=persistent, SWEEP_N=0, SLOT_BLOCKS=False,
-                  GATE_UP_BOX=gate_up and tma, SWAP_AB=swap_ab, INTERLEAVE=interleave, BLOCK_RANGE=0, PAIR_M=0, PREFETCH=prefetch, USE_GDC=True, stride_ak=1, stride_wk=1, stride_on=1)
+                  GATE_UP_BOX=gate_up and tma, SWAP_AB=swap_ab, INTERLEAVE=interleave, USE_GDC=True, stride_ak=1, stride_wk=1, stride_on=1)
     if not tma:
         consts["w_desc"] = None
     if not a_tma:

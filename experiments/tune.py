@@ -319,7 +319,7 @@ def _tune_shape(cfg, spec, device, dtype, seed, prov, progress) -> list[dict]:
                     for t in configs:
                         r = bench.measure(kernel, t)
                         measured.append((t, r))
-                        rows.append({**base, "kernel": kernel, "config": tiles_name(t), "stage": stage,
+                        rows.append({**base, "kernel": kernel, "config": _cfg_str(t), "stage": stage,
                                      "tiles": asdict(t), "routing": None, **r})
                 measured_by[(kernel, bm)] = measured
                 ok = [m for m in measured if m[1]["status"] == "ok"]
@@ -345,8 +345,8 @@ def _tune_shape(cfg, spec, device, dtype, seed, prov, progress) -> list[dict]:
                 chosen[T]["worst"] = worst
             if check is not None:
                 chosen[T]["forward_check"] = check
-            progress.step(f"{spec.name} T={T}: {total:.3f} ms (defaults {default_ms:.3f}) gate_up {tiles_name(gt)} | "
-                          f"down {tiles_name(dt)}" + (f" | slowest routing {worst['routing']} {worst['ms']:.3f} ms"
+            progress.step(f"{spec.name} T={T}: {total:.3f} ms (defaults {default_ms:.3f}) gate_up {_cfg_str(gt)} | "
+                          f"down {_cfg_str(dt)}" + (f" | slowest routing {worst['routing']} {worst['ms']:.3f} ms"
                                                     if worst else "")
                           + (f" | forward: tuned {check['tuned_ms']:.3f} ms, before {check['before_ms']:.3f} ms, "
                              f"kept {check['kept']}" if check else ""))
@@ -389,7 +389,7 @@ def _forward_check(e, spec, T, dtype, device, bench, pair, base) -> tuple:
         raise RuntimeError(f"tune: the chosen tiles fail in the forward at T={T}: {failed['tuned']}")
     ms = {name: statistics.median(m) if m else float("inf") for name, m in medians.items()}
     kept = "tuned" if ms["tuned"] <= ms["before"] else "before"
-    rows = [{**base, "kernel": "forward", "config": f"{tiles_name(t[0])}|{tiles_name(t[1])}", "stage": "forward_check",
+    rows = [{**base, "kernel": "forward", "config": f"{_cfg_str(t[0])}|{_cfg_str(t[1])}", "stage": "forward_check",
              "tiles": [asdict(t[0]), asdict(t[1])], "routing": None, "candidate": name, "kept": name == kept,
              **({"status": "error", "reason": failed[name]} if name in failed else
                 {"status": "ok", "ms_p50": ms[name], "round_ms": medians[name]})}
@@ -459,7 +459,7 @@ def _robust_pair(cfg, spec, T, p, dtype, seed, bench, measured_by, base) -> tupl
         for t in ts:
             for routing, b in benches.items():
                 r = b.measure(kernel, t)
-                rows.append({**base, "kernel": kernel, "config": tiles_name(t), "stage": "robust", "tiles": asdict(t),
+                rows.append({**base, "kernel": kernel, "config": _cfg_str(t), "stage": "robust", "tiles": asdict(t),
                              "routing": routing, **r})
                 if r["status"] == "ok":
                     ms.setdefault((kernel, t), {})[routing] = r
@@ -496,8 +496,7 @@ def _default_total(bench, tpe) -> float:
                for k, t in (("gate_up", gate_up_t), ("down", down_t)))
 
 
-def tiles_name(t: TileConfig) -> str:
-    """Tiles as rows' ``config`` names them, e.g. m128n128k64g8w8s4tmapers."""
+def _cfg_str(t: TileConfig) -> str:
     return (f"m{t.block_m}n{t.block_n}k{t.block_k}g{t.group_m}w{t.num_warps}s{t.num_stages}"
             + (f"sk{t.split_k}" if t.split_k > 1 else "") + ("tma" if t.tma else "")
             + ("perm" if t.permute_input else "") + ("pers" if t.persistent else "")

@@ -452,30 +452,6 @@ def test_probe_skew_interleave_variants():
 
 
 @pytest.mark.interpreter_only
-def test_probe_skew_streams_smoke():
-    # the busy experts' tiles per tile as tuned, the one-block experts' small with tails; the smoke run checks every
-    # variant's forward (CPU interpreter, one stream), its rows poisoned first
-    from experiments import probe_skew_streams as pss
-    from tritonmoe import TileConfig
-    busy, one = pss.split_tiles(TileConfig(block_m=128, block_n=128, num_stages=4, persistent=True, interleave=True,
-                                           tma=True), "gate_up", busy_stages=3)
-    assert (busy.persistent, busy.interleave, busy.num_stages, busy.block_n) == (False, False, 3, 128)
-    assert (one.block_m, one.block_n, one.num_warps, one.min_block_m, one.tma, one.persistent) == (
-        128, 32, 4, 16, True, False)
-    assert pss.split_tiles(TileConfig(block_m=128), "down", persistent_one=True)[1].persistent
-    assert busy.block_map[:2] == one.block_map[:2]
-    code = ("import json; from experiments import probe_skew_streams as p; "
-            "print(json.dumps(p.main(smoke=True)))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=smoke_env(), capture_output=True, text=True,
-                          check=True)
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert all(r["status"] == "ok" for r in rows)
-    assert {r["variant"] for r in rows} == set(pss.probe_variants(smoke=True))
-    assert "il" in {r["variant"] for r in rows} and "il_prefetch_64" in pss.VARIANTS  # (the prefetch is GPU-only)
-    assert {r["skew"] for r in rows} == set(pss.SKEWS)
-
-
-@pytest.mark.interpreter_only
 def test_probe_ws_smoke():
     from experiments import probe_ws
     # the warp-specialisation probe at tiny shapes on the interpreter: every kernel variant runs in its

@@ -216,7 +216,7 @@ def test_persistent_refuses_absorbing_blocks(device):
     x, w13, w2, weights, ids = make_inputs(40, 2, 4, device, torch.float32)
     sched = tritonmoe.build_schedule(ids, 4, 32, absorb_m=16)
     tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, persistent=True)
-    with pytest.raises(ValueError, match="persistent=True runs no absorbing blocks; this schedule's blocks absorb"):
+    with pytest.raises(ValueError, match="persistent=True runs full-height tiles only; this schedule's blocks absorb"):
         tritonmoe.gate_up_silu(x, w13, sched, tiles)
 
 
@@ -252,30 +252,6 @@ def test_interleaved_tiles_many_rounds(persistent, device, poison):
     ids = _ids_from_counts([400, 10, 300, 5, 16, 250, 1, 14])  # experts 0, 2, 5 busy, the rest one block each
     for dtype in dtypes_for(device):
         check(*make_inputs(ids.shape[0], 1, 8, device, dtype, ids=ids, H=48, F=160, seed=3), tiles=(tiles, tiles))
-
-
-@pytest.mark.parametrize("persistent", [False, True])
-def test_interleaved_tiles_with_l2_prefetch(persistent, device, poison):
-    # gemm._launch's prefetch (experiments/probe_skew_streams.py): each program asks L2 for the weights of the
-    # one-block expert's tile some tiles ahead (PTX: GPU only, refused on the interpreter); a hint, results unchanged
-    from tritonmoe.gemm import _launch
-    tiles = tritonmoe.TileConfig(block_m=16, block_n=16, block_k=32, group_m=2, num_stages=2, interleave=True,
-                                 persistent=persistent, tma=True)
-    ids = _ids_from_counts([400, 10, 300, 5, 16, 250, 1, 14])  # experts 0, 2, 5 busy, the rest one block each
-    for dtype in dtypes_for(device):
-        x, w13, w2, weights, ids = make_inputs(ids.shape[0], 1, 8, device, dtype, ids=ids, H=48, F=160, seed=3)
-        sched = tritonmoe.build_schedule(ids, 8, 16, 0, True)
-        S, F = ids.numel(), w13.shape[1] // 2
-        inter = torch.full((S, F), float("nan"), dtype=dtype, device=device)
-        kw = dict(n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True, topk_weights=None)
-        if device.type != "cuda":
-            with pytest.raises(ValueError, match="prefetch=7: L2 prefetch ahead needs interleaved tiles on a GPU"):
-                _launch(x, w13, inter, sched, tiles, prefetch=7, **kw)
-            return
-        for prefetch in (1, 7, 1000):
-            inter.fill_(float("nan"))
-            _launch(x, w13, inter, sched, tiles, prefetch=prefetch, **kw)
-            assert_close(inter, tritonmoe.gate_up_silu(x, w13, sched, tiles), dtype, f"prefetch={prefetch}")
 
 
 @triton.jit
@@ -346,119 +322,10 @@ def test_interleave_refusals(device):
     check(*make_inputs(2, 2, 4, device, torch.float32), tiles=(tiles, tiles))
 
 
-# A busy-first schedule's blocks split over two launches (gemm._launch's ``blocks``): the busy experts' with one
-# tile shape, the one-block experts' with another (experiments/probe_skew_streams.py, on two streams there). Every
-# extreme: nothing busy, nothing but busy, both kinds with partial blocks of every height.
-@pytest.mark.parametrize("persistent_one", [False, True], ids=["per-tile", "persistent"])
-@pytest.mark.parametrize("case", ["all-on-one-expert", "one-token-per-expert", "every-tail-height",
-                                  "E256-most-empty"])
-def test_block_ranges_split_a_gemm(case, persistent_one, device, poison):
-    from tritonmoe.gemm import BUSY_BLOCKS, ONE_BLOCK_EXPERTS, _launch
-    T, k, E, ids = EXTREMES[case]
-    busy = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, group_m=3, num_stages=2)
-    one = tritonmoe.TileConfig(block_m=32, block_n=16, block_k=16, group_m=1, num_stages=2, min_block_m=16)
-    if persistent_one:  # a few programs walking the one-block experts' tiles, tails included
-        one = dataclasses.replace(one, persistent=True)
-    for dtype in dtypes_for(device):
-        x, w13, w2, weights, ids = make_inputs(ids.shape[0], k, E, device, dtype, ids=ids, H=48, F=40)
-        sched = tritonmoe.build_schedule(ids, E, 32, 0, True)
-        S, F = ids.numel(), w13.shape[1] // 2
-        inter = torch.full((S, F), float("nan"), dtype=dtype, device=device)
-        slot_rows = torch.full((S, x.shape[1]), float("nan"), dtype=dtype, device=device)
-        for blocks, tiles in ((BUSY_BLOCKS, busy), (ONE_BLOCK_EXPERTS, one)):
-            _launch(x, w13, inter, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True,
-                    topk_weights=None, blocks=blocks)
-        for blocks, tiles in ((BUSY_BLOCKS, busy), (ONE_BLOCK_EXPERTS, one)):
-            _launch(inter, w2, slot_rows, sched, tiles, n=x.shape[1], n_offset=0, up_offset=0, gather_a=False,
-                    gate_up_silu=False, topk_weights=weights, blocks=blocks)
-        out = tritonmoe.combine(slot_rows, k, dtype=dtype)
-        ref = reference.fused_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
-        assert_close(out, ref, dtype, case)
-        # each launch alone writes the rows of its experts only: the busy experts' (more than 32 rows) and the
-        # others', disjoint and together every row
-        written = {}
-        for blocks, tiles in ((BUSY_BLOCKS, busy), (ONE_BLOCK_EXPERTS, one)):
-            alone = torch.full((S, F), float("nan"), dtype=dtype, device=device)
-            _launch(x, w13, alone, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True,
-                    topk_weights=None, blocks=blocks)
-            written[blocks] = ~alone.isnan().all(1).cpu()
-        counts = torch.bincount(ids.flatten().long().cpu(), minlength=E)
-        sorted_busy = torch.repeat_interleave(counts > 32, counts)  # sorted rows: expert order, busy or not
-        assert torch.equal(written[BUSY_BLOCKS], sorted_busy) and torch.equal(written[ONE_BLOCK_EXPERTS], ~sorted_busy)
-
-
-# Paired tiles (gemm._launch's ``pair_m``): a busy expert's tile and a one-block expert's in one K loop, each with
-# its own weight tiles; one-block tiles past the busy ones alone; one-block experts of more than pair_m rows after
-# their busy tile. Every extreme, and both kinds of one-block expert (under and over pair_m = 16 rows).
-@pytest.mark.parametrize("case", ["all-on-one-expert", "one-token-per-expert", "every-tail-height",
-                                  "E256-most-empty", "few-busy-many-small"])
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
-def test_paired_tiles(case, tma, device, poison):
-    from tritonmoe.gemm import _launch
-    if case == "few-busy-many-small":  # more one-block tiles than busy ones: some run alone
-        ids = _ids_from_counts([70, 3, 1, 9, 20, 2, 5, 1, 40, 7, 11, 2])
-        T, k, E = ids.shape[0], 1, 12
-    else:
-        T, k, E, ids = EXTREMES[case]
-    tiles = tritonmoe.TileConfig(block_m=32, block_n=16, block_k=16, group_m=3, num_stages=2, tma=tma,
-                                 min_block_m=16)
-    for dtype in dtypes_for(device):
-        x, w13, w2, weights, ids = make_inputs(ids.shape[0], k, E, device, dtype, ids=ids, H=48, F=40)
-        sched = tritonmoe.build_schedule(ids, E, 32, 0, True)
-        S, F = ids.numel(), w13.shape[1] // 2
-        inter = torch.full((S, F), float("nan"), dtype=dtype, device=device)
-        slot_rows = torch.full((S, x.shape[1]), float("nan"), dtype=dtype, device=device)
-        if not tma:  # the two-dot gate+up has no paired form: pointers pair on the down projection only
-            with pytest.raises(ValueError, match="paired gate\\+up tiles take the one-dot box"):
-                _launch(x, w13, inter, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True,
-                        topk_weights=None, pair_m=16)
-            inter = tritonmoe.gate_up_silu(x, w13, sched, tiles)
-        else:
-            _launch(x, w13, inter, sched, tiles, n=F, n_offset=0, up_offset=F, gather_a=True, gate_up_silu=True,
-                    topk_weights=None, pair_m=16)
-        _launch(inter, w2, slot_rows, sched, tiles, n=x.shape[1], n_offset=0, up_offset=0, gather_a=False,
-                gate_up_silu=False, topk_weights=weights, pair_m=16)
-        out = tritonmoe.combine(slot_rows, k, dtype=dtype)
-        ref = reference.fused_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
-        assert_close(out, ref, dtype, case)
-
-
-def test_paired_tiles_refusals(device):
-    from tritonmoe.gemm import _launch
-    x, w13, w2, weights, ids = make_inputs(40, 2, 4, device, torch.float32)
-    tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, tma=True)
-    out = torch.empty(80, w13.shape[1] // 2, device=device)
-    kw = dict(n=w13.shape[1] // 2, n_offset=0, up_offset=w13.shape[1] // 2, gather_a=True, gate_up_silu=True,
-              topk_weights=None)
-    busy_first = tritonmoe.build_schedule(ids, 4, 32, 0, True)
-    for sched, t, pair_m in ((tritonmoe.build_schedule(ids, 4, 32), tiles, 16), (busy_first, tiles, 24),
-                             (busy_first, tiles, 64), (busy_first, dataclasses.replace(tiles, interleave=True), 16),
-                             (tritonmoe.build_schedule(ids, 4, 32, 16, True), tiles, 16)):
-        with pytest.raises(ValueError, match=f"pair_m={pair_m}: paired tiles need"):
-            _launch(x, w13, out, sched, t, pair_m=pair_m, **kw)
-
-
-def test_block_ranges_refusals(device):
-    from tritonmoe.gemm import BUSY_BLOCKS, _launch
-    x, w13, w2, weights, ids = make_inputs(40, 2, 4, device, torch.float32)
-    tiles = tritonmoe.TileConfig(block_m=16, block_n=32, block_k=32)
-    out = torch.empty(80, w13.shape[1] // 2, device=device)
-    kw = dict(n=w13.shape[1] // 2, n_offset=0, up_offset=w13.shape[1] // 2, gather_a=True, gate_up_silu=True,
-              topk_weights=None, blocks=BUSY_BLOCKS)
-    with pytest.raises(ValueError, match="busy_first=False"):
-        _launch(x, w13, out, tritonmoe.build_schedule(ids, 4, 16), tiles, **kw)
-    busy_first = tritonmoe.build_schedule(ids, 4, 16, 0, True)
-    for fields in (dict(interleave=True), dict(sweep_n=2), dict(expert_groups=False)):
-        with pytest.raises(ValueError, match="a part of the M-blocks needs"):
-            _launch(x, w13, out, busy_first, dataclasses.replace(tiles, **fields), **kw)
-
-
 # Persistent programs (a few on the CPU, one per SM on a GPU) each walk many tiles, with the gate+up
 # input gathered per tile or copied into expert order first (TMA-loadable).
 PERSISTENT = {
     "persistent": dict(persistent=True),
-    "persistent-tails": dict(persistent=True, min_block_m=16),  # a height per tile: the walk is not flattened
-    "persistent-tma-tails": dict(persistent=True, tma=True, min_block_m=16),
     "persistent-tma-permuted": dict(persistent=True, tma=True, permute_input=True),
     "permuted": dict(permute_input=True, tma=True),
 }
@@ -485,6 +352,14 @@ def test_sweep_n(case, schedule, sweep_n, device, poison):
     for dtype in dtypes_for(device):
         check(*make_inputs(ids.shape[0], k, E, device, dtype, ids=ids, H=80, F=48), tiles=(tiles, tiles),
               schedule=schedule)
+
+
+@pytest.mark.parametrize("schedule,min_block_m", [("expert_groups", 16), ("tail_tiles", 0)])
+def test_persistent_needs_full_tiles(schedule, min_block_m, device):
+    tiles = tritonmoe.TileConfig(block_m=32, block_n=32, block_k=32, min_block_m=min_block_m, persistent=True)
+    with pytest.raises(ValueError, match="persistent=True runs full-height tiles only: min_block_m must be 0 or"):
+        tritonmoe.fused_experts(*make_inputs(40, 2, 8, device, torch.float32), tiles=(tiles, tiles),
+                                schedule=schedule)
 
 
 # Slot schedules (every slot its own one-row M-block, no schedule built): what up to

@@ -57,8 +57,8 @@ class TileConfig:
     # Groups of M-blocks that sweep N together never span two experts (fused_experts' default
     # schedule); False: groups of group_m consecutive blocks (schedule="fixed", "tail_tiles").
     expert_groups: bool = True
-    # One program per SM walking the used tiles (consecutive tiles' K loops pipelined as one loop, where all
-    # tiles are full height: with min_block_m, one loop per height, not flattened); no absorbed tails. Slower than one program per tile on the H100 with two gate+up dots (PERF_LOG
+    # One program per SM walking the used tiles (consecutive tiles' K loops pipelined as one loop);
+    # full-height tiles only. Slower than one program per tile on the H100 with two gate+up dots (PERF_LOG
     # v11); with one dot 0-5 % faster where little is padded, slower where much is (v19): a tuned choice.
     persistent: bool = False
     # gate_up only: copy the tokens into expert order first (one more launch, T*k*H elements

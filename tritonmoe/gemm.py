@@ -34,11 +34,6 @@ __all__ = ["gate_up_silu", "grouped_gemm", "silu_mul"]
 WRITE_SLOT_ROWS = tl.constexpr(1)  # each at its slot's row of a (T*k, n) result, summed by ``combine``
 ADD_TOKEN_ROWS = tl.constexpr(2)   # added into its token's row of a zeroed (T, n) output (TileConfig.atomic_combine)
 
-# BLOCK_RANGE: which of a busy-first schedule's used M-blocks one launch takes (``_launch``'s ``blocks``)
-ALL_BLOCKS = tl.constexpr(0)
-BUSY_BLOCKS = tl.constexpr(1)        # [0, num_busy_blocks): experts with more than one M-block
-ONE_BLOCK_EXPERTS = tl.constexpr(2)  # [num_busy_blocks, num_blocks): experts with one
-
 
 @triton.jit(do_not_specialize=["max_blocks"])  # it changes with T: no recompiles for its divisibility
 def _expert_gemm_kernel(
@@ -64,16 +59,12 @@ def _expert_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
     WEIGHT_TMA: tl.constexpr,        # weight tiles through the copy engine (Hopper's TMA) instead of pointers
     A_TMA: tl.constexpr,             # input tiles too (rows in sorted order, full-height tiles only)
-    PERSISTENT: tl.constexpr,        # one program per SM walks the used tiles (no absorbing blocks)
+    PERSISTENT: tl.constexpr,        # one program per SM walks the used tiles (full-height tiles only)
     SWEEP_N: tl.constexpr,           # N-tiles per sweep over all M-blocks (0: all of N in one sweep)
     SLOT_BLOCKS: tl.constexpr,       # a slot schedule: M-block b is slot b (one row), expert block_expert[b] = topk_ids
     GATE_UP_BOX: tl.constexpr,       # GATE_UP_SILU with w_desc a (2E, F, K) view: gate and up tiles in one box, one dot
     SWAP_AB: tl.constexpr,           # tiles under 64 rows (one program each) compute the transposed product
     INTERLEAVE: tl.constexpr,        # tiles taken from the two ends of the (busy-first) block list in proportion
-    BLOCK_RANGE: tl.constexpr,       # ALL_BLOCKS, or only a busy-first list's BUSY_BLOCKS or ONE_BLOCK_EXPERTS
-    PAIR_M: tl.constexpr,            # > 0: paired tiles (a busy expert's tile with a one-block expert's of <= PAIR_M rows)
-    PREFETCH: tl.constexpr,          # > 0 (with INTERLEAVE): L2 prefetch of the weights of the one-block expert's tile
-                                     # this many tiles ahead in the walk
     USE_GDC: tl.constexpr,           # programmatic dependent launch (set by _launch.launch)
 ):
     await_previous(USE_GDC)
@@ -91,59 +82,36 @@ def _expert_gemm_kernel(
                          expert.to(tl.int32), pid_m, pid_m + 1, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split,
                          stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
                          GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, 0, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
-                         WEIGHT_TMA, False, True, GATE_UP_BOX, False, expert, pid_m, pid_m, pid_n, False)
+                         WEIGHT_TMA, False, True, GATE_UP_BOX, False)
     elif PERSISTENT:
         # The tiles of the used M-blocks (their count is on the device), grid-strided over the programs;
         # consecutive tiles' K loops run as one pipelined loop, so one tile's epilogue can overlap the
         # next's loads. On the H100: slower than one program per tile with two gate+up dots (PERF_LOG v11);
         # with one dot 0-5 % faster where little is padded (v19).
-        # Tail heights (MIN_BLOCK_M < BLOCK_M) put one K loop per height in the walk's body: those are not
-        # flattened into one pipelined loop.
         used = tl.load(num_blocks_ptr)
-        first, last = _block_range(used, num_busy_ptr, BLOCK_RANGE)
         if INTERLEAVE:
             one_block_tiles = (used - tl.load(num_busy_ptr)) * num_pid_n
-        for tile in tl.range(tl.program_id(0), (last - first) * num_pid_n, tl.num_programs(0),
-                             flatten=MIN_BLOCK_M >= BLOCK_M):
-            tile += first * num_pid_n
+        for tile in tl.range(tl.program_id(0), used * num_pid_n, tl.num_programs(0), flatten=True):
             if INTERLEAVE:
-                if PREFETCH > 0:
-                    _prefetch_ahead(tile + PREFETCH, used, num_pid_n, one_block_tiles, block_rank_ptr,
-                                    block_siblings_ptr, block_expert_ptr, w_ptr, stride_we, stride_wn, n_offset,
-                                    up_offset, N, K, GROUP_M, EXPERT_GROUPS, BLOCK_N, GATE_UP_SILU)
                 tile = _interleaved(tile, used * num_pid_n, one_block_tiles)
             pid_m, pid_n = _tile_position(tile, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
                                           EXPERT_GROUPS, SWEEP_N)
             expert = tl.load(block_expert_ptr + pid_m)
-            _block_tiles(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
+            _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
                          tl.load(block_row_ptr + pid_m), tl.load(expert_offsets_ptr + expert + 1), pid_n, N, K, TOP_K,
                          n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-                         stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
-                         MIN_BLOCK_M, 0, EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, GATE_UP_BOX, False)
-    elif PAIR_M > 0:
-        _paired_program(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, block_expert_ptr,
-                        block_row_ptr, block_rank_ptr, block_siblings_ptr, expert_offsets_ptr, num_blocks_ptr,
-                        num_busy_ptr, num_pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak,
-                        stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
-                        SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, MIN_BLOCK_M, EVEN_K, DOT_PRECISION,
-                        WEIGHT_TMA, A_TMA, GATE_UP_BOX, PAIR_M)
+                         stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, 0, BLOCK_N, BLOCK_K,
+                         EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False)
     else:
         pid = tl.program_id(0)
-        if SWEEP_N > 0 or INTERLEAVE or BLOCK_RANGE != ALL_BLOCKS:
-            # sweeps and the interleaved walk take the used M-blocks only (their count is on the device), a
-            # block range a part of them (expert groups never straddle its ends); the grid's surplus exits
+        if SWEEP_N > 0 or INTERLEAVE:
+            # sweeps and the interleaved walk take the used M-blocks only (their count is on the device); the
+            # grid's surplus exits
             used = tl.load(num_blocks_ptr)
-            first, last = _block_range(used, num_busy_ptr, BLOCK_RANGE)
-            if pid >= (last - first) * num_pid_n:
+            if pid >= used * num_pid_n:
                 return
-            pid += first * num_pid_n
             if INTERLEAVE:
-                back = (used - tl.load(num_busy_ptr)) * num_pid_n
-                if PREFETCH > 0:
-                    _prefetch_ahead(pid + PREFETCH, used, num_pid_n, back, block_rank_ptr, block_siblings_ptr,
-                                    block_expert_ptr, w_ptr, stride_we, stride_wn, n_offset, up_offset, N, K, GROUP_M,
-                                    EXPERT_GROUPS, BLOCK_N, GATE_UP_SILU)
-                pid = _interleaved(pid, used * num_pid_n, back)
+                pid = _interleaved(pid, used * num_pid_n, (used - tl.load(num_busy_ptr)) * num_pid_n)
             pid_m, pid_n = _tile_position(pid, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
                                           EXPERT_GROUPS, SWEEP_N)
         else:
@@ -154,162 +122,37 @@ def _expert_gemm_kernel(
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
             return
-        _block_tiles(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
-                     tl.load(block_row_ptr + pid_m), tl.load(expert_offsets_ptr + expert + 1), pid_n, N, K, TOP_K,
-                     n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-                     stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
-                     MIN_BLOCK_M, ABSORB_M, EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, GATE_UP_BOX, SWAP_AB)
-
-
-@triton.jit
-def _block_tiles(
-    a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start, row_end, pid_n,
-    N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-    stride_om, stride_on, GATHER_A: tl.constexpr, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MIN_BLOCK_M: tl.constexpr,
-    ABSORB_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr,
-    A_TMA: tl.constexpr, GATE_UP_BOX: tl.constexpr, SWAP_AB: tl.constexpr,
-):
-    """One M-block's output tile (rows [row_start, row_end) of ``expert``, as many as the block holds) at its
-    height. An expert's last M-block is partial. With MIN_BLOCK_M < BLOCK_M (schedule="tail_tiles") its
-    tile height is the smallest power of two (down to MIN_BLOCK_M) that holds its rows, so
-    padding costs at most half a tile; one branch per height. With MIN_BLOCK_M = BLOCK_M (the
-    default, fixed schedule) only the full-height branch is compiled. With ABSORB_M, an expert's last
-    whole block may run past BLOCK_M rows (the schedule gave the rest no block of its own): those rows
-    take an ABSORB_M-row tile of their own in the same program, against the same weight tiles."""
-    rows = row_end - row_start  # to the expert's end: more than BLOCK_M unless this is its last block
-    height = 0  # halvings of BLOCK_M
-    for h in tl.static_range(1, 5):
-        if BLOCK_M >> h >= MIN_BLOCK_M:
-            if rows <= BLOCK_M >> h:
-                height = h
-    if ABSORB_M > 0:
-        height = tl.where((rows > BLOCK_M) & (rows <= BLOCK_M + ABSORB_M), -1, height)  # the last, absorbing
-    for h in tl.static_range(0, 5):
-        if BLOCK_M >> h >= MIN_BLOCK_M:
-            if height == h:
+        row_start = tl.load(block_row_ptr + pid_m)
+        row_end = tl.load(expert_offsets_ptr + expert + 1)
+        # An expert's last M-block is partial. With MIN_BLOCK_M < BLOCK_M (schedule="tail_tiles") its
+        # tile height is the smallest power of two (down to MIN_BLOCK_M) that holds its rows, so
+        # padding costs at most half a tile; one branch per height. With MIN_BLOCK_M = BLOCK_M (the
+        # default, fixed schedule) only the full-height branch is compiled. With ABSORB_M, an expert's last
+        # whole block may run past BLOCK_M rows (the schedule gave the rest no block of its own): those rows
+        # take an ABSORB_M-row tile of their own in the same program, against the same weight tiles.
+        rows = row_end - row_start  # to the expert's end: more than BLOCK_M unless this is its last block
+        height = 0  # halvings of BLOCK_M
+        for h in tl.static_range(1, 5):
+            if BLOCK_M >> h >= MIN_BLOCK_M:
+                if rows <= BLOCK_M >> h:
+                    height = h
+        if ABSORB_M > 0:
+            height = tl.where((rows > BLOCK_M) & (rows <= BLOCK_M + ABSORB_M), -1, height)  # the last, absorbing
+        for h in tl.static_range(0, 5):
+            if BLOCK_M >> h >= MIN_BLOCK_M:
+                if height == h:
+                    _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
+                                 row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
+                                 stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
+                                 GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M >> h, 0, BLOCK_N, BLOCK_K, EVEN_K,
+                                 DOT_PRECISION, WEIGHT_TMA, A_TMA and h == 0, False, GATE_UP_BOX, SWAP_AB)
+        if ABSORB_M > 0:
+            if height == -1:
                 _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
                              row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
                              stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
-                             GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M >> h, 0, BLOCK_N, BLOCK_K, EVEN_K,
-                             DOT_PRECISION, WEIGHT_TMA, A_TMA and h == 0, False, GATE_UP_BOX, SWAP_AB,
-                             expert, row_start, row_start, pid_n, False)
-    if ABSORB_M > 0:
-        if height == -1:
-            _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
-                         row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
-                         stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A,
-                         GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, ABSORB_M, BLOCK_N, BLOCK_K, EVEN_K,
-                         DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False,
-                         expert, row_start + BLOCK_M, row_end, pid_n, False)
-
-
-@triton.jit
-def _paired_program(
-    a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, block_expert_ptr, block_row_ptr,
-    block_rank_ptr, block_siblings_ptr, expert_offsets_ptr, num_blocks_ptr, num_busy_ptr, num_pid_n, N, K, TOP_K,
-    n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-    GATHER_A: tl.constexpr, GATE_UP_SILU: tl.constexpr, SCATTER_WEIGHTED: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, MIN_BLOCK_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr, A_TMA: tl.constexpr,
-    GATE_UP_BOX: tl.constexpr, PAIR_M: tl.constexpr,
-):
-    """Paired tiles over a busy-first schedule: program p < (busy experts' tiles) takes busy tile p (full height,
-    expert groups), and one program in (busy : one-block) proportion also takes a one-block expert's tile of at most
-    PAIR_M rows in the same K loop, so that the one-block expert's weight tiles (weight-bound: read for a few rows)
-    stream while the busy tile's MMA runs instead of holding an SM of their own. One-block tiles past the busy ones
-    run alone in the programs after them; a one-block tile of more than PAIR_M rows runs after its busy tile."""
-    pid = tl.program_id(0)
-    used = tl.load(num_blocks_ptr)
-    busy_blocks = tl.load(num_busy_ptr)
-    busy_tiles = busy_blocks * num_pid_n
-    one_tiles = (used - busy_blocks) * num_pid_n
-    paired = tl.minimum(one_tiles, busy_tiles)
-    if pid >= busy_tiles + one_tiles - paired:
-        return
-    if pid < busy_tiles:
-        pid_m, pid_n = _tile_position(pid, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M, True, 0)
-        expert = tl.load(block_expert_ptr + pid_m)
-        row_start = tl.load(block_row_ptr + pid_m)
-        row_end = tl.load(expert_offsets_ptr + expert + 1)
-        wide = tl.cast(pid, tl.int64)  # pid * paired may pass 2**31
-        taken = (wide * paired // busy_tiles).to(tl.int32)  # one-block tiles paired with programs before this one
-        has_pair = ((wide + 1) * paired // busy_tiles).to(tl.int32) > taken
-        q_m, q_n = _tile_position(busy_tiles + taken, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M,
-                                  True, 0)
-        q_expert = tl.load(block_expert_ptr + q_m)
-        q_start = tl.load(block_row_ptr + q_m)
-        q_end = tl.load(expert_offsets_ptr + q_expert + 1)
-        if has_pair and q_end - q_start <= PAIR_M:
-            _expert_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert,
-                         row_start, row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
-                         stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
-                         SCATTER_WEIGHTED, BLOCK_M, PAIR_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA,
-                         False, GATE_UP_BOX, False, q_expert, q_start, q_end, q_n, True)
-        else:
-            _block_tiles(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, expert, row_start,
-                         row_end, pid_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am, stride_ak,
-                         stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
-                         SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K, MIN_BLOCK_M, 0, EVEN_K, DOT_PRECISION,
-                         WEIGHT_TMA, A_TMA, GATE_UP_BOX, False)
-            if has_pair:
-                _block_tiles(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, q_expert,
-                             q_start, q_end, q_n, N, K, TOP_K, n_offset, up_offset, k_per_split, stride_am,
-                             stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, GATHER_A, GATE_UP_SILU,
-                             SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K, MIN_BLOCK_M, 0, EVEN_K, DOT_PRECISION,
-                             WEIGHT_TMA, A_TMA, GATE_UP_BOX, False)
-    else:
-        tile = paired + pid  # busy_tiles + paired + (pid - busy_tiles): the one-block tiles no program paired
-        q_m, q_n = _tile_position(tile, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M, True, 0)
-        q_expert = tl.load(block_expert_ptr + q_m)
-        _block_tiles(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_slots_ptr, topk_weights_ptr, q_expert,
-                     tl.load(block_row_ptr + q_m), tl.load(expert_offsets_ptr + q_expert + 1), q_n, N, K, TOP_K,
-                     n_offset, up_offset, k_per_split, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-                     stride_om, stride_on, GATHER_A, GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K,
-                     MIN_BLOCK_M, 0, EVEN_K, DOT_PRECISION, WEIGHT_TMA, A_TMA, GATE_UP_BOX, False)
-
-
-@triton.jit
-def _prefetch_ahead(ahead, used, num_pid_n, back, block_rank_ptr, block_siblings_ptr, block_expert_ptr, w_ptr,
-                    stride_we, stride_wn, n_offset, up_offset, N, K, GROUP_M: tl.constexpr,
-                    EXPERT_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, GATE_UP_SILU: tl.constexpr):
-    """If the interleaved walk's tile at position ``ahead`` is a one-block expert's, ask L2 for its weight tile's
-    rows now (bulk prefetches, one row per thread: no registers or shared memory held while they fly), so that its
-    program later reads them from L2 instead of waiting on HBM. Weights with contiguous rows of K elements."""
-    n_all = used * num_pid_n
-    t = _interleaved(ahead, n_all, back)
-    if (ahead < n_all) & (t >= n_all - back):
-        pm, pn = _tile_position(t, num_pid_n, used, block_rank_ptr, block_siblings_ptr, GROUP_M, EXPERT_GROUPS, 0)
-        expert = tl.load(block_expert_ptr + pm)
-        n0 = pn * BLOCK_N
-        rows = tl.minimum(N - n0, BLOCK_N)
-        row_bytes = K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-        base = w_ptr + expert.to(tl.int64) * stride_we + (n_offset + n0).to(tl.int64) * stride_wn
-        _prefetch_rows_l2(base, row_bytes, rows)
-        if GATE_UP_SILU:
-            _prefetch_rows_l2(base + up_offset * stride_wn, row_bytes, rows)
-
-
-@triton.jit
-def _prefetch_rows_l2(base, row_bytes, rows):
-    """Thread t < rows of the program prefetches row t (``row_bytes``, a multiple of 16) of the rows at ``base``
-    into L2 (Hopper's cp.async.bulk.prefetch)."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .u32 t; .reg .u64 a; mov.u32 t, %tid.x; setp.lt.u32 p, t, $3; "
-        "mul.wide.u32 a, t, $2; add.u64 a, a, $1; @p cp.async.bulk.prefetch.L2.global [a], $2; mov.u32 $0, 0; }",
-        "=r,l,r,r", [base.to(tl.int64), row_bytes, rows], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _block_range(used, num_busy_ptr, BLOCK_RANGE: tl.constexpr):
-    """[first, last) of the used M-blocks that a launch takes (BLOCK_RANGE of a busy-first schedule)."""
-    first = 0
-    last = used
-    if BLOCK_RANGE == BUSY_BLOCKS:
-        last = tl.load(num_busy_ptr)
-    if BLOCK_RANGE == ONE_BLOCK_EXPERTS:
-        first = tl.load(num_busy_ptr)
-    return first, last
+                             GATE_UP_SILU, SCATTER_WEIGHTED, BLOCK_M, ABSORB_M, BLOCK_N, BLOCK_K, EVEN_K,
+                             DOT_PRECISION, WEIGHT_TMA, A_TMA, False, GATE_UP_BOX, False)
 
 
 @triton.jit
@@ -410,13 +253,10 @@ def _expert_tile(
     TILE_M: tl.constexpr, EXTRA_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WEIGHT_TMA: tl.constexpr, A_TMA: tl.constexpr, SLOT_ORDER: tl.constexpr,
     GATE_UP_BOX: tl.constexpr, SWAP_AB: tl.constexpr,
-    x_expert, x_row_start, x_row_end, x_pid_n, PAIRED: tl.constexpr,
 ):
     """One (TILE_M rows of one expert) x (BLOCK_N columns) output tile over one split-K slice, and with
-    EXTRA_M > 0 a second tile of up to EXTRA_M rows, [x_row_start, x_row_end) of expert x_expert at N-block
-    x_pid_n, in the same K loop: without PAIRED the expert's rows after the first tile (an absorbing block:
-    x_* repeat the first tile's expert and N-block, and it multiplies the same weight tiles as they arrive);
-    with PAIRED another expert's tile, whose own weight tiles stream beside the first tile's (paired tiles).
+    EXTRA_M > 0 the expert's rows after them (up to EXTRA_M: an absorbing block) as a second tile that
+    multiplies the same weight tiles as they arrive.
     SLOT_ORDER: rows are slots (a slot schedule), else sorted rows mapped to slots by sorted_slots.
     GATE_UP_BOX: the gate and up weight tiles come as one (2, BLOCK_N, BLOCK_K) box, so each K step is
     one dot of 2 * BLOCK_N columns (Triton pipelines one wide dot better than two that share the input:
@@ -454,16 +294,8 @@ def _expert_tile(
         if GATE_UP_SILU and not GATE_UP_BOX:
             acc_up = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     if EXTRA_M > 0:
-        offs_x = x_row_start + tl.arange(0, EXTRA_M)                                            # [XM]
-        mask_x = offs_x < x_row_end
-        offs_n_x = x_pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n_x = offs_n_x < N
-        if PAIRED:
-            tl.static_assert(not (GATE_UP_SILU and not GATE_UP_BOX), "paired gate+up tiles take the one-dot box")
-            w_ptrs_x = (w_ptr + x_expert.to(tl.int64) * stride_we
-                        + (n_offset + offs_n_x[None, :]).to(tl.int64) * stride_wn
-                        + (k_start + offs_k[:, None]) * stride_wk)
-            w_row_x = (x_expert * (stride_we // stride_wn)).to(tl.int32) + n_offset + x_pid_n * BLOCK_N
+        offs_x = row_start + TILE_M + tl.arange(0, EXTRA_M)                                     # [XM]
+        mask_x = offs_x < row_end
         slots_x, a_rows_x = _tile_rows(offs_x, mask_x, sorted_slots_ptr, TOP_K, GATHER_A, SCATTER_WEIGHTED, False)
         a_ptrs_x = a_ptr + a_rows_x[:, None] * stride_am + (k_start + offs_k[None, :]) * stride_ak
         acc_x = tl.zeros((EXTRA_M, WIDE * BLOCK_N), dtype=tl.float32)
@@ -490,18 +322,7 @@ def _expert_tile(
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         if EXTRA_M > 0:
             a_x = tl.load(a_ptrs_x, mask=mask_x[:, None] & mask_k[None, :], other=0.0)
-            if PAIRED:
-                if GATE_UP_BOX:
-                    w_x = tl.reshape(w_desc.load([2 * x_expert.to(tl.int32), x_pid_n * BLOCK_N, k0]),
-                                     (2 * BLOCK_N, BLOCK_K)).T
-                elif WEIGHT_TMA:
-                    w_x = w_desc.load([w_row_x, k0]).T
-                else:
-                    w_x = tl.load(w_ptrs_x, mask=mask_k[:, None] & mask_n_x[None, :], other=0.0)
-                    w_ptrs_x += BLOCK_K * stride_wk
-            else:
-                w_x = w
-            acc_x = tl.dot(a_x, w_x, acc_x, input_precision=DOT_PRECISION)
+            acc_x = tl.dot(a_x, w, acc_x, input_precision=DOT_PRECISION)
             a_ptrs_x += BLOCK_K * stride_ak
         if GATE_UP_SILU and not GATE_UP_BOX:
             # the same input tile against the up rows (up_offset * stride_wn < one expert: int32 is safe)
@@ -529,8 +350,8 @@ def _expert_tile(
     if EXTRA_M > 0:
         if GATE_UP_BOX:
             acc_x, acc_x_up = _split_gate_up(acc_x, EXTRA_M, BLOCK_N)
-        _store_tile(acc_x, acc_x_up, offs_x, mask_x, slots_x, offs_n_x, mask_n_x, out_ptr, topk_weights_ptr,
-                    stride_om, stride_on, pid_k, TOP_K, GATE_UP_SILU, SCATTER_WEIGHTED)
+        _store_tile(acc_x, acc_x_up, offs_x, mask_x, slots_x, offs_n, mask_n, out_ptr, topk_weights_ptr, stride_om,
+                    stride_on, pid_k, TOP_K, GATE_UP_SILU, SCATTER_WEIGHTED)
 
 
 # The same kernel with its device-side check of expert ids compiled in (debug=True; the launch options
@@ -598,13 +419,7 @@ def _or(t, placeholder):
 
 
 def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offset: int, gather_a: bool,
-            gate_up_silu: bool, topk_weights, split_k: int = 1, blocks=ALL_BLOCKS, pair_m: int = 0,
-            prefetch: int = 0):
-    """``blocks``: ALL_BLOCKS, or BUSY_BLOCKS / ONE_BLOCK_EXPERTS of a busy-first schedule (two launches that
-    split one GEMM's tiles; experiments/probe_skew_streams.py runs them on two streams). ``pair_m`` > 0: paired
-    tiles over a busy-first schedule (``_paired_program``; experiments/probe_skew_streams.py). ``prefetch`` > 0
-    (interleaved tiles, a GPU): each program asks L2 for the weights of the one-block expert's tile that many tiles
-    ahead in the walk."""
+            gate_up_silu: bool, topk_weights, split_k: int = 1):
     check_matmul_dtype("a", a.dtype)
     if sched.max_blocks == 0:
         return out
@@ -622,24 +437,13 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
     if tiles.interleave and not sched.busy_first:
         raise ValueError("tiles: interleave walks a busy-first block list: build the schedule with "
                          "build_schedule(..., *tiles.block_map)")
-    if blocks != ALL_BLOCKS and (not sched.busy_first or tiles.interleave or tiles.sweep_n
-                                 or not tiles.expert_groups):
-        raise ValueError(f"blocks: a part of the M-blocks needs a busy-first schedule walked in expert groups, "
-                         f"neither interleaved nor swept (busy_first={sched.busy_first}, sweep_n={tiles.sweep_n}, "
-                         f"interleave={tiles.interleave}, expert_groups={tiles.expert_groups})")
-    if pair_m and (blocks != ALL_BLOCKS or not sched.busy_first or tiles.walks_blocks or not tiles.expert_groups
-                   or sched.absorb_m or sched.slot_blocks or pair_m & (pair_m - 1)
-                   or not 16 <= pair_m <= sched.block_m):
-        raise ValueError(f"pair_m={pair_m}: paired tiles need a power of two in [16, block_m={sched.block_m}], a "
-                         f"busy-first schedule without absorbed tails, per-tile expert groups neither interleaved, "
-                         f"swept nor persistent, and all blocks")
-    if prefetch and (not tiles.interleave or a.device.type != "cuda" or w.stride(2) != 1 or w.stride(1) != K
-                     or (K * w.element_size()) % 16):
-        raise ValueError(f"prefetch={prefetch}: L2 prefetch ahead needs interleaved tiles on a GPU and weights with "
-                         f"contiguous rows of a multiple of 16 bytes")
     if tiles.persistent and sched.absorb_m:
-        raise ValueError(f"tiles: persistent=True runs no absorbing blocks; this schedule's blocks absorb tails "
+        raise ValueError(f"tiles: persistent=True runs full-height tiles only; this schedule's blocks absorb tails "
                          f"(built with absorb_m={sched.absorb_m})")
+    if tiles.persistent and min_block_m < sched.block_m:
+        raise ValueError(f"tiles: persistent=True runs full-height tiles only: min_block_m must be 0 or block_m "
+                         f"(got {tiles.min_block_m} < {sched.block_m}; fused_experts sets it for "
+                         f"schedule='tail_tiles')")
     grid = (min(tiles_bound, num_sms(a.device)) if tiles.persistent else tiles_bound, split_k)
     w_desc = a_desc = None
     gate_up_box = False
@@ -652,9 +456,6 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         # contiguous input rows (permuted or the down projection's) through TMA too, whichever weight tile
         if not gather_a and not sched.slot_blocks:  # a slot schedule's one-row tiles load through pointers
             a_desc = _descriptor(a, (sched.block_m, tiles.block_k))
-    if pair_m and gate_up_silu and not gate_up_box:
-        raise ValueError(f"pair_m={pair_m}: paired gate+up tiles take the one-dot box (tiles.tma and gate_up_one_dot, "
-                         f"weights the copy engine can serve)")
     unused = sched.block_expert  # a pointer for the slot schedule's absent tensors (never read)
     launch(_expert_gemm_kernel_checked if sched.slot_blocks else _expert_gemm_kernel, grid, (
         a, w, out, _or(sched.sorted_slots, unused), topk_weights if weighted else out, sched.block_expert,
@@ -668,7 +469,7 @@ def _launch(a, w, out, sched: Schedule, tiles, *, n: int, n_offset: int, up_offs
         min_block_m, sched.absorb_m,
         K % tiles.block_k == 0, dot_precision(a.dtype), w_desc is not None, a_desc is not None, tiles.persistent,
         tiles.sweep_n if 0 < tiles.sweep_n < num_n_tiles else 0, sched.slot_blocks, gate_up_box, tiles.swap_ab,
-        tiles.interleave, blocks, pair_m, prefetch,
+        tiles.interleave,
     ), num_warps=tiles.num_warps, num_stages=tiles.num_stages, dependent=not tiles.persistent)
     return out
 
