@@ -137,6 +137,7 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
     for E, T in cells:
         spec, (x, w13, w2, weights), chunk, tuned = probe_problem(E, T, dev, dtype, SEED, smoke)
         H, F, k = spec.hidden_size, spec.intermediate_size, spec.top_k
+        up_0, down_0 = (_schedule_tiles(t, "expert_groups") for t in tuned)  # the tuned tiles as the forward runs them
         timed, fns = {}, {}  # (skew, variant) -> its row; timing name -> callable
         for skew in skews:
             ids = probe_topk_ids(skew, T, k, E, dev, SEED)
@@ -146,7 +147,6 @@ def main(smoke: bool = False, cells=CELLS) -> list[dict]:
                 fns["cublas_gate_up"] = lambda xs=xs, wk=wk: torch.bmm(xs, wk)
             # the forward's stages after the gate+up, timed alone on its own intermediate rows (tuned tiles): the down
             # projection per variant below, the combine (no variant changes it) once per routing
-            up_0, down_0 = (_schedule_tiles(t, "expert_groups") for t in tuned)
             with torch.no_grad():
                 inter = gate_up_silu(x, w13, build_schedule(ids, E, *up_0.block_map), up_0)
                 if not down_0.atomic_combine:
